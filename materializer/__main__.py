@@ -1,0 +1,3 @@
+from materializer.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,71 @@
+"""The ``materializer`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from materializer import __version__
+
+__all__ = ["main"]
+
+
+def _dev_backend(args: argparse.Namespace) -> int:
+    try:
+        from materializer.devbackend.app import run
+    except ImportError as exc:  # aiohttp is an extra
+        print(f"materializer dev-backend needs the backend extra: pip install 'stella-materializer[backend]' ({exc})",
+              file=sys.stderr)
+        return 2
+    return run(
+        args.host,
+        args.port,
+        args.data,
+        user=args.user,
+        token_ttl=args.token_ttl,
+        job_delay=args.job_delay,
+        ping_interval=args.ping_interval,
+        chunk_size=args.chunk_size,
+        data_uri_outputs=args.data_uri_outputs,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="materializer",
+        description="Materialize the signed-in user's Stella media jobs onto disk.",
+    )
+    parser.add_argument("--version", action="version", version=f"materializer {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    backend = commands.add_parser(
+        "dev-backend",
+        help="run the local Stella-compatible backend (media API, Convex sync, files)",
+        description="Run the local Stella-compatible backend. Prints one JSON ready line, "
+        "then serves until SIGINT/SIGTERM.",
+    )
+    backend.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    backend.add_argument("--port", type=int, default=0, help="port to listen on; 0 picks a free one (default 0)")
+    backend.add_argument("--data", metavar="DIR", help="keep jobs, files and keys here (default: a temporary folder)")
+    backend.add_argument("--token-ttl", type=float, default=86400.0, metavar="SECONDS",
+                         help="lifetime of the printed demo token (default 86400)")
+    backend.add_argument("--user", default="demo-user", help="subject of the printed demo token (default demo-user)")
+    backend.add_argument("--job-delay", type=float, default=0.05, metavar="SECONDS",
+                         help="time a job spends queued and then running (default 0.05)")
+    backend.add_argument("--ping-interval", type=float, default=15.0, metavar="SECONDS",
+                         help="how often sync sockets get a Ping (default 15)")
+    backend.add_argument("--chunk-size", type=int, default=256 * 1024, metavar="CHARS",
+                         help="transitions longer than this go out as TransitionChunks to versioned clients")
+    backend.add_argument("--data-uri-outputs", action="store_true",
+                         help="deliver image outputs as data: URIs instead of URLs")
+    backend.set_defaults(handler=_dev_backend)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except KeyboardInterrupt:
+        return 130

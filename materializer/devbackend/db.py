@@ -1,0 +1,147 @@
+"""The local backend's ``media_jobs`` table, in SQLite, with Convex-style timestamps.
+
+Every write advances the database timestamp (nanoseconds, like Convex's
+``ts``) and wakes whoever waits on :meth:`JobTable.changed`, which is how
+sync sessions learn that their subscribed results may have moved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["JobTable", "PageCursorError"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS media_jobs (
+    job_id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    status TEXT NOT NULL,
+    completed_at REAL,
+    doc TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS media_jobs_feed ON media_jobs (owner, status, completed_at, job_id);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class PageCursorError(ValueError):
+    """A pagination cursor this table did not issue."""
+
+
+class JobTable:
+    """Job documents keyed by ``jobId`` and scoped by owner."""
+
+    def __init__(self, path: Path | str) -> None:
+        self._db = sqlite3.connect(path, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        row = self._db.execute("SELECT value FROM meta WHERE key='ts'").fetchone()
+        self.ts = int(row[0]) if row else time.time_ns()
+        self._changed = asyncio.Event()
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- change notification -------------------------------------------------
+
+    def changed(self) -> asyncio.Event:
+        """An event set at the next write; take a fresh one after each wake-up."""
+        return self._changed
+
+    def _commit_ts(self) -> None:
+        self.ts = max(time.time_ns(), self.ts + 1)
+        self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('ts', ?)", (str(self.ts),))
+        event, self._changed = self._changed, asyncio.Event()
+        event.set()
+
+    # -- writes ----------------------------------------------------------------
+
+    def put(self, owner: str, doc: dict[str, Any]) -> None:
+        """Insert or replace a job document (the ``jobId`` field is the key)."""
+        self.put_many(owner, [doc])
+
+    def put_many(self, owner: str, docs: list[dict[str, Any]]) -> None:
+        rows = [(d["jobId"], owner, d.get("status", ""), _completed_at(d), json.dumps(d)) for d in docs]
+        self._db.execute("BEGIN")
+        self._db.executemany(
+            "INSERT OR REPLACE INTO media_jobs (job_id, owner, status, completed_at, doc) VALUES (?, ?, ?, ?, ?)",
+            rows,
+        )
+        self._commit_ts()
+        self._db.execute("COMMIT")
+
+    # -- reads -----------------------------------------------------------------
+
+    def get(self, owner: str | None, job_id: str) -> dict[str, Any] | None:
+        if owner is None:
+            return None
+        row = self._db.execute(
+            "SELECT doc FROM media_jobs WHERE job_id = ? AND owner = ?", (job_id, owner)
+        ).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def unfinished(self) -> list[tuple[str, dict[str, Any]]]:
+        """Jobs still queued or running (to resume after a restart)."""
+        rows = self._db.execute(
+            "SELECT owner, doc FROM media_jobs WHERE status IN ('queued', 'running')"
+        ).fetchall()
+        return [(owner, json.loads(doc)) for owner, doc in rows]
+
+    def newest_since(self, owner: str, status: str, since: float, limit: int) -> list[dict[str, Any]]:
+        """Jobs with ``status`` and ``completedAt >= since``, newest first."""
+        rows = self._db.execute(
+            "SELECT doc FROM media_jobs WHERE owner = ? AND status = ? AND completed_at >= ?"
+            " ORDER BY completed_at DESC, job_id DESC LIMIT ?",
+            (owner, status, since, limit),
+        ).fetchall()
+        return [json.loads(doc) for (doc,) in rows]
+
+    def page_succeeded(
+        self, owner: str, since: float, num_items: int, cursor: str | None
+    ) -> tuple[list[dict[str, Any]], bool, str]:
+        """One page of succeeded jobs, oldest first by ``completedAt``: (page, is_done, continue_cursor)."""
+        after = _decode_cursor(cursor) if cursor else None
+        if after is None:
+            where, params = "completed_at >= ?", [since]
+        else:
+            where = "completed_at >= ? AND (completed_at > ? OR (completed_at = ? AND job_id > ?))"
+            params = [since, after[0], after[0], after[1]]
+        rows = self._db.execute(
+            f"SELECT completed_at, job_id, doc FROM media_jobs WHERE owner = ? AND status = 'succeeded' AND {where}"
+            " ORDER BY completed_at, job_id LIMIT ?",
+            (owner, *params, num_items + 1),
+        ).fetchall()
+        page = rows[:num_items]
+        is_done = len(rows) <= num_items
+        if page:
+            continue_cursor = _encode_cursor(page[-1][0], page[-1][1])
+        else:
+            continue_cursor = cursor or _encode_cursor(since, "")
+        return [json.loads(doc) for _, _, doc in page], is_done, continue_cursor
+
+
+def _completed_at(doc: dict[str, Any]) -> float | None:
+    value = doc.get("completedAt")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _encode_cursor(completed_at: float, job_id: str) -> str:
+    raw = json.dumps([completed_at, job_id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode("ascii")
+
+
+def _decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        completed_at, job_id = json.loads(base64.urlsafe_b64decode(cursor.encode("ascii")))
+        if isinstance(completed_at, (int, float)) and isinstance(job_id, str):
+            return float(completed_at), job_id
+    except (ValueError, TypeError, UnicodeEncodeError):
+        pass
+    raise PageCursorError(f"invalid pagination cursor {cursor[:40]!r}")
