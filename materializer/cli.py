@@ -28,6 +28,7 @@ def _dev_backend(args: argparse.Namespace) -> int:
         ping_interval=args.ping_interval,
         chunk_size=args.chunk_size,
         data_uri_outputs=args.data_uri_outputs,
+        log_level=args.log_level,
     )
 
 
@@ -59,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="transitions longer than this go out as TransitionChunks to versioned clients")
     backend.add_argument("--data-uri-outputs", action="store_true",
                          help="deliver image outputs as data: URIs instead of URLs")
+    backend.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+                         help="how much the backend logs to stderr (default warning)")
     backend.set_defaults(handler=_dev_backend)
     return parser
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import time
 from typing import Any
 
 import httpx
@@ -13,16 +12,6 @@ from PIL import Image
 
 from materializer.devbackend.app import AUTH_REQUIRED_BODY
 from materializer.devbackend.control import DevBackend
-
-
-def wait_for_job(backend: DevBackend, job_id: str, token: str | None = None, timeout: float = 30.0) -> dict[str, Any]:
-    """Poll getByJobId until the job is finished (succeeded or failed)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        doc = backend.query("media_jobs:getByJobId", {"jobId": job_id}, token).json()["value"]
-        if doc is not None and doc["status"] in ("succeeded", "failed"):
-            return doc
-    raise AssertionError(f"job {job_id} did not finish within {timeout}s")
 
 
 def png_data_uri(size: tuple[int, int] = (64, 48)) -> str:
@@ -54,7 +43,7 @@ def test_generate_produces_real_images(backend: DevBackend, body: dict[str, Any]
     accepted = response.json()
     assert accepted["status"] == "queued" and accepted["upstreamStatus"] == "IN_QUEUE"
     assert accepted["subscription"] == {"query": "api.media_jobs.getByJobId", "args": {"jobId": accepted["jobId"]}}
-    doc = wait_for_job(backend, accepted["jobId"])
+    doc = backend.wait_for_job(accepted["jobId"])
     assert doc["status"] == "succeeded"
     assert doc["createdAt"] <= doc["startedAt"] <= doc["completedAt"]
     images = doc["output"]["images"]
@@ -71,11 +60,11 @@ def test_generate_produces_real_images(backend: DevBackend, body: dict[str, Any]
 
 
 def test_image_edit_transforms_its_source(backend: DevBackend) -> None:
-    first = wait_for_job(backend, backend.generate({"capability": "icon", "prompt": "source"}).json()["jobId"])
+    first = backend.wait_for_job(backend.generate({"capability": "icon", "prompt": "source"}).json()["jobId"])
     source_url = first["output"]["images"][0]["url"]
     edit = backend.generate({"capability": "image_edit", "prompt": "make it blue", "sourceUrl": source_url})
     assert edit.status_code == 202
-    doc = wait_for_job(backend, edit.json()["jobId"])
+    doc = backend.wait_for_job(edit.json()["jobId"])
     assert doc["request"]["source"] == {"kind": "url", "url": source_url}
     original = decode(httpx.get(source_url).content).convert("RGB")
     edited = decode(httpx.get(doc["output"]["images"][0]["url"]).content).convert("RGB")
@@ -85,7 +74,7 @@ def test_image_edit_transforms_its_source(backend: DevBackend) -> None:
     inline = backend.generate({"capability": "image_edit", "prompt": "p",
                                "source": {"base64": png_data_uri().split(",", 1)[1], "mimeType": "image/png"}})
     assert inline.status_code == 202
-    assert decode(httpx.get(wait_for_job(backend, inline.json()["jobId"])["output"]["images"][0]["url"]).content)
+    assert decode(httpx.get(backend.wait_for_job(inline.json()["jobId"])["output"]["images"][0]["url"]).content)
 
 
 @pytest.mark.parametrize(
@@ -144,7 +133,7 @@ def test_generate_401_is_exactly_the_documented_body(backend: DevBackend, kind: 
 
 def test_http_query_shapes_and_owner_scoping(backend: DevBackend) -> None:
     job_id = backend.generate({"capability": "icon", "prompt": "mine"}).json()["jobId"]
-    assert wait_for_job(backend, job_id)["status"] == "succeeded"
+    assert backend.wait_for_job(job_id)["status"] == "succeeded"
     other = backend.mint_token("intruder", 60)
 
     mine = backend.query("media_jobs:getByJobId", {"jobId": job_id})
@@ -202,7 +191,7 @@ def test_page_query_walks_every_job_oldest_first(backend: DevBackend) -> None:
 
 
 def test_files_have_length_etag_and_ranges(backend: DevBackend) -> None:
-    doc = wait_for_job(backend, backend.generate({"capability": "icon"}).json()["jobId"])
+    doc = backend.wait_for_job(backend.generate({"capability": "icon"}).json()["jobId"])
     url = doc["output"]["images"][0]["url"]
     full = httpx.get(url)
     assert full.status_code == 200
@@ -227,7 +216,7 @@ def test_files_have_length_etag_and_ranges(backend: DevBackend) -> None:
 
 def test_data_uri_output_mode(backend: DevBackend) -> None:
     backend.set_faults([], output_mode="data_uri")
-    doc = wait_for_job(backend, backend.generate({"capability": "icon", "input": {"output_format": "png"}})
+    doc = backend.wait_for_job(backend.generate({"capability": "icon", "input": {"output_format": "png"}})
                        .json()["jobId"])
     url = doc["output"]["images"][0]["url"]
     assert url.startswith("data:image/png;base64,")
@@ -235,7 +224,7 @@ def test_data_uri_output_mode(backend: DevBackend) -> None:
 
 
 def test_http_faults(backend: DevBackend) -> None:
-    doc = wait_for_job(backend, backend.generate({"capability": "icon"}).json()["jobId"])
+    doc = backend.wait_for_job(backend.generate({"capability": "icon"}).json()["jobId"])
     url = doc["output"]["images"][0]["url"]
     real = httpx.get(url).content
 
@@ -283,7 +272,7 @@ def test_http_faults(backend: DevBackend) -> None:
         httpx.get(url, timeout=httpx.Timeout(5.0, read=0.5))
 
     backend.set_faults([{"kind": "fail_jobs", "message": "The prompt was refused.", "code": "content_policy"}])
-    failed = wait_for_job(backend, backend.generate({"capability": "icon"}).json()["jobId"])
+    failed = backend.wait_for_job(backend.generate({"capability": "icon"}).json()["jobId"])
     assert failed["status"] == "failed"
     assert failed["error"] == {"message": "The prompt was refused.", "code": "content_policy"}
 
@@ -294,7 +283,7 @@ def test_http_faults(backend: DevBackend) -> None:
 
 
 def test_jobs_and_files_survive_a_restart(backend: DevBackend) -> None:
-    doc = wait_for_job(backend, backend.generate({"capability": "icon", "prompt": "keep me"}).json()["jobId"])
+    doc = backend.wait_for_job(backend.generate({"capability": "icon", "prompt": "keep me"}).json()["jobId"])
     url = doc["output"]["images"][0]["url"]
     before = httpx.get(url).content
     port = backend.port

@@ -353,8 +353,10 @@ async def serve(options: BackendOptions, host: str, port: int, ready: Callable[[
         backend.table.close()
 
 
-def run(host: str, port: int, data_dir: str | None, **options: Any) -> int:
+def run(host: str, port: int, data_dir: str | None, log_level: str = "warning", **options: Any) -> int:
     """Entry point of ``materializer dev-backend``."""
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def ready(event: dict[str, Any]) -> None:
         sys.stdout.write(json.dumps(event) + "\n")

@@ -151,6 +151,16 @@ class DevBackend:
         headers = {"Authorization": f"Bearer {token or self.token}"}
         return self._http.post("/api/media/v1/generate", json=body, headers=headers)
 
+    def wait_for_job(self, job_id: str, token: str | None = None, timeout: float = 30.0) -> dict[str, Any]:
+        """Poll ``getByJobId`` until the job has finished (succeeded or failed); return its document."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            response = self.query("media_jobs:getByJobId", {"jobId": job_id}, token)
+            doc = response.json().get("value") if response.status_code == 200 else None
+            if doc is not None and doc["status"] in ("succeeded", "failed"):
+                return doc
+        raise DevBackendError(f"job {job_id} did not finish within {timeout}s")
+
     def query(self, path: str, args: dict[str, Any], token: str | None = None) -> httpx.Response:
         """``POST /api/query`` as a user; returns the raw response."""
         if self._http is None:
