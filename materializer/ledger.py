@@ -1,0 +1,1105 @@
+"""The materializer's durable state: one SQLite file shared by every process.
+
+``<root>/state/media/materializer.db`` holds the jobs seen, the files committed
+for each, the sidebar event log, the subscription cursors and a little
+key/value state. The daemon, ``materializer replay`` (possibly while the daemon
+runs) and ``materializer status`` all open it.
+
+Durability. The file is in WAL mode with ``synchronous=FULL``: every commit
+fsyncs the WAL before it returns. ``NORMAL`` would keep the file consistent but
+may roll back the last commits on power loss, and what this ledger commits is
+acted on at once outside it: a ``media.materialized`` event is pushed to the
+sidebar with its ``seq`` right after the commit. A rolled-back commit would
+hand that ``seq`` out again for a different event (a client resuming with
+``since`` would skip it) and announce the job a second time. Commits are few
+(one per job or state change), so the extra fsync costs nothing that matters.
+Output files are fsynced by the pipeline *before* :meth:`Ledger.mark_materialized`,
+so the ledger never claims a job whose files are not durably on disk.
+
+Processes. Every read-modify-write runs in ``BEGIN IMMEDIATE`` (the write lock is
+taken up front, so concurrent writers queue on ``busy_timeout`` instead of
+failing with a stale snapshot) and transactions stay short. Announcing a job is
+exactly-once by construction: :meth:`Ledger.mark_materialized` flips the job to
+``materialized`` and appends its event in one transaction, and does nothing if
+the job is already materialized; a unique index backs this up. Leases
+(:meth:`Ledger.try_claim`) keep the daemon and a replay from working on the same
+job at once; a lease held by a killed process simply expires.
+
+Threads. A :class:`Ledger` owns one connection and serialises calls on a lock,
+so any thread may use it. The daemon should make its ledger calls from one
+dedicated worker thread (a single-thread executor): calls then run in order
+and a slow fsync never ties up the event loop or the default thread pool.
+Every call is short (index lookups and small writes).
+
+Units. Times taken from job documents keep Stella's Unix milliseconds
+(``*_ms``); times the ledger keeps itself (attempt schedules, leases, event
+and materialization times) are Unix seconds from the ledger's clock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sqlite3
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+__all__ = [
+    "DEFAULT_CURSOR_OVERLAP_MS",
+    "DEFAULT_EVENT_CAP",
+    "EVENT_TYPES",
+    "SCHEMA_VERSION",
+    "Event",
+    "EventPage",
+    "Feed",
+    "GalleryEntry",
+    "Job",
+    "JobStatus",
+    "Ledger",
+    "LedgerBusyError",
+    "LedgerError",
+    "LedgerOpenError",
+    "LedgerStatus",
+    "OutputFile",
+    "QuarantinedJob",
+    "UnknownJobError",
+    "ledger_path",
+]
+
+DEFAULT_EVENT_CAP = 100_000
+DEFAULT_CURSOR_OVERLAP_MS = 2_000.0
+EVENT_TYPES = frozenset({"media.materialized", "media.failed", "materializer.state"})
+
+JobStatus = Literal["pending", "materialized", "quarantined"]
+Feed = Literal["succeeded", "failed"]
+
+# "STML" in ASCII: marks the file as a materializer ledger, so opening some
+# other SQLite database by mistake is refused instead of being written into.
+_APPLICATION_ID = 0x53544D4C
+_FEEDS: tuple[Feed, ...] = ("succeeded", "failed")
+_STATUSES: tuple[JobStatus, ...] = ("pending", "materialized", "quarantined")
+_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
+# Keeps every `IN (...)` list well under SQLite's bound-parameter limit.
+_CHUNK = 500
+
+
+class LedgerError(Exception):
+    """The ledger could not do what was asked; the message says why."""
+
+
+class LedgerOpenError(LedgerError):
+    """The file is missing, not SQLite, corrupt, someone else's database, or from a newer version."""
+
+
+class LedgerBusyError(LedgerError):
+    """Another process held the write lock for longer than ``busy_timeout``; try again later."""
+
+
+class UnknownJobError(LedgerError):
+    """The job was never observed by this ledger."""
+
+
+def ledger_path(root: Path) -> Path:
+    """Where the ledger of a Stella root lives."""
+    return root / "state" / "media" / "materializer.db"
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A succeeded job as the ledger tracks it."""
+
+    job_id: str
+    completed_at_ms: float
+    capability: str
+    profile: str
+    prompt: str | None
+    created_at_ms: float | None
+    status: JobStatus
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None
+    first_seen_at: float
+    materialized_at: float | None
+    lease_owner: str | None
+    lease_expires_at: float | None
+    doc: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class OutputFile:
+    """One committed output of a job; ``path`` is relative to the outputs folder."""
+
+    index: int
+    path: str
+    mime_type: str
+    width: int | None
+    height: int | None
+    size_bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One entry of the sidebar event log."""
+
+    seq: int
+    type: str
+    payload: dict[str, Any]
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class EventPage:
+    """Events after ``after_seq``, with the log's bounds to detect pruned ranges."""
+
+    after_seq: int
+    events: list[Event]
+    first_seq: int | None
+    """The oldest event still kept (``None`` if the log is empty)."""
+    last_seq: int
+    """The newest ``seq`` ever handed out (0 if none)."""
+
+    @property
+    def gap(self) -> bool:
+        """True when events the client has not seen were pruned before it asked."""
+        return self.first_seq is not None and self.after_seq + 1 < self.first_seq
+
+
+@dataclass(frozen=True, slots=True)
+class GalleryEntry:
+    """A materialized job with its files, for the gallery manifest."""
+
+    job_id: str
+    capability: str
+    profile: str
+    prompt: str | None
+    completed_at_ms: float
+    materialized_at: float
+    files: list[OutputFile]
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantinedJob:
+    """A job given up on, with the reason."""
+
+    job_id: str
+    reason: str | None
+    attempts: int
+    completed_at_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerStatus:
+    """What ``materializer status`` shows, read in one consistent snapshot."""
+
+    counts: dict[str, int]
+    failed_jobs_noted: int
+    quarantined: list[QuarantinedJob]
+    """Newest first, at most the limit asked for; ``counts["quarantined"]`` has the total."""
+    cursors: dict[str, float | None]
+    last_event: Event | None
+    state: dict[str, Any]
+    schema_version: int
+
+    @property
+    def backlog(self) -> int:
+        """Jobs seen but not yet materialized nor given up on."""
+        return self.counts["pending"]
+
+
+# -- schema ----------------------------------------------------------------------
+
+_SCHEMA_V1 = """
+CREATE TABLE jobs (
+    job_id           TEXT PRIMARY KEY NOT NULL,
+    completed_at_ms  REAL NOT NULL,
+    capability       TEXT NOT NULL,
+    profile          TEXT NOT NULL,
+    prompt           TEXT,
+    created_at_ms    REAL,
+    status           TEXT NOT NULL DEFAULT 'pending'
+                     CHECK (status IN ('pending', 'materialized', 'quarantined')),
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at  REAL NOT NULL DEFAULT 0,
+    last_error       TEXT,
+    first_seen_at    REAL NOT NULL,
+    materialized_at  REAL,
+    event_seq        INTEGER,
+    lease_owner      TEXT,
+    lease_expires_at REAL,
+    doc              TEXT NOT NULL
+);
+-- Serves the due queue (pending, oldest first), the gallery (materialized,
+-- newest first), the cursor (oldest pending), quarantine lists and counts.
+CREATE INDEX jobs_by_status ON jobs (status, completed_at_ms, job_id);
+
+CREATE TABLE outputs (
+    job_id     TEXT NOT NULL REFERENCES jobs (job_id) ON DELETE CASCADE,
+    idx        INTEGER NOT NULL CHECK (idx >= 0),
+    path       TEXT NOT NULL UNIQUE,
+    mime_type  TEXT NOT NULL,
+    width      INTEGER,
+    height     INTEGER,
+    size_bytes INTEGER NOT NULL CHECK (size_bytes >= 0),
+    sha256     TEXT NOT NULL,
+    PRIMARY KEY (job_id, idx)
+) WITHOUT ROWID;
+
+-- AUTOINCREMENT: a seq is never handed out twice, even after pruning.
+CREATE TABLE events (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    type       TEXT NOT NULL,
+    job_id     TEXT,
+    payload    TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE UNIQUE INDEX events_one_announcement_per_job ON events (job_id)
+    WHERE type = 'media.materialized';
+
+CREATE TABLE failed_jobs (
+    job_id          TEXT PRIMARY KEY NOT NULL,
+    completed_at_ms REAL,
+    noted_at        REAL NOT NULL,
+    event_seq       INTEGER NOT NULL,
+    doc             TEXT NOT NULL
+);
+
+CREATE TABLE cursors (
+    feed        TEXT PRIMARY KEY NOT NULL CHECK (feed IN ('succeeded', 'failed')),
+    since_ms    REAL,
+    seen_max_ms REAL,
+    updated_at  REAL NOT NULL
+);
+
+CREATE TABLE kv (
+    key        TEXT PRIMARY KEY NOT NULL,
+    value      TEXT NOT NULL,
+    updated_at REAL NOT NULL
+);
+"""
+
+
+def _execute_script(conn: sqlite3.Connection, script: str) -> None:
+    """Run DDL inside the caller's transaction (``executescript`` would commit first)."""
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+def _migrate_0_to_1(conn: sqlite3.Connection) -> None:
+    _execute_script(conn, _SCHEMA_V1)
+    conn.executemany("INSERT INTO cursors (feed, updated_at) VALUES (?, 0)", [(feed,) for feed in _FEEDS])
+
+
+# _MIGRATIONS[n] brings a version-n ledger to version n + 1; append, never edit.
+_MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_migrate_0_to_1,)
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+
+def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+    """Bring the file to :data:`SCHEMA_VERSION` in one transaction, refusing foreign or newer files.
+
+    The version is read under the write lock, so two processes opening a new
+    file at once cannot both run a migration.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        application_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if application_id != _APPLICATION_ID:
+            if application_id != 0 or conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone():
+                raise LedgerOpenError(f"{path} is a SQLite database but not a materializer ledger")
+            conn.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
+        if version > SCHEMA_VERSION:
+            raise LedgerOpenError(
+                f"{path} has ledger schema version {version}, newer than this materializer's"
+                f" {SCHEMA_VERSION}; upgrade stella-materializer"
+            )
+        for step in _MIGRATIONS[version:]:
+            step(conn)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    return getattr(exc, "sqlite_errorcode", 0) & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
+
+
+def _connect(path: Path, *, create: bool, busy_timeout: float) -> sqlite3.Connection:
+    if not path.exists():
+        if not create:
+            raise LedgerOpenError(f"no ledger at {path}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Prompts are private. SQLite gives the -wal and -shm files the
+        # database file's mode, so creating it 0600 covers all three.
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    try:
+        conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise LedgerOpenError(f"cannot open ledger {path}: {exc}") from exc
+    try:
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode != "wal":
+            raise LedgerOpenError(f"{path}: SQLite refused WAL mode (journal_mode is {mode!r})")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        _migrate(conn, path)
+        problems = [row[0] for row in conn.execute("PRAGMA quick_check(5)")]
+        if problems != ["ok"]:
+            details = "; ".join(line for problem in problems for line in problem.splitlines())
+            raise LedgerOpenError(f"{path} is corrupt: {details}")
+    except sqlite3.OperationalError as exc:
+        conn.close()
+        if _is_busy(exc):
+            raise LedgerBusyError(f"ledger {path} stayed locked by another process: {exc}") from exc
+        raise LedgerOpenError(f"{path} is not a usable materializer ledger: {exc}") from exc
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise LedgerOpenError(f"{path} is not a usable materializer ledger: {exc}") from exc
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+# -- the ledger ------------------------------------------------------------------
+
+_JOB_COLUMNS = (
+    "job_id, completed_at_ms, capability, profile, prompt, created_at_ms, status, attempts,"
+    " next_attempt_at, last_error, first_seen_at, materialized_at, lease_owner, lease_expires_at, doc"
+)
+_OUTPUT_COLUMNS = "job_id, idx, path, mime_type, width, height, size_bytes, sha256"
+
+
+class Ledger:
+    """The durable state of one Stella root; see the module docstring for the guarantees.
+
+    ``clock`` gives Unix seconds (injectable so tests can move time);
+    ``event_cap`` is how many sidebar events are kept (older ones are pruned);
+    ``busy_timeout`` is how many seconds a call waits for another process's
+    write lock before raising :class:`LedgerBusyError`. ``create=False`` (for
+    ``materializer status``) refuses to create a missing ledger.
+    """
+
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        create: bool = True,
+        busy_timeout: float = 10.0,
+        event_cap: int = DEFAULT_EVENT_CAP,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if event_cap < 1:
+            raise ValueError(f"event_cap must be at least 1, got {event_cap}")
+        self.path = Path(path)
+        self._event_cap = event_cap
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._conn = _connect(self.path, create=create, busy_timeout=busy_timeout)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- plumbing --------------------------------------------------------------
+
+    @contextmanager
+    def _transaction(self, begin: str) -> Iterator[sqlite3.Connection]:
+        with self._lock, self._sqlite_errors():
+            conn = self._conn
+            conn.execute(begin)
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    def _write(self) -> AbstractContextManager[sqlite3.Connection]:
+        """A read-modify-write transaction holding the write lock from its start."""
+        return self._transaction("BEGIN IMMEDIATE")
+
+    def _read(self) -> AbstractContextManager[sqlite3.Connection]:
+        """A read transaction: one consistent snapshot, never blocking writers (WAL)."""
+        return self._transaction("BEGIN")
+
+    @contextmanager
+    def _sqlite_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            if _is_busy(exc):
+                raise LedgerBusyError(
+                    f"ledger {self.path} is busy: another process held its write lock past the busy timeout"
+                ) from exc
+            raise LedgerError(f"ledger {self.path}: {exc}") from exc
+        except sqlite3.DatabaseError as exc:
+            raise LedgerError(f"ledger {self.path}: {exc}") from exc
+
+    def _append_event(self, conn: sqlite3.Connection, type_: str, job_id: str | None, payload: str) -> Event:
+        now = self._clock()
+        cursor = conn.execute(
+            "INSERT INTO events (type, job_id, payload, created_at) VALUES (?, ?, ?, ?)",
+            (type_, job_id, payload, now),
+        )
+        seq = int(cursor.lastrowid or 0)
+        if seq > self._event_cap:
+            conn.execute("DELETE FROM events WHERE seq <= ?", (seq - self._event_cap,))
+        return Event(seq, type_, json.loads(payload), now)
+
+    # -- jobs ------------------------------------------------------------------
+
+    def observe_jobs(self, docs: Iterable[Mapping[str, Any]]) -> list[str]:
+        """Record succeeded jobs from a query answer; return the ids never seen before, in order.
+
+        Idempotent: a known job keeps its status, attempts and files; a job still
+        pending takes the newer document (its output URLs may have been
+        refreshed). Raises ``ValueError`` naming the first document without a
+        usable ``jobId`` or ``completedAt`` (or that is not plain JSON) before
+        writing anything.
+        """
+        rows: dict[str, dict[str, Any]] = {}
+        for doc in docs:
+            row = _job_fields(doc)
+            rows[row["job_id"]] = row
+        if not rows:
+            return []
+        now = self._clock()
+        with self._write() as conn:
+            known = _known_job_ids(conn, list(rows))
+            new = [job_id for job_id in rows if job_id not in known]
+            conn.executemany(
+                "INSERT INTO jobs (job_id, completed_at_ms, capability, profile, prompt, created_at_ms,"
+                " first_seen_at, doc) VALUES (:job_id, :completed_at_ms, :capability, :profile, :prompt,"
+                " :created_at_ms, :now, :doc)",
+                [{**rows[job_id], "now": now} for job_id in new],
+            )
+            conn.executemany(
+                "UPDATE jobs SET completed_at_ms = :completed_at_ms, capability = :capability,"
+                " profile = :profile, prompt = :prompt, created_at_ms = :created_at_ms, doc = :doc"
+                " WHERE job_id = :job_id AND status = 'pending' AND doc != :doc",
+                [rows[job_id] for job_id in known],
+            )
+            _note_seen(conn, "succeeded", max(row["completed_at_ms"] for row in rows.values()))
+        return new
+
+    def job(self, job_id: str) -> Job | None:
+        with self._read() as conn:
+            row = conn.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        return _job(row) if row else None
+
+    def outputs(self, job_id: str) -> list[OutputFile]:
+        """The committed files of a job, by index (empty unless it is materialized)."""
+        with self._read() as conn:
+            return _outputs_of(conn, [job_id]).get(job_id, [])
+
+    def due_jobs(self, limit: int) -> list[Job]:
+        """Pending jobs due for an attempt and not leased by anyone, oldest completion first."""
+        now = self._clock()
+        with self._read() as conn:
+            rows = conn.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE status = 'pending' AND next_attempt_at <= :now"
+                " AND (lease_expires_at IS NULL OR lease_expires_at <= :now)"
+                " ORDER BY completed_at_ms, job_id LIMIT :limit",
+                {"now": now, "limit": _count(limit, "limit")},
+            ).fetchall()
+        return [_job(row) for row in rows]
+
+    def next_due_at(self) -> float | None:
+        """When the earliest pending job becomes due (attempt time or lease expiry), or None.
+
+        Scans the pending jobs only; call it when :meth:`due_jobs` came back
+        empty, to sleep until then instead of polling.
+        """
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT min(max(next_attempt_at, coalesce(lease_expires_at, 0))) FROM jobs WHERE status = 'pending'"
+            ).fetchone()
+        return row[0]
+
+    def try_claim(self, job_id: str, owner: str, lease_seconds: float) -> bool:
+        """Lease a pending job to ``owner`` for ``lease_seconds``; False if someone else holds it.
+
+        Claiming again as the same owner renews the lease (do so well before
+        it lapses during a long download). A lease whose holder died lapses at
+        its expiry. Leases only prevent duplicate work: even two holders could
+        never announce a job twice (see :meth:`mark_materialized`). Backoff
+        does not block a claim, so a replay can force an attempt.
+        """
+        if not owner:
+            raise ValueError("a lease owner must be a non-empty string")
+        lease = _finite(lease_seconds, "lease_seconds")
+        if lease <= 0:
+            raise ValueError(f"lease_seconds must be positive, got {lease_seconds}")
+        with self._write() as conn:
+            now = self._clock()  # read under the write lock: waiting for it must not shorten the lease
+            claimed = conn.execute(
+                "UPDATE jobs SET lease_owner = :owner, lease_expires_at = :until"
+                " WHERE job_id = :job_id AND status = 'pending'"
+                " AND (lease_owner IS NULL OR lease_owner = :owner OR lease_expires_at <= :now)",
+                {"owner": _text(owner), "until": now + lease, "job_id": job_id, "now": now},
+            ).rowcount
+        return claimed == 1
+
+    def release_claim(self, job_id: str, owner: str) -> None:
+        """Give up ``owner``'s lease on a job (a lease held by someone else is left alone)."""
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE jobs SET lease_owner = NULL, lease_expires_at = NULL WHERE job_id = ? AND lease_owner = ?",
+                (job_id, _text(owner)),
+            )
+
+    def record_failure(self, job_id: str, reason: str, retry_at: float, *, owner: str) -> int | None:
+        """Count a failed attempt and schedule the next at ``retry_at`` (Unix seconds).
+
+        Releases ``owner``'s lease. Returns the attempts made so far, or None
+        if the job is no longer pending (finished meanwhile by another process).
+        """
+        retry_at = _finite(retry_at, "retry_at")
+        with self._write() as conn:
+            row = conn.execute(
+                "UPDATE jobs SET attempts = attempts + 1, next_attempt_at = :retry_at, last_error = :reason,"
+                " lease_owner = nullif(lease_owner, :owner),"
+                " lease_expires_at = CASE WHEN lease_owner = :owner THEN NULL ELSE lease_expires_at END"
+                " WHERE job_id = :job_id AND status = 'pending' RETURNING attempts",
+                {"retry_at": retry_at, "reason": _text(reason), "owner": _text(owner), "job_id": job_id},
+            ).fetchone()
+            if row is None:
+                _require_job(conn, job_id)
+        return row[0] if row else None
+
+    def quarantine(self, job_id: str, reason: str) -> bool:
+        """Give up on a pending job with ``reason``; it counts as finished for the cursor.
+
+        Returns False if the job was not pending. :meth:`requeue` brings it back.
+        """
+        with self._write() as conn:
+            changed = conn.execute(
+                "UPDATE jobs SET status = 'quarantined', attempts = attempts + 1, last_error = ?,"
+                " lease_owner = NULL, lease_expires_at = NULL WHERE job_id = ? AND status = 'pending'",
+                (_text(reason), job_id),
+            ).rowcount
+            if not changed:
+                _require_job(conn, job_id)
+        return changed == 1
+
+    def requeue(self, job_ids: Iterable[str]) -> list[str]:
+        """Make quarantined jobs pending again with fresh attempts; returns those requeued."""
+        requeued: list[str] = []
+        with self._write() as conn:
+            for chunk in _chunks(list(job_ids)):
+                marks = ", ".join("?" * len(chunk))
+                requeued += [
+                    row[0]
+                    for row in conn.execute(
+                        "UPDATE jobs SET status = 'pending', attempts = 0, next_attempt_at = 0, last_error = NULL"
+                        f" WHERE status = 'quarantined' AND job_id IN ({marks}) RETURNING job_id",
+                        chunk,
+                    )
+                ]
+        return requeued
+
+    def mark_materialized(
+        self, job_id: str, files: Sequence[OutputFile], event_payload: Mapping[str, Any]
+    ) -> Event | None:
+        """Record all of a job's committed files and announce it, in one transaction.
+
+        The files must already be fsynced in place. Returns the
+        ``media.materialized`` event to push to live clients, or None if the
+        job was already materialized (by this or another process): each job is
+        announced exactly once, whatever crashes or replays happen. A
+        quarantined job may still be materialized (a replay that succeeded).
+        """
+        checked = _check_files(files)
+        payload = _payload_json(event_payload)
+        with self._write() as conn:
+            row = conn.execute("SELECT status FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise UnknownJobError(f"job {job_id!r} was never observed; observe it before materializing")
+            if row[0] == "materialized":
+                return None
+            conn.executemany(
+                f"INSERT INTO outputs ({_OUTPUT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (job_id, f.index, f.path, f.mime_type, f.width, f.height, f.size_bytes, f.sha256)
+                    for f in checked
+                ],
+            )
+            event = self._append_event(conn, "media.materialized", job_id, payload)
+            conn.execute(
+                "UPDATE jobs SET status = 'materialized', materialized_at = ?, event_seq = ?,"
+                " lease_owner = NULL, lease_expires_at = NULL WHERE job_id = ?",
+                (event.created_at, event.seq, job_id),
+            )
+        return event
+
+    def note_failed_job(self, doc: Mapping[str, Any], event_payload: Mapping[str, Any]) -> Event | None:
+        """Record a job that failed upstream and append its ``media.failed`` event, once per job.
+
+        Returns the event the first time, None after. ``completedAt`` may be
+        missing on failed jobs.
+        """
+        if not isinstance(doc, Mapping):
+            raise ValueError(f"a job document must be an object, got {type(doc).__name__}")
+        job_id = _job_id(doc)
+        completed_at = _number(doc.get("completedAt"))
+        doc_json = _dump_json(doc, f"job {job_id!r}")
+        payload = _payload_json(event_payload)
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM failed_jobs WHERE job_id = ?", (job_id,)).fetchone():
+                return None
+            event = self._append_event(conn, "media.failed", job_id, payload)
+            conn.execute(
+                "INSERT INTO failed_jobs (job_id, completed_at_ms, noted_at, event_seq, doc) VALUES (?, ?, ?, ?, ?)",
+                (job_id, completed_at, event.created_at, event.seq, doc_json),
+            )
+            if completed_at is not None:
+                _note_seen(conn, "failed", completed_at)
+        return event
+
+    # -- events ----------------------------------------------------------------
+
+    def append_event(self, type_: str, payload: Mapping[str, Any]) -> Event:
+        """Append a ``materializer.state`` event (connection, auth, gap reports) or a ``media.failed`` one.
+
+        ``media.materialized`` is refused: only :meth:`mark_materialized` may
+        announce a job, which is what makes the announcement exactly-once.
+        """
+        if type_ not in EVENT_TYPES:
+            raise ValueError(f"unknown event type {type_!r}; expected one of {sorted(EVENT_TYPES)}")
+        if type_ == "media.materialized":
+            raise ValueError("media.materialized events are appended only by mark_materialized")
+        payload_json = _payload_json(payload)
+        with self._write() as conn:
+            return self._append_event(conn, type_, None, payload_json)
+
+    def events_after(self, after_seq: int, limit: int) -> EventPage:
+        """Up to ``limit`` events with ``seq > after_seq``, oldest first.
+
+        A client that asks for a pruned range gets what remains; the page's
+        ``first_seq`` and ``gap`` tell it that it missed some.
+        """
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT seq, type, payload, created_at FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+                (_count(after_seq, "after_seq"), _count(limit, "limit")),
+            ).fetchall()
+            first_seq = conn.execute("SELECT min(seq) FROM events").fetchone()[0]
+            last_seq = _last_seq(conn)
+        return EventPage(after_seq, [_event(row) for row in rows], first_seq, last_seq)
+
+    def last_seq(self) -> int:
+        """The newest event ``seq`` ever handed out (0 before the first)."""
+        with self._read() as conn:
+            return _last_seq(conn)
+
+    # -- cursors ---------------------------------------------------------------
+
+    def cursor(self, feed: Feed = "succeeded") -> float | None:
+        """The ``since`` (Unix ms) to subscribe from, or None before the first run."""
+        with self._read() as conn:
+            return _cursor_row(conn, feed)[0]
+
+    def ensure_cursor(self, initial_ms: float, feed: Feed = "succeeded") -> float:
+        """The cursor, set to ``initial_ms`` first if it has never been set (the first run's look-back)."""
+        initial_ms = _finite(initial_ms, "initial_ms")
+        with self._write() as conn:
+            since, _ = _cursor_row(conn, feed)
+            if since is None:
+                conn.execute(
+                    "UPDATE cursors SET since_ms = ?, updated_at = ? WHERE feed = ?", (initial_ms, self._clock(), feed)
+                )
+                return initial_ms
+            return since
+
+    def advance_cursor(
+        self,
+        covered_from_ms: float,
+        covered_until_ms: float,
+        *,
+        feed: Feed = "succeeded",
+        overlap_ms: float = DEFAULT_CURSOR_OVERLAP_MS,
+    ) -> float:
+        """Move the cursor forward as far as is safe; return it.
+
+        The caller vouches that every job of the feed with ``completedAt`` in
+        ``[covered_from_ms, covered_until_ms]`` has been observed (or noted):
+        typically a complete answer to a query from ``since=covered_from_ms``
+        whose newest job completed at ``covered_until_ms``. A truncated
+        answer does not vouch for anything older than its oldest job, so pass
+        that as ``covered_from_ms`` (or close the gap first).
+
+        The new cursor is the oldest unfinished job's ``completedAt`` (pending
+        jobs bound it; materialized and quarantined ones do not), else the
+        covered bound, minus ``overlap_ms`` against clock skew. It never
+        passes what was observed, never skips the uncovered range
+        ``[cursor, covered_from_ms)``, and never moves backwards.
+        """
+        covered_from_ms = _finite(covered_from_ms, "covered_from_ms")
+        covered_until_ms = _finite(covered_until_ms, "covered_until_ms")
+        overlap_ms = _finite(overlap_ms, "overlap_ms")
+        if overlap_ms < 0:
+            raise ValueError(f"overlap_ms must not be negative, got {overlap_ms}")
+        with self._write() as conn:
+            since, seen_max = _cursor_row(conn, feed)
+            if since is None:
+                raise LedgerError(f"the {feed} cursor was never set; call ensure_cursor first")
+            if covered_from_ms > since or seen_max is None:
+                return since
+            bound = min(covered_until_ms, seen_max)
+            if feed == "succeeded":
+                oldest_pending = conn.execute(
+                    "SELECT completed_at_ms FROM jobs WHERE status = 'pending' ORDER BY completed_at_ms LIMIT 1"
+                ).fetchone()
+                if oldest_pending is not None:
+                    bound = min(bound, oldest_pending[0])
+            candidate = bound - overlap_ms
+            if candidate <= since:
+                return since
+            conn.execute(
+                "UPDATE cursors SET since_ms = ?, updated_at = ? WHERE feed = ?", (candidate, self._clock(), feed)
+            )
+            return candidate
+
+    # -- small state -----------------------------------------------------------
+
+    def set_state(self, key: str, value: Any) -> None:
+        """Keep a small JSON value (connection state, daemon pid and heartbeat, ...)."""
+        value_json = _dump_json(value, f"state {key!r}")
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO kv (key, value, updated_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                (_text(key), value_json, self._clock()),
+            )
+
+    def get_state(self, key: str, default: Any = None) -> Any:
+        with self._read() as conn:
+            row = conn.execute("SELECT value FROM kv WHERE key = ?", (_text(key),)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    # -- reports ---------------------------------------------------------------
+
+    def gallery_entries(self, limit: int) -> list[GalleryEntry]:
+        """The newest ``limit`` materialized jobs by completion, with their files.
+
+        Index-driven: as fast with a million jobs as with ten.
+        """
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT job_id, capability, profile, prompt, completed_at_ms, materialized_at FROM jobs"
+                " WHERE status = 'materialized' ORDER BY completed_at_ms DESC, job_id DESC LIMIT ?",
+                (_count(limit, "limit"),),
+            ).fetchall()
+            files = _outputs_of(conn, [row[0] for row in rows])
+        return [GalleryEntry(*row, files=files.get(row[0], [])) for row in rows]
+
+    def status(self, quarantined_limit: int = 100) -> LedgerStatus:
+        """Counts, quarantined jobs with reasons, cursors, last event and state, in one snapshot."""
+        with self._read() as conn:
+            counts = dict.fromkeys(_STATUSES, 0)
+            counts.update(conn.execute("SELECT status, count(*) FROM jobs GROUP BY status").fetchall())
+            failed = conn.execute("SELECT count(*) FROM failed_jobs").fetchone()[0]
+            quarantined = [
+                QuarantinedJob(*row)
+                for row in conn.execute(
+                    "SELECT job_id, last_error, attempts, completed_at_ms FROM jobs WHERE status = 'quarantined'"
+                    " ORDER BY completed_at_ms DESC, job_id DESC LIMIT ?",
+                    (_count(quarantined_limit, "quarantined_limit"),),
+                )
+            ]
+            cursors = dict(conn.execute("SELECT feed, since_ms FROM cursors ORDER BY feed").fetchall())
+            last = conn.execute(
+                "SELECT seq, type, payload, created_at FROM events ORDER BY seq DESC LIMIT 1"
+            ).fetchone()
+            state = {key: json.loads(value) for key, value in conn.execute("SELECT key, value FROM kv ORDER BY key")}
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+        return LedgerStatus(counts, failed, quarantined, cursors, _event(last) if last else None, state, version)
+
+    def check_integrity(self, outputs_dir: Path | None = None) -> list[str]:
+        """Every broken invariant, as one sentence each; empty when the ledger is sound.
+
+        Checks SQLite's own structure, that materialized jobs (and only they)
+        have files, that each was announced exactly once (as far as the kept
+        log reaches), that each noted failure was announced, and that finished
+        jobs hold no lease. With ``outputs_dir``, also that every recorded file
+        is there, a regular file, with its recorded size and SHA-256.
+        """
+        with self._read() as conn:
+            problems = [f"sqlite: {row[0]}" for row in conn.execute("PRAGMA quick_check") if row[0] != "ok"]
+            # Announcements older than the oldest kept event were pruned, not lost.
+            first_kept = conn.execute(
+                "SELECT coalesce(min(seq), ?) FROM events", (_last_seq(conn) + 1,)
+            ).fetchone()[0]
+            checks = [
+                (
+                    "materialized job {} has no output files",
+                    "SELECT job_id FROM jobs j WHERE status = 'materialized'"
+                    " AND NOT EXISTS (SELECT 1 FROM outputs o WHERE o.job_id = j.job_id)",
+                    (),
+                ),
+                (
+                    "job {} has output files but is not materialized",
+                    "SELECT DISTINCT o.job_id FROM outputs o JOIN jobs j USING (job_id)"
+                    " WHERE j.status != 'materialized'",
+                    (),
+                ),
+                (
+                    "output files of unknown job {}",
+                    "SELECT DISTINCT job_id FROM outputs WHERE job_id NOT IN (SELECT job_id FROM jobs)",
+                    (),
+                ),
+                (
+                    "materialized job {} lacks its materialization time or event seq",
+                    "SELECT job_id FROM jobs WHERE status = 'materialized'"
+                    " AND (materialized_at IS NULL OR event_seq IS NULL)",
+                    (),
+                ),
+                (
+                    "job {} was announced more than once",
+                    "SELECT job_id FROM events WHERE type = 'media.materialized' GROUP BY job_id HAVING count(*) > 1",
+                    (),
+                ),
+                (
+                    "announcement of job {} does not match a materialized job",
+                    "SELECT e.job_id FROM events e LEFT JOIN jobs j ON j.job_id = e.job_id"
+                    " WHERE e.type = 'media.materialized'"
+                    " AND (j.job_id IS NULL OR j.status != 'materialized' OR j.event_seq != e.seq)",
+                    (),
+                ),
+                (
+                    "materialized job {} was never announced",
+                    "SELECT job_id FROM jobs j WHERE status = 'materialized' AND event_seq >= ?"
+                    " AND NOT EXISTS (SELECT 1 FROM events e WHERE e.seq = j.event_seq"
+                    " AND e.type = 'media.materialized' AND e.job_id = j.job_id)",
+                    (first_kept,),
+                ),
+                (
+                    "failed job {} was never announced",
+                    "SELECT job_id FROM failed_jobs f WHERE event_seq >= ?"
+                    " AND NOT EXISTS (SELECT 1 FROM events e WHERE e.seq = f.event_seq"
+                    " AND e.type = 'media.failed' AND e.job_id = f.job_id)",
+                    (first_kept,),
+                ),
+                (
+                    "finished job {} still holds a lease",
+                    "SELECT job_id FROM jobs WHERE status != 'pending' AND lease_owner IS NOT NULL",
+                    (),
+                ),
+            ]
+            for message, sql, params in checks:
+                problems += [message.format(repr(row[0])) for row in conn.execute(sql, params)]
+            recorded = conn.execute(f"SELECT {_OUTPUT_COLUMNS} FROM outputs ORDER BY job_id, idx").fetchall()
+        if outputs_dir is not None:
+            problems += [problem for row in recorded if (problem := _check_file_on_disk(outputs_dir, row))]
+        return problems
+
+
+# -- helpers ---------------------------------------------------------------------
+
+
+def _job(row: Sequence[Any]) -> Job:
+    return Job(*row[:-1], doc=json.loads(row[-1]))
+
+
+def _event(row: Sequence[Any]) -> Event:
+    seq, type_, payload, created_at = row
+    return Event(seq, type_, json.loads(payload), created_at)
+
+
+def _last_seq(conn: sqlite3.Connection) -> int:
+    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+    return row[0] if row else 0
+
+
+def _cursor_row(conn: sqlite3.Connection, feed: str) -> tuple[float | None, float | None]:
+    if feed not in _FEEDS:
+        raise ValueError(f"unknown feed {feed!r}; expected one of {_FEEDS}")
+    since, seen_max = conn.execute("SELECT since_ms, seen_max_ms FROM cursors WHERE feed = ?", (feed,)).fetchone()
+    return since, seen_max
+
+
+def _note_seen(conn: sqlite3.Connection, feed: Feed, completed_at_ms: float) -> None:
+    """Raise the feed's high-water mark of observed completions (the cursor never passes it)."""
+    conn.execute(
+        "UPDATE cursors SET seen_max_ms = :ms WHERE feed = :feed AND (seen_max_ms IS NULL OR seen_max_ms < :ms)",
+        {"ms": completed_at_ms, "feed": feed},
+    )
+
+
+def _require_job(conn: sqlite3.Connection, job_id: str) -> None:
+    if conn.execute("SELECT 1 FROM jobs WHERE job_id = ?", (job_id,)).fetchone() is None:
+        raise UnknownJobError(f"job {job_id!r} was never observed")
+
+
+def _chunks(items: list[str]) -> Iterator[list[str]]:
+    for start in range(0, len(items), _CHUNK):
+        yield items[start : start + _CHUNK]
+
+
+def _known_job_ids(conn: sqlite3.Connection, job_ids: list[str]) -> set[str]:
+    found: set[str] = set()
+    for chunk in _chunks(job_ids):
+        marks = ", ".join("?" * len(chunk))
+        found.update(row[0] for row in conn.execute(f"SELECT job_id FROM jobs WHERE job_id IN ({marks})", chunk))
+    return found
+
+
+def _outputs_of(conn: sqlite3.Connection, job_ids: list[str]) -> dict[str, list[OutputFile]]:
+    files: dict[str, list[OutputFile]] = {}
+    for chunk in _chunks(job_ids):
+        marks = ", ".join("?" * len(chunk))
+        for job_id, *fields in conn.execute(
+            f"SELECT {_OUTPUT_COLUMNS} FROM outputs WHERE job_id IN ({marks}) ORDER BY job_id, idx", chunk
+        ):
+            files.setdefault(job_id, []).append(OutputFile(*fields))
+    return files
+
+
+def _check_file_on_disk(outputs_dir: Path, row: Sequence[Any]) -> str | None:
+    job_id, index, path, _mime, _width, _height, size_bytes, sha256 = row
+    where = outputs_dir / path
+    try:
+        info = os.lstat(where)
+    except OSError as exc:
+        return f"output {index} of job {job_id!r} is missing at {where}: {exc.strerror}"
+    if not stat.S_ISREG(info.st_mode):  # lstat: a planted symlink is not followed
+        return f"output {index} of job {job_id!r} at {where} is not a regular file"
+    if info.st_size != size_bytes:
+        return f"output {index} of job {job_id!r} at {where} has {info.st_size} bytes, the ledger says {size_bytes}"
+    digest = hashlib.sha256()
+    with open(where, "rb") as file:
+        while block := file.read(1 << 20):
+            digest.update(block)
+    if digest.hexdigest() != sha256:
+        return f"output {index} of job {job_id!r} at {where} does not match its recorded SHA-256"
+    return None
+
+
+def _text(value: str) -> str:
+    """The string as SQLite can store it: lone surrogates (possible in hostile JSON) become '?'."""
+    return value.encode("utf-8", "replace").decode("utf-8")
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _finite(value: Any, name: str) -> float:
+    number = _number(value)
+    if number is None:
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return number
+
+
+def _count(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _dump_json(value: Any, what: str) -> str:
+    try:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what} is not plain JSON: {exc}") from exc
+
+
+def _payload_json(payload: Any) -> str:
+    if not isinstance(payload, Mapping):
+        raise ValueError(f"an event payload must be an object, got {type(payload).__name__}")
+    return _dump_json(dict(payload), "event payload")
+
+
+def _job_id(doc: Mapping[str, Any]) -> str:
+    job_id = doc.get("jobId")
+    if not isinstance(job_id, str) or not job_id:
+        raise ValueError(f"job document has no jobId string (got {type(job_id).__name__})")
+    try:
+        job_id.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"jobId {job_id!r} is not valid Unicode: {exc.reason}") from exc
+    return job_id
+
+
+def _job_fields(doc: Any) -> dict[str, Any]:
+    """The columns of a succeeded job document, or ValueError saying what is unusable."""
+    if not isinstance(doc, Mapping):
+        raise ValueError(f"a job document must be an object, got {type(doc).__name__}")
+    job_id = _job_id(doc)
+    completed_at = _number(doc.get("completedAt"))
+    if completed_at is None:
+        got = type(doc.get("completedAt")).__name__
+        raise ValueError(f"job {job_id!r}: completedAt must be a finite number, got {got}")
+    request = doc.get("request")
+    prompt = request.get("prompt") if isinstance(request, Mapping) else None
+    capability, profile = doc.get("capability"), doc.get("profile")
+    return {
+        "job_id": job_id,
+        "completed_at_ms": completed_at,
+        "capability": _text(capability) if isinstance(capability, str) else "",
+        "profile": _text(profile) if isinstance(profile, str) else "",
+        "prompt": _text(prompt) if isinstance(prompt, str) else None,
+        "created_at_ms": _number(doc.get("createdAt")),
+        "doc": _dump_json(doc, f"job {job_id!r}"),
+    }
+
+
+def _check_files(files: Sequence[OutputFile]) -> list[OutputFile]:
+    """The files sorted by index, or ValueError naming the first bad field."""
+    if not files:
+        raise ValueError("a materialized job needs at least one output file")
+    seen: set[int] = set()
+    for f in files:
+        if not isinstance(f, OutputFile):
+            raise ValueError(f"expected OutputFile, got {type(f).__name__}")
+        where = f"output {f.index!r}"
+        if isinstance(f.index, bool) or not isinstance(f.index, int) or f.index < 0:
+            raise ValueError(f"{where}: index must be a non-negative integer")
+        if f.index in seen:
+            raise ValueError(f"{where}: index appears twice")
+        seen.add(f.index)
+        pure = PurePosixPath(f.path) if isinstance(f.path, str) else None
+        if (
+            pure is None
+            or not f.path
+            or pure.is_absolute()
+            or ".." in pure.parts
+            or "\\" in f.path
+            or "\x00" in f.path
+            or f.path != _text(f.path)
+        ):
+            raise ValueError(f"{where}: path {f.path!r} must be a plain relative path inside the outputs folder")
+        if not isinstance(f.mime_type, str) or not f.mime_type:
+            raise ValueError(f"{where}: mime_type must be a non-empty string")
+        for name in ("width", "height"):
+            value = getattr(f, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{where}: {name} must be a positive integer or None, got {value!r}")
+        if isinstance(f.size_bytes, bool) or not isinstance(f.size_bytes, int) or f.size_bytes < 0:
+            raise ValueError(f"{where}: size_bytes must be a non-negative integer, got {f.size_bytes!r}")
+        if not isinstance(f.sha256, str) or len(f.sha256) != 64 or f.sha256.strip("0123456789abcdef"):
+            raise ValueError(f"{where}: sha256 must be 64 lowercase hex digits")
+    return sorted(files, key=lambda f: f.index)
