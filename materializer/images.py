@@ -1,0 +1,491 @@
+"""Decide whether downloaded bytes are an image we keep, and what kind.
+
+:func:`validate_image` is the gate between a download and the outputs folder.
+The bytes alone decide: the URL and the declared content type are never
+consulted. In order, it
+
+1. reads the file into memory (at most ``max_file_bytes``), so the bytes
+   checked, decoded and hashed are one and the same;
+2. sniffs the real format from magic bytes (PNG, JPEG, WebP, GIF; anything
+   else is refused saying what it is, e.g. "bytes are HTML, not a PNG, JPEG,
+   WebP or GIF image");
+3. walks the container structure itself: PNG chunks with their CRCs up to
+   ``IEND``, JPEG markers and entropy-coded data up to ``EOI``, the RIFF
+   chunks of WebP, GIF blocks up to the trailer. This yields the canvas size
+   and frame count *before* Pillow parses anything, catches truncation and
+   corruption Pillow lets through (a PNG without ``IEND``, a bad ``IDAT`` CRC,
+   a GIF without its trailer) and finds bytes after the end of the image;
+4. checks the limits on those header values;
+5. decodes every frame with Pillow, restricted to the sniffed format,
+   re-checking the limits on what Pillow reports.
+
+JPEG and WebP carry no checksum, so bytes flipped inside their compressed
+data can decode to a damaged picture without any error; truncation and
+structural damage are always caught.
+
+Polyglots: bytes after the end of the image (after PNG ``IEND``, JPEG
+``EOI``, the RIFF size of WebP, the GIF trailer) are refused. An image
+generator never writes them, and a file that is also HTML, a ZIP or a script
+should not land in the outputs folder under an image extension. This refuses
+multi-picture JPEG (MPO) too, which is not one of the allowed formats.
+
+Decompression bombs and warnings: the limits are enforced by explicit checks
+on the header values before Pillow sees the file, so Pillow's own
+decompression-bomb check (which reads the process-global
+``Image.MAX_IMAGE_PIXELS`` and reports through the process-global,
+thread-unsafe ``warnings`` machinery) never decides anything for images over
+our limits. This module changes neither. Pillow's ``DecompressionBombError``
+still applies as a backstop, and if the process has escalated its
+``DecompressionBombWarning`` to an error (it fires for images between
+``MAX_IMAGE_PIXELS``, about 89.5 MP by default, and our ``max_pixels``), that
+too becomes a refusal.
+
+Safe to call from several worker threads at once: no global state is changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import BinaryIO, Literal
+
+from PIL import GifImagePlugin, Image, ImageFile, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
+
+__all__ = ["IMAGE_EXTENSIONS", "ImageFormat", "ImageInfo", "ImageLimits", "ImageRejected", "validate_image"]
+
+ImageFormat = Literal["png", "jpeg", "webp", "gif"]
+
+#: format -> (Pillow format name, file extension, MIME type)
+_FORMATS: dict[ImageFormat, tuple[str, str, str]] = {
+    "png": (PngImagePlugin.PngImageFile.format, "png", "image/png"),
+    "jpeg": (JpegImagePlugin.JpegImageFile.format, "jpg", "image/jpeg"),
+    "webp": (WebPImagePlugin.WebPImageFile.format, "webp", "image/webp"),
+    "gif": (GifImagePlugin.GifImageFile.format, "gif", "image/gif"),
+}
+
+#: The extensions a validated image can have, in no particular order.
+IMAGE_EXTENSIONS: tuple[str, ...] = tuple(ext for _, ext, _ in _FORMATS.values())
+
+#: Bytes per pixel in the decoded-size limit: RGBA, as a viewer holds every frame.
+_DECODED_BYTES_PER_PIXEL = 4
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: In JPEG entropy-coded data, 0xFF followed by one of these is not a marker.
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+_JPEG_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+class ImageRejected(ValueError):
+    """Bytes that are not an image we keep, with the reason why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class ImageLimits:
+    """Limits on one image; defaults match the desktop app's.
+
+    ``max_decoded_bytes`` bounds width x height x 4 (RGBA) x frames: the
+    memory a viewer needs for the whole animation, and the decoding work we
+    do. ``max_file_bytes`` bounds the file itself (the download cap).
+    """
+
+    max_edge: int = 16_384
+    max_pixels: int = 100_000_000
+    max_frames: int = 300
+    max_decoded_bytes: int = 400_000_000
+    max_file_bytes: int = 64 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        for name in ("max_edge", "max_pixels", "max_frames", "max_decoded_bytes", "max_file_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ImageLimits.{name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class ImageInfo:
+    """A validated image.
+
+    ``ext`` is what its file name must end with; ``bytes`` is the file size
+    and ``sha256`` the hex digest of exactly the bytes validated.
+    """
+
+    format: ImageFormat
+    ext: str
+    mime: str
+    width: int
+    height: int
+    frames: int
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Header:
+    """What the container structure says, read without Pillow."""
+
+    width: int
+    height: int
+    frames: int
+
+
+def validate_image(source: str | os.PathLike[str] | BinaryIO, limits: ImageLimits = ImageLimits()) -> ImageInfo:
+    """Validate an image file (a path, or a binary file open for reading); raise :class:`ImageRejected`.
+
+    A file object is read from its start and left open. Reads the whole file
+    into memory (at most ``limits.max_file_bytes``) so that the bytes
+    hashed, checked and decoded are the same bytes.
+    """
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        # Process-wide Pillow setting that makes it accept truncated images; someone turned it on.
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is on in this process; refusing to validate images")
+    data = _read_all(source, limits.max_file_bytes)
+    image_format = _sniff(data)
+    header = _PROBES[image_format](data)
+    _check_limits(header.width, header.height, header.frames, limits)
+    width, height, frames = _decode(data, image_format, limits)
+    _, ext, mime = _FORMATS[image_format]
+    return ImageInfo(
+        format=image_format,
+        ext=ext,
+        mime=mime,
+        width=width,
+        height=height,
+        frames=frames,
+        bytes=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
+
+
+def _read_all(source: str | os.PathLike[str] | BinaryIO, max_bytes: int) -> bytes:
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as file:
+            data = file.read(max_bytes + 1)
+    else:
+        source.seek(0)
+        chunks: list[bytes] = []
+        remaining = max_bytes + 1
+        while remaining > 0 and (chunk := source.read(min(remaining, 1 << 20))):
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        data = b"".join(chunks)
+    if len(data) > max_bytes:
+        raise ImageRejected(f"file is larger than the {max_bytes:,} byte limit")
+    return data
+
+
+# --- sniffing -------------------------------------------------------------------------------
+
+_HTML_STARTS = (
+    b"<!doctype html", b"<html", b"<head", b"<body", b"<script", b"<iframe", b"<title", b"<div",
+    b"<table", b"<style", b"<meta", b"<link", b"<p>", b"<p ", b"<a ", b"<br", b"<h1", b"<!--",
+)  # fmt: skip
+
+#: Leading bytes of formats that are not allowed, and what to call them.
+_OTHER_FORMATS: tuple[tuple[bytes, str], ...] = (
+    (b"%PDF-", "a PDF document"),
+    (b"II*\x00", "a TIFF image"),
+    (b"MM\x00*", "a TIFF image"),
+    (b"\x00\x00\x01\x00", "an ICO icon"),
+    (b"\xff\x0a", "a JPEG XL image"),
+    (b"\x00\x00\x00\x0cJXL ", "a JPEG XL image"),
+    (b"8BPS", "a Photoshop document"),
+    (b"\x1f\x8b", "gzip-compressed data"),
+    (b"PK\x03\x04", "a ZIP archive"),
+    (b"BM", "a BMP image"),
+)
+
+
+def _sniff(data: bytes) -> ImageFormat:
+    """The allowed format ``data`` starts as, or :class:`ImageRejected` describing what it is instead."""
+    if data.startswith(_PNG_SIGNATURE):
+        return "png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if data.startswith((b"GIF87a", b"GIF89a")):
+        return "gif"
+    if data.startswith(b"RIFF") and data[8:12] == b"WEBP":
+        return "webp"
+    if not data:
+        raise ImageRejected("file is empty")
+    raise ImageRejected(f"bytes are {_describe(data)}, not a PNG, JPEG, WebP or GIF image")
+
+
+def _describe(data: bytes) -> str:
+    """A short description of what non-image bytes look like."""
+    text = data[:512].lstrip(b"\xef\xbb\xbf\t\n\f\r ").lower()
+    if text.startswith(_HTML_STARTS):
+        return "HTML"
+    if text.startswith((b"<?xml", b"<svg")):
+        return "SVG or XML"
+    if text.startswith(b"<"):
+        return "markup (HTML or XML)"
+    if text.startswith((b"{", b"[")):
+        return "JSON"
+    if data.startswith(b"RIFF"):
+        return f"a RIFF {data[8:12]!r} file"
+    if data[4:8] == b"ftyp":
+        brand = data[8:12]
+        if brand in (b"avif", b"avis"):
+            return "an AVIF image"
+        if brand in (b"heic", b"heix", b"mif1", b"msf1"):
+            return "a HEIF image"
+        return "an MP4/QuickTime file"
+    for magic, name in _OTHER_FORMATS:
+        if data.startswith(magic):
+            return name
+    if _PNG_SIGNATURE.startswith(data[:8]) or data.startswith(b"\xff\xd8"):
+        return "a cut-off image signature"
+    if all(32 <= byte < 127 or byte in b"\t\n\r" for byte in data[:512]):
+        return "text"
+    return f"unknown data (starting {data[:8].hex(' ')})"
+
+
+# --- container structure --------------------------------------------------------------------
+
+
+def _truncated(what: str) -> ImageRejected:
+    return ImageRejected(f"truncated: {what}")
+
+
+def _broken(what: str) -> ImageRejected:
+    return ImageRejected(f"corrupt: {what}")
+
+
+def _refuse_trailing(data: bytes, end: int, name: str) -> None:
+    if end < len(data):
+        extra = len(data) - end
+        raise ImageRejected(
+            f"{name} image is followed by {extra:,} bytes of {_describe(data[end:])}; "
+            "files that are also something else (polyglots) are refused"
+        )
+
+
+def _probe_png(data: bytes) -> _Header:
+    """Walk every chunk, checking its CRC, up to IEND."""
+    view = memoryview(data)
+    pos, size, frames, seen_idat = len(_PNG_SIGNATURE), None, 1, False
+    while True:
+        if pos + 8 > len(data):
+            raise _truncated("PNG ends before its IEND chunk")
+        length, chunk_type = struct.unpack_from(">I4s", data, pos)
+        name = chunk_type.decode("ascii", "backslashreplace")
+        start, end = pos + 8, pos + 8 + length
+        if length > 0x7FFF_FFFF:
+            raise _broken(f"PNG chunk {name!r} at offset {pos:,} has an impossible length")
+        if end + 4 > len(data):
+            raise _truncated(f"PNG chunk {name!r} at offset {pos:,} is cut off")
+        if zlib.crc32(view[pos + 4 : end]) != struct.unpack_from(">I", data, end)[0]:
+            raise _broken(f"PNG chunk {name!r} at offset {pos:,} fails its CRC check")
+        if size is None:
+            if chunk_type != b"IHDR" or length != 13:
+                raise _broken("PNG does not start with its IHDR chunk")
+            size = struct.unpack_from(">II", data, start)
+        elif chunk_type == b"acTL" and length >= 8 and not seen_idat:
+            frames = struct.unpack_from(">I", data, start)[0]
+        seen_idat = seen_idat or chunk_type == b"IDAT"
+        pos = end + 4
+        if chunk_type == b"IEND":
+            break
+    if not seen_idat:
+        raise _broken("PNG has no image data (IDAT chunk)")
+    _refuse_trailing(data, pos, "PNG")
+    return _Header(size[0], size[1], frames)
+
+
+def _probe_jpeg(data: bytes) -> _Header:
+    """Walk the markers and entropy-coded segments up to EOI."""
+    pos, size, n = 2, None, len(data)
+    while True:
+        if pos >= n:
+            raise _truncated("JPEG ends before its end-of-image marker")
+        if data[pos] != 0xFF:
+            raise _broken(f"JPEG has no marker at offset {pos:,}")
+        while pos < n and data[pos] == 0xFF:  # fill bytes
+            pos += 1
+        if pos >= n:
+            raise _truncated("JPEG ends before its end-of-image marker")
+        marker = data[pos]
+        pos += 1
+        if marker == 0xD9:  # EOI
+            break
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # standalone markers
+            continue
+        if marker in (0x00, 0xD8):
+            raise _broken(f"JPEG has an unexpected marker 0x{marker:02X} at offset {pos - 1:,}")
+        if pos + 2 > n:
+            raise _truncated("JPEG ends inside a marker segment")
+        segment_end = pos + struct.unpack_from(">H", data, pos)[0]
+        if segment_end < pos + 2:
+            raise _broken(f"JPEG marker 0x{marker:02X} at offset {pos - 2:,} has an impossible length")
+        if segment_end > n:
+            raise _truncated(f"JPEG marker segment 0x{marker:02X} at offset {pos - 2:,} is cut off")
+        if marker in _JPEG_SOF_MARKERS and size is None:
+            if segment_end - pos < 8:
+                raise _broken("JPEG frame header is too short")
+            height, width = struct.unpack_from(">HH", data, pos + 3)
+            size = (width, height)
+        pos = segment_end
+        if marker == 0xDA:  # start of scan: entropy-coded data runs to the next real marker
+            if size is None:
+                raise _broken("JPEG scan comes before any frame header")
+            found = _JPEG_MARKER.search(data, pos)
+            if found is None:
+                raise _truncated("JPEG scan data ends before its end-of-image marker")
+            pos = found.start()
+    if size is None:
+        raise _broken("JPEG has no frame header")
+    _refuse_trailing(data, pos, "JPEG")
+    return _Header(size[0], size[1], 1)
+
+
+def _probe_webp(data: bytes) -> _Header:
+    """Check the RIFF size, walk the chunks, read the canvas from the first one, count frames."""
+    riff_end = 8 + struct.unpack_from("<I", data, 4)[0]
+    if riff_end > len(data):
+        raise _truncated(f"WebP declares {riff_end:,} bytes but the file has {len(data):,}")
+    pos, size, animated, frames = 12, None, False, 0
+    while pos < riff_end:
+        if pos + 8 > riff_end:
+            raise _broken(f"WebP chunk header at offset {pos:,} is cut off")
+        fourcc, length = struct.unpack_from("<4sI", data, pos)
+        start, end = pos + 8, pos + 8 + length
+        if end > riff_end:
+            raise _broken(f"WebP chunk {fourcc!r} at offset {pos:,} runs past the end of the RIFF data")
+        if size is None:
+            size, animated = _webp_canvas(fourcc, data[start:end])
+        if fourcc == b"ANMF":
+            frames += 1
+        pos = end + (length & 1)
+    if size is None:
+        raise _broken("WebP has no image chunk")
+    if animated and frames == 0:
+        raise _broken("animated WebP has no frames")
+    _refuse_trailing(data, riff_end, "WebP")
+    return _Header(size[0], size[1], frames if animated else 1)
+
+
+def _webp_canvas(fourcc: bytes, chunk: bytes) -> tuple[tuple[int, int], bool]:
+    """``((width, height), animated)`` from the first chunk of a WebP file."""
+    if fourcc == b"VP8X" and len(chunk) >= 10:
+        width = 1 + int.from_bytes(chunk[4:7], "little")
+        height = 1 + int.from_bytes(chunk[7:10], "little")
+        return (width, height), bool(chunk[0] & 0x02)
+    if fourcc == b"VP8L" and len(chunk) >= 5 and chunk[0] == 0x2F:
+        bits = int.from_bytes(chunk[1:5], "little")
+        return ((bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1), False
+    if fourcc == b"VP8 " and len(chunk) >= 10 and chunk[3:6] == b"\x9d\x01\x2a":
+        width, height = struct.unpack_from("<HH", chunk, 6)
+        return (width & 0x3FFF, height & 0x3FFF), False
+    raise _broken(f"WebP starts with a malformed or unknown {fourcc!r} chunk")
+
+
+def _probe_gif(data: bytes) -> _Header:
+    """Walk the blocks up to the trailer; frames outside the logical screen grow the canvas, as in Pillow."""
+    n = len(data)
+    if n < 13:
+        raise _truncated("GIF ends inside its header")
+    width, height, flags = struct.unpack_from("<HHB", data, 6)
+    pos = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
+    frames = 0
+    while True:
+        if pos >= n:
+            raise _truncated("GIF ends before its trailer")
+        block = data[pos]
+        pos += 1
+        if block == 0x3B:  # trailer
+            break
+        if block == 0x21:  # extension: label, then sub-blocks
+            pos = _skip_gif_sub_blocks(data, pos + 1)
+        elif block == 0x2C:  # image descriptor
+            if pos + 9 > n:
+                raise _truncated("GIF ends inside an image descriptor")
+            left, top, frame_width, frame_height, frame_flags = struct.unpack_from("<HHHHB", data, pos)
+            pos += 9 + (3 << ((frame_flags & 7) + 1) if frame_flags & 0x80 else 0)
+            pos = _skip_gif_sub_blocks(data, pos + 1)  # after the LZW minimum code size
+            width, height = max(width, left + frame_width), max(height, top + frame_height)
+            frames += 1
+        else:
+            raise _broken(f"GIF has an unknown block 0x{block:02X} at offset {pos - 1:,}")
+    if frames == 0:
+        raise _broken("GIF contains no image")
+    _refuse_trailing(data, pos, "GIF")
+    return _Header(width, height, frames)
+
+
+def _skip_gif_sub_blocks(data: bytes, pos: int) -> int:
+    while True:
+        if pos >= len(data):
+            raise _truncated("GIF ends inside a data block")
+        length = data[pos]
+        pos += 1 + length
+        if length == 0:
+            return pos
+
+
+_PROBES = {"png": _probe_png, "jpeg": _probe_jpeg, "webp": _probe_webp, "gif": _probe_gif}
+
+
+# --- limits and decoding --------------------------------------------------------------------
+
+
+def _check_limits(width: int, height: int, frames: int, limits: ImageLimits) -> None:
+    if width < 1 or height < 1:
+        raise _broken(f"image is {width}x{height} pixels")
+    if frames < 1:
+        raise _broken("image declares no frames")
+    if max(width, height) > limits.max_edge:
+        raise ImageRejected(f"image is {width}x{height} pixels, an edge over the {limits.max_edge:,} pixel limit")
+    pixels = width * height
+    if pixels > limits.max_pixels:
+        raise ImageRejected(
+            f"image is {width}x{height} = {pixels:,} pixels, over the {limits.max_pixels:,} limit "
+            "(a decompression bomb?)"
+        )
+    if frames > limits.max_frames:
+        raise ImageRejected(f"image has {frames:,} frames, over the {limits.max_frames:,} limit")
+    decoded = pixels * _DECODED_BYTES_PER_PIXEL * frames
+    if decoded > limits.max_decoded_bytes:
+        raise ImageRejected(
+            f"decoding needs {decoded:,} bytes ({width}x{height} RGBA x {frames} frames), "
+            f"over the {limits.max_decoded_bytes:,} limit"
+        )
+
+
+def _decode(data: bytes, image_format: ImageFormat, limits: ImageLimits) -> tuple[int, int, int]:
+    """Decode every frame with Pillow; return ``(width, height, frames)`` as Pillow saw them."""
+    pil_format = _FORMATS[image_format][0]
+    try:
+        with Image.open(io.BytesIO(data), formats=[pil_format]) as image:
+            if image.format != pil_format:
+                raise ImageRejected(f"Pillow reads the {image_format.upper()} bytes as {image.format}")
+            frames = getattr(image, "n_frames", 1)
+            _check_limits(*image.size, frames, limits)
+            for frame in range(frames):
+                image.seek(frame)
+                _check_limits(*image.size, frames, limits)  # a GIF frame can grow the canvas
+                image.load()
+            return image.size[0], image.size[1], frames
+    except ImageRejected:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageRejected(f"Pillow refused it as a decompression bomb: {exc}") from None
+    except Image.DecompressionBombWarning as exc:  # only raised when the process made the warning an error
+        raise ImageRejected(f"Pillow warned of a decompression bomb: {exc}") from None
+    except EOFError:
+        raise _truncated("animation ends before its declared last frame") from None
+    except Image.UnidentifiedImageError:
+        raise ImageRejected(f"Pillow cannot read the {pil_format} header") from None
+    except Exception as exc:
+        # Hostile bytes can make a decoder raise almost anything (OSError for truncated or
+        # broken data, SyntaxError for broken PNG structure, ValueError, struct.error, ...).
+        # Whatever it is, these bytes are refused.
+        raise ImageRejected(f"Pillow cannot decode it: {type(exc).__name__}: {exc}") from None
