@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from materializer import __version__
 
@@ -30,6 +31,12 @@ def _dev_backend(args: argparse.Namespace) -> int:
         data_uri_outputs=args.data_uri_outputs,
         log_level=args.log_level,
     )
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from materializer.demo import run_demo
+
+    return run_demo(args.root)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     backend.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                          help="how much the backend logs to stderr (default warning)")
     backend.set_defaults(handler=_dev_backend)
+
+    demo = commands.add_parser("demo", help="run the local backend and the materializer end to end",
+                               description="Start the local backend and the materializer, submit jobs of every "
+                               "capability, and show the files that land on disk.")
+    demo.add_argument("--root", type=Path, help="materializer root (default: a temporary folder)")
+    demo.set_defaults(handler=_demo)
     return parser
 
 
