@@ -309,8 +309,8 @@ class SyncSession:
 
     async def _send_loop(self) -> None:
         faults = self.backend.faults
+        changed = self.backend.table.changed()
         while True:
-            changed = self.backend.table.changed()
             await _first_of(self.wake.wait(), changed.wait())
             self.wake.clear()
             while faults.active("withhold_transitions") is not None:
@@ -318,6 +318,9 @@ class SyncSession:
             delay = faults.active("delay_transitions")
             if delay is not None:
                 await asyncio.sleep(float(delay.params.get("ms", 100)) / 1000)
+            # Take the next change event before computing, so a write that lands while this
+            # transition is being sent wakes the next pass instead of being missed.
+            changed = self.backend.table.changed()
             transition = self._next_transition()
             if transition is not None:
                 await self._send_transition(transition)
