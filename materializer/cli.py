@@ -33,6 +33,38 @@ def _dev_backend(args: argparse.Namespace) -> int:
     )
 
 
+def _query(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
+    from materializer.convex.cli_query import run_query_command
+    from materializer.tokens import EnvTokenProvider, FileTokenProvider, StaticTokenProvider, TokenProvider
+
+    try:
+        call_args = json.loads(args.args_json)
+    except json.JSONDecodeError as exc:
+        print(f"materializer query: ARGS_JSON is not JSON: {exc}", file=sys.stderr)
+        return 2
+    provider: TokenProvider
+    if args.token is not None:
+        provider = StaticTokenProvider(args.token)
+    elif args.token_file is not None:
+        provider = FileTokenProvider(args.token_file)
+    else:
+        provider = EnvTokenProvider()
+
+    async def run() -> int:
+        try:
+            return await run_query_command(args.path, call_args, args.url, provider, args.watch, sys.stdout)
+        finally:
+            await provider.aclose()
+
+    try:
+        return asyncio.run(run())
+    except KeyboardInterrupt:
+        return 0 if args.watch else 130
+
+
 def _demo(args: argparse.Namespace) -> int:
     from materializer.demo import run_demo
 
@@ -70,6 +102,21 @@ def build_parser() -> argparse.ArgumentParser:
     backend.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                          help="how much the backend logs to stderr (default warning)")
     backend.set_defaults(handler=_dev_backend)
+
+    query = commands.add_parser(
+        "query", help="run a Convex query once, or watch it (debugging)",
+        description="Run a Convex query once over HTTP and print its value as one JSON line, or with --watch "
+        "subscribe over the sync protocol and print one line per new value until interrupted. "
+        "Exit codes: 0 ok, 1 the function threw, 2 usage, 3 sign-in needed.",
+    )
+    query.add_argument("path", metavar="PATH", help="function path, e.g. media_jobs:listSucceededSince")
+    query.add_argument("args_json", metavar="ARGS_JSON", nargs="?", default="{}", help="arguments as a JSON object")
+    query.add_argument("--url", required=True, help="deployment URL, e.g. http://127.0.0.1:8000")
+    token = query.add_mutually_exclusive_group()
+    token.add_argument("--token", help="the user's token (prefer --token-file or $STELLA_TOKEN: argv is visible)")
+    token.add_argument("--token-file", type=Path, metavar="FILE", help="read the token from FILE")
+    query.add_argument("--watch", action="store_true", help="subscribe and print every new result")
+    query.set_defaults(handler=_query)
 
     demo = commands.add_parser("demo", help="run the local backend and the materializer end to end",
                                description="Start the local backend and the materializer, submit jobs of every "
