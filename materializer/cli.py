@@ -65,6 +65,47 @@ def _query(args: argparse.Namespace) -> int:
         return 0 if args.watch else 130
 
 
+def _run(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+    import signal
+
+    from materializer.daemon import AlreadyRunning, DaemonOptions, Materializer
+    from materializer.tokens import EnvTokenProvider, FileTokenProvider, TokenProvider
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.convex_url:
+        print("materializer run: --convex-url is required", file=sys.stderr)
+        return 2
+    options = DaemonOptions(root=args.root.expanduser(), convex_url=args.convex_url)
+    provider: TokenProvider = FileTokenProvider(args.token_file) if args.token_file else EnvTokenProvider()
+
+    async def main() -> int:
+        daemon = Materializer(options, provider, display_factory=_display_factory())
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, daemon.stop)
+        try:
+            await daemon.run()
+        except AlreadyRunning as exc:
+            print(f"materializer run: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            await daemon.aclose()
+            await provider.aclose()
+        return 0
+
+    return asyncio.run(main())
+
+
+def _display_factory():  # type: ignore[no-untyped-def]
+    try:
+        from materializer.display import DisplayServer
+    except ImportError:
+        return None
+    return DisplayServer
+
+
 def _demo(args: argparse.Namespace) -> int:
     from materializer.demo import run_demo
 
@@ -117,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--token-file", type=Path, metavar="FILE", help="read the token from FILE")
     query.add_argument("--watch", action="store_true", help="subscribe and print every new result")
     query.set_defaults(handler=_query)
+
+    run = commands.add_parser("run", help="run the materializer daemon in the foreground",
+                              description="Follow the signed-in user's succeeded media jobs and materialize them.")
+    run.add_argument("--config", type=Path, metavar="FILE", help="configuration file (TOML)")
+    run.add_argument("--root", type=Path, default=Path("~/.stella"), help="Stella root (default ~/.stella)")
+    run.add_argument("--convex-url", help="the backend's deployment URL")
+    run.add_argument("--token-file", type=Path, metavar="FILE", help="read the token from FILE (watched)")
+    run.set_defaults(handler=_run)
 
     demo = commands.add_parser("demo", help="run the local backend and the materializer end to end",
                                description="Start the local backend and the materializer, submit jobs of every "

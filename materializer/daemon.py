@@ -1,0 +1,599 @@
+"""The materializer daemon: feeds in, files out, nothing lost.
+
+Data path, one stage per module:
+
+    SyncClient (convex/)  ->  Ledger.observe_jobs (ledger.py)  ->  scheduler
+    -> extract_outputs (jobs.py) -> Fetcher (fetch.py) -> validate_image (images.py)
+    -> OutputStore.commit (store.py) -> Ledger.mark_materialized -> DisplayServer (display.py)
+    -> gallery.json (gallery.py)
+
+The ledger is the single source of truth. The subscription only *observes*
+jobs; workers materialize whatever the ledger says is due; the sidebar is fed
+from the ledger's event log in ``seq`` order (so events written by a
+concurrent ``materializer replay`` reach it too). A crash at any point
+leaves either a committed file or nothing, and the job stays pending until
+all of its outputs are committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import random
+import secrets
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from materializer import jobs as jobs_module
+from materializer.convex.http import ConvexAuthError, ConvexFunctionError, ConvexHttpClient, ConvexHttpError
+from materializer.convex.protocol import QueryFailure, QueryValue
+from materializer.convex.transport import ConnectionState, Subscription, SyncClient
+from materializer.fetch import FetchError, Fetcher
+from materializer.gallery import MANIFEST_NAME, render_manifest
+from materializer.images import ImageLimits, ImageRejected, validate_image
+from materializer.jobs import JobRejected, OutputRef, extract_outputs
+from materializer.ledger import Event, Ledger, OutputFile, ledger_path
+from materializer.store import OutputStore, StorageError
+from materializer.tokens import TokenProvider
+
+__all__ = ["AUTH_ACTION", "AlreadyRunning", "DaemonOptions", "Materializer", "outputs_dir", "state_dir"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+SUCCEEDED_QUERY = "media_jobs:listSucceededSince"
+FAILED_QUERY = "media_jobs:listFailedSince"
+PAGE_QUERY = "media_jobs:listSucceededPage"
+#: Shown to the person, verbatim, when the token is refused (the media API's ``action`` text).
+AUTH_ACTION = (
+    "Ask the user to open the Stella desktop app and finish signing in (Settings \u2192 Account, or the "
+    "welcome screen on first launch). Once they're signed in, retry the same request \u2014 no payload "
+    "changes needed."
+)
+#: Extensions for non-image outputs, from their declared MIME type; anything else is ``.bin``.
+DOWNLOAD_EXTENSIONS = {
+    "video/mp4": "mp4", "video/webm": "webm", "video/quicktime": "mov", "audio/mpeg": "mp3",
+    "audio/wav": "wav", "audio/x-wav": "wav", "audio/ogg": "ogg", "audio/flac": "flac", "audio/mp4": "m4a",
+    "model/gltf-binary": "glb", "model/gltf+json": "gltf", "model/obj": "obj", "application/octet-stream": "bin",
+}
+
+
+def state_dir(root: Path) -> Path:
+    return root / "state" / "media"
+
+
+def outputs_dir(root: Path) -> Path:
+    return state_dir(root) / "outputs"
+
+
+@dataclass
+class DaemonOptions:
+    """Everything the daemon needs to know; built from the configuration by the CLI."""
+
+    root: Path
+    convex_url: str
+    lookback_hours: float = 24.0
+    subscription_limit: int = 200
+    cursor_overlap_ms: float = 2000.0
+    max_attempts: int = 8
+    retry_base_seconds: float = 2.0
+    retry_max_seconds: float = 600.0
+    download_concurrency: int = 4
+    lease_seconds: float = 300.0
+    gallery_size: int = 1000
+    inactivity_timeout: float = 60.0
+    fetch_max_bytes: int = 64 * 1024 * 1024
+    connect_timeout: float = 10.0
+    read_timeout: float = 30.0
+    total_timeout: float = 300.0
+    image_limits: ImageLimits = field(default_factory=ImageLimits)
+
+
+class AlreadyRunning(RuntimeError):
+    """Another daemon holds this root."""
+
+    def __init__(self, pid: int | None) -> None:
+        super().__init__(f"another materializer is already running for this root (pid {pid or 'unknown'})")
+        self.pid = pid
+
+
+class _Permanent(Exception):
+    """An output that will never materialize: the job is quarantined at once with this reason."""
+
+
+class _Retry(Exception):
+    """An output that may materialize later; ``retry_after`` is the server's wish, if any."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+class InstanceLock:
+    """One daemon per root: an advisory lock on ``materializer.lock`` holding the owner's pid."""
+
+    def __init__(self, root: Path) -> None:
+        self.path = state_dir(root) / "materializer.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise AlreadyRunning(int(text) if text.isdigit() else None) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    @staticmethod
+    def holder(root: Path) -> int | None:
+        """The pid of the running daemon for ``root``, or None when none runs."""
+        path = state_dir(root) / "materializer.lock"
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else -1
+        finally:
+            os.close(fd)
+        return None
+
+
+class Materializer:
+    """The daemon. ``await run()`` until :meth:`stop`; also used one-shot by ``replay``."""
+
+    def __init__(self, options: DaemonOptions, token_provider: TokenProvider | None,
+                 display_factory: Callable[[Path, Ledger], Any] | None = None) -> None:
+        self.options = options
+        self.tokens = token_provider
+        self.owner = f"daemon:{os.getpid()}:{secrets.token_hex(4)}"
+        root = options.root
+        state_dir(root).mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.ledger = Ledger(ledger_path(root))
+        self.store = OutputStore(outputs_dir(root))
+        origin = urlsplit(options.convex_url)
+        self.fetcher = Fetcher(
+            allowed_origins=[f"{origin.scheme}://{origin.netloc}"],
+            max_bytes=options.fetch_max_bytes,
+            connect_timeout=options.connect_timeout,
+            read_timeout=options.read_timeout,
+            total_timeout=options.total_timeout,
+            max_connections=max(4, options.download_concurrency * 2),
+        )
+        self._db_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
+        self._display_factory = display_factory
+        self.display: Any = None
+        self._slots = asyncio.Semaphore(options.download_concurrency)
+        self._in_flight: dict[str, asyncio.Task[None]] = {}
+        self._work = asyncio.Event()
+        self._announce = asyncio.Event()
+        self._gallery_dirty = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._announced_seq = 0
+        self._covered: tuple[float, float] | None = None
+        self._reported_gaps: set[tuple[float, float]] = set()
+        self._rng = random.Random()
+        self.client: SyncClient | None = None
+        self.materialized_count = 0
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    async def db(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a ledger call on the ledger's own thread (ordered, never on the event loop)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._db_executor, lambda: function(*args, **kwargs))
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def aclose(self) -> None:
+        for task in list(self._in_flight.values()):
+            task.cancel()
+        await asyncio.gather(*self._in_flight.values(), return_exceptions=True)
+        await self.fetcher.aclose()
+        self._db_executor.shutdown(wait=True)
+        self.store.close()
+        self.ledger.close()
+
+    # -- the daemon -------------------------------------------------------------------------
+
+    async def run(self, on_ready: Callable[[], None] | None = None) -> None:
+        """Run until :meth:`stop`. Holds the root's instance lock for its whole life."""
+        lock = InstanceLock(self.options.root)
+        lock.acquire()
+        try:
+            await self._run(on_ready)
+        finally:
+            lock.release()
+
+    async def _run(self, on_ready: Callable[[], None] | None) -> None:
+        removed = await asyncio.to_thread(self.store.cleanup_stale_partials, 30.0)
+        if removed:
+            log.info("removed %d stale partial file(s) left by an earlier run", removed)
+        lookback_ms = (time.time() - self.options.lookback_hours * 3600) * 1000
+        since = await self.db(self.ledger.ensure_cursor, lookback_ms)
+        failed_since = await self.db(self.ledger.ensure_cursor, lookback_ms, "failed")
+        self._announced_seq = await self.db(self.ledger.last_seq)
+        await self.db(self.ledger.set_state, "daemon", {"pid": os.getpid(), "started_at": time.time()})
+        if self._display_factory is not None:
+            self.display = self._display_factory(state_dir(self.options.root) / "display.sock", self.ledger)
+            await self.display.start()
+        self.client = SyncClient(self.options.convex_url, self.tokens,
+                                 inactivity_timeout=self.options.inactivity_timeout)
+        self.client.start()
+        limit = self.options.subscription_limit
+        succeeded = self.client.subscribe(SUCCEEDED_QUERY, {"since": since, "limit": limit})
+        failed = self.client.subscribe(FAILED_QUERY, {"since": failed_since, "limit": limit})
+        tasks = [
+            asyncio.create_task(self._follow_succeeded(succeeded), name="succeeded-feed"),
+            asyncio.create_task(self._follow_failed(failed), name="failed-feed"),
+            asyncio.create_task(self._schedule(), name="scheduler"),
+            asyncio.create_task(self._announcer(), name="announcer"),
+            asyncio.create_task(self._gallery_writer(), name="gallery"),
+            asyncio.create_task(self._watch_connection(), name="connection"),
+        ]
+        if on_ready is not None:
+            on_ready()
+        try:
+            stopper = asyncio.create_task(self._stopping.wait())
+            done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stopper and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.client.close()
+            for task in list(self._in_flight.values()):
+                task.cancel()
+            await asyncio.gather(*self._in_flight.values(), return_exceptions=True)
+            await self._write_gallery()
+            if self.display is not None:
+                await self.display.close()
+            await self.db(self.ledger.set_state, "connection", {"state": "stopped", "at": time.time()})
+
+    # -- feeds -------------------------------------------------------------------------------
+
+    async def _follow_succeeded(self, subscription: Subscription) -> None:
+        async for result in subscription:
+            if isinstance(result, QueryFailure):
+                log.warning("%s failed on the server: %s", SUCCEEDED_QUERY, result.error_message)
+                continue
+            since = float(result.args["since"])
+            docs = result.value if isinstance(result.value, list) else []
+            await self.observe(docs)
+            completed = [d["completedAt"] for d in docs if isinstance(d, dict) and _is_number(d.get("completedAt"))]
+            covered_from = since
+            if len(docs) >= int(result.args.get("limit", 50)) and completed and min(completed) > since:
+                covered_from = await self._close_gap(since, min(completed))
+            if completed:
+                self._covered = (covered_from, max(completed))
+            await self._advance_cursor(subscription)
+
+    async def _follow_failed(self, subscription: Subscription) -> None:
+        async for result in subscription:
+            if isinstance(result, QueryFailure):
+                log.warning("%s failed on the server: %s", FAILED_QUERY, result.error_message)
+                continue
+            docs = [d for d in (result.value or []) if isinstance(d, dict)]
+            for doc in docs:
+                try:
+                    event = await self.db(self.ledger.note_failed_job, doc, _failed_payload(doc))
+                except ValueError as exc:
+                    log.warning("ignoring a failed-job document the ledger cannot keep: %s", exc)
+                    continue
+                if event is not None:
+                    self._announce.set()
+            completed = [d["completedAt"] for d in docs if _is_number(d.get("completedAt"))]
+            if completed:
+                since = float(result.args["since"])
+                new = await self.db(self.ledger.advance_cursor, since, max(completed), feed="failed",
+                                    overlap_ms=self.options.cursor_overlap_ms)
+                if new > since + self.options.cursor_overlap_ms:
+                    subscription.update_args({"since": new, "limit": self.options.subscription_limit})
+
+    async def observe(self, docs: list[Any]) -> list[str]:
+        """Record jobs from a query answer in the ledger; wake the workers for new ones."""
+        usable = [d for d in docs if isinstance(d, dict) and d.get("status", "succeeded") == "succeeded"]
+        try:
+            new = await self.db(self.ledger.observe_jobs, usable)
+        except ValueError:
+            # One unusable document must not hide the others: observe them one by one.
+            new = []
+            for doc in usable:
+                try:
+                    new += await self.db(self.ledger.observe_jobs, [doc])
+                except ValueError as exc:
+                    log.warning("ignoring a job document the ledger cannot keep: %s", exc)
+        if new:
+            self._work.set()
+        return new
+
+    async def _close_gap(self, since: float, oldest_seen: float) -> float:
+        """Fetch every job in ``[since, oldest_seen)`` with the page query; return the covered start."""
+        log.info("the subscription window is full: catching up on jobs from %.0f to %.0f", since, oldest_seen)
+        http = ConvexHttpClient(self.options.convex_url)
+        cursor: str | None = None
+        try:
+            while True:
+                token = await self.tokens.get() if self.tokens is not None else None
+                page = await http.query(PAGE_QUERY, {"since": since,
+                                                     "paginationOpts": {"numItems": 200, "cursor": cursor}}, token)
+                docs = page.get("page", []) if isinstance(page, dict) else []
+                await self.observe(docs)
+                cursor = page.get("continueCursor")
+                last = docs[-1].get("completedAt") if docs and isinstance(docs[-1], dict) else None
+                if page.get("isDone") or not docs or (_is_number(last) and last >= oldest_seen):
+                    return since
+        except ConvexFunctionError as exc:
+            reason = f"the backend has no gap-free page query ({exc.error_message.splitlines()[0]})"
+        except (ConvexAuthError, ConvexHttpError, OSError) as exc:
+            reason = f"catching up failed: {exc}"
+        finally:
+            await http.aclose()
+        gap = (since, oldest_seen)
+        if gap not in self._reported_gaps:
+            self._reported_gaps.add(gap)
+            log.error("jobs completed between %.0f and %.0f may be missing: %s", since, oldest_seen, reason)
+            await self._state_event({"state": "gap", "fromMs": since, "untilMs": oldest_seen, "reason": reason})
+        return oldest_seen
+
+    async def _advance_cursor(self, subscription: Subscription | None = None) -> None:
+        if self._covered is None:
+            return
+        before = await self.db(self.ledger.cursor)
+        new = await self.db(self.ledger.advance_cursor, *self._covered, overlap_ms=self.options.cursor_overlap_ms)
+        if subscription is not None and before is not None and new > before:
+            subscription.update_args({"since": new, "limit": self.options.subscription_limit})
+
+    # -- workers ----------------------------------------------------------------------------------
+
+    async def _schedule(self) -> None:
+        """Start every due job (bounded by the download slots); sleep until more work or a retry is due."""
+        while True:
+            self._work.clear()
+            room = self.options.download_concurrency * 4 - len(self._in_flight)
+            due = await self.db(self.ledger.due_jobs, room + len(self._in_flight)) if room > 0 else []
+            for job in due:
+                if job.job_id in self._in_flight:
+                    continue
+                if not await self.db(self.ledger.try_claim, job.job_id, self.owner, self.options.lease_seconds):
+                    continue
+                task = asyncio.create_task(self._materialize_claimed(job.job_id, job.doc, job.attempts))
+                self._in_flight[job.job_id] = task
+                task.add_done_callback(lambda _t, job_id=job.job_id: self._job_done(job_id))
+            next_due = await self.db(self.ledger.next_due_at)
+            timeout = None if next_due is None else max(0.05, next_due - time.time())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._work.wait(), timeout)
+
+    def _job_done(self, job_id: str) -> None:
+        self._in_flight.pop(job_id, None)
+        self._work.set()
+
+    async def _materialize_claimed(self, job_id: str, doc: dict[str, Any], attempts: int) -> None:
+        try:
+            files, job = await self.materialize_job(doc)
+        except _Permanent as exc:
+            log.warning("job %s given up: %s", _printable(job_id), exc)
+            await self.db(self.ledger.quarantine, job_id, str(exc))
+            await self._state_event({"state": "quarantined", "jobId": job_id, "reason": str(exc)})
+            return
+        except _Retry as exc:
+            if attempts + 1 >= self.options.max_attempts:
+                reason = f"gave up after {attempts + 1} attempts: {exc}"
+                log.warning("job %s %s", job_id, reason)
+                await self.db(self.ledger.quarantine, job_id, reason)
+                await self._state_event({"state": "quarantined", "jobId": job_id, "reason": reason})
+                return
+            delay = self._backoff(attempts, exc.retry_after)
+            log.info("job %s will be retried in %.1fs: %s", job_id, delay, exc)
+            await self.db(self.ledger.record_failure, job_id, str(exc), time.time() + delay, owner=self.owner)
+            return
+        event = await self.db(self.ledger.mark_materialized, job_id, files, _materialized_payload(job, files, self))
+        if event is not None:
+            self.materialized_count += 1
+            self._announce.set()
+            self._gallery_dirty.set()
+        await self._advance_cursor()
+
+    def _backoff(self, attempts: int, retry_after: float | None) -> float:
+        delay = min(self.options.retry_max_seconds, self.options.retry_base_seconds * 2**attempts)
+        delay *= self._rng.uniform(0.5, 1.5)
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, self.options.retry_max_seconds))
+        return delay
+
+    async def materialize_job(self, doc: dict[str, Any]) -> tuple[list[OutputFile], jobs_module.Job]:
+        """Commit every output of a job; raise _Permanent or _Retry when that cannot be done now."""
+        try:
+            job = jobs_module.Job.from_document(doc)
+            refs = extract_outputs(job, max_data_bytes=self.options.fetch_max_bytes)
+        except JobRejected as exc:
+            raise _Permanent(str(exc)) from None
+        refused = [ref for ref in refs if ref.error]
+        if refused:
+            raise _Permanent(f"{refused[0].where}: {refused[0].error}")
+        results = await asyncio.gather(*(self._materialize_output(ref) for ref in refs), return_exceptions=True)
+        for result in results:
+            if isinstance(result, _Permanent):
+                raise result
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return [r for r in results if isinstance(r, OutputFile)], job
+
+    async def _materialize_output(self, ref: OutputRef) -> OutputFile:
+        async with self._slots:
+            try:
+                return await self._output(ref)
+            except FetchError as exc:
+                if exc.retryable:
+                    raise _Retry(f"{ref.where}: {exc.reason}", exc.retry_after) from None
+                raise _Permanent(f"{ref.where}: {exc.reason}") from None
+            except StorageError as exc:
+                if exc.retryable:
+                    raise _Retry(f"{ref.where}: {exc.reason}") from None
+                raise _Permanent(f"{ref.where}: {exc.reason}") from None
+            except ImageRejected as exc:
+                # A CDN can serve an error page or a broken body once: try again, then give up.
+                raise _Retry(f"{ref.where}: {exc}") from None
+
+    async def _output(self, ref: OutputRef) -> OutputFile:
+        is_image = ref.media_kind == "image"
+        if is_image:
+            existing = await asyncio.to_thread(self.store.existing, ref.stem)
+            if existing is not None:
+                try:
+                    info = await asyncio.to_thread(validate_image, existing, self.options.image_limits)
+                    return _output_file(ref.index, existing.name, info.mime, info.width, info.height, info.bytes,
+                                        info.sha256)
+                except ImageRejected:
+                    log.warning("replacing invalid existing file %s", existing.name)
+        with self.store.temp_file(ref.stem) as partial:
+            if ref.data is not None:
+                await asyncio.to_thread(partial.write, ref.data)
+                fetched_sha = None
+            else:
+                assert ref.url is not None
+                fetched_sha = (await self.fetcher.fetch(ref.url, partial)).sha256
+            if is_image:
+                info = await asyncio.to_thread(validate_image, partial, self.options.image_limits)
+                path = await asyncio.to_thread(self.store.commit, partial, f"{ref.stem}.{info.ext}")
+                return _output_file(ref.index, path.name, info.mime, info.width, info.height, info.bytes, info.sha256)
+            ext = DOWNLOAD_EXTENSIONS.get((ref.declared_mime or "").split(";")[0].strip().lower(), "bin")
+            size = await asyncio.to_thread(lambda: os.fstat(partial.fileno()).st_size)
+            path = await asyncio.to_thread(self.store.commit, partial, f"{ref.stem}.{ext}")
+            return _output_file(ref.index, path.name, ref.declared_mime or "application/octet-stream", None, None,
+                                size, fetched_sha or _sha256_file(path))
+
+    # -- sidebar, gallery, state -------------------------------------------------------------------
+
+    async def _announcer(self) -> None:
+        """Push ledger events to the sidebar in ``seq`` order, including other processes' events."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._announce.wait(), 1.0)
+            self._announce.clear()
+            while True:
+                page = await self.db(self.ledger.events_after, self._announced_seq, 500)
+                for event in page.events:
+                    if self.display is not None:
+                        self.display.publish(event)
+                    self._announced_seq = event.seq
+                    if event.type == "media.materialized":
+                        self._gallery_dirty.set()
+                if len(page.events) < 500:
+                    break
+
+    async def _gallery_writer(self) -> None:
+        while True:
+            await self._gallery_dirty.wait()
+            self._gallery_dirty.clear()
+            await self._write_gallery()
+
+    async def _write_gallery(self) -> None:
+        entries = await self.db(self.ledger.gallery_entries, self.options.gallery_size)
+        data = render_manifest(entries, time.time() * 1000)
+        try:
+            await asyncio.to_thread(self.store.atomic_write_bytes, MANIFEST_NAME, data)
+        except StorageError as exc:
+            log.error("could not write %s: %s (will try again with the next job)", MANIFEST_NAME, exc)
+
+    async def _state_event(self, payload: dict[str, Any]) -> Event:
+        event = await self.db(self.ledger.append_event, "materializer.state", payload)
+        self._announce.set()
+        return event
+
+    async def _watch_connection(self) -> None:
+        assert self.client is not None
+        async for change in self.client.state_changes():
+            payload: dict[str, Any] = {"state": change.state.value}
+            if change.state is ConnectionState.AUTH_REQUIRED:
+                payload["action"] = AUTH_ACTION
+                payload["detail"] = change.detail
+                log.error("sign-in needed: %s", change.detail or "the token was refused")
+            elif change.state is ConnectionState.CONNECTED:
+                log.info("connected to %s", self.options.convex_url)
+            elif change.state is ConnectionState.DISCONNECTED:
+                log.info("disconnected: %s", change.detail or "")
+            if change.state in (ConnectionState.CONNECTING, ConnectionState.CLOSED):
+                continue
+            await self.db(self.ledger.set_state, "connection", {**payload, "at": time.time()})
+            await self._state_event(payload)
+
+
+# -- payloads ---------------------------------------------------------------------------------------------
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _printable(text: str) -> str:
+    return text.encode("unicode_escape").decode("ascii")[:200]
+
+
+def _output_file(index: int, name: str, mime: str, width: int | None, height: int | None, size: int,
+                 sha256: str) -> OutputFile:
+    return OutputFile(index=index, path=name, mime_type=mime, width=width, height=height, size_bytes=size,
+                      sha256=sha256)
+
+
+def _sha256_file(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _materialized_payload(job: jobs_module.Job, files: list[OutputFile], daemon: Materializer) -> dict[str, Any]:
+    base = outputs_dir(daemon.options.root).resolve()
+    kinds = {f.mime_type.split("/")[0] for f in files}
+    return {
+        "kind": "media",
+        "asset": {"kind": "image" if kinds == {"image"} else "file",
+                  "filePaths": [str(base / f.path) for f in sorted(files, key=lambda f: f.index)]},
+        "jobId": job.job_id,
+        "capability": job.capability,
+        "prompt": job.prompt,
+        "createdAt": job.created_at,
+    }
+
+
+def _failed_payload(doc: dict[str, Any]) -> dict[str, Any]:
+    error = doc.get("error") if isinstance(doc.get("error"), dict) else {}
+    message = error.get("message") if isinstance(error.get("message"), str) else None
+    capability = doc.get("capability") if isinstance(doc.get("capability"), str) else "media"
+    return {
+        "jobId": doc.get("jobId"),
+        "capability": capability,
+        "message": f"Your {capability.replace('_', ' ')} job failed: {message or 'the provider gave no reason.'}",
+        "code": error.get("code") if isinstance(error.get("code"), str) else None,
+    }
+
