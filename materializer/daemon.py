@@ -49,6 +49,7 @@ __all__ = ["AUTH_ACTION", "AlreadyRunning", "DaemonOptions", "Materializer", "ou
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+DAEMON_LEASE_PREFIX = "daemon:"
 SUCCEEDED_QUERY = "media_jobs:listSucceededSince"
 FAILED_QUERY = "media_jobs:listFailedSince"
 PAGE_QUERY = "media_jobs:listSucceededPage"
@@ -167,7 +168,7 @@ class Materializer:
                  display_factory: Callable[[Path, Ledger], Any] | None = None) -> None:
         self.options = options
         self.tokens = token_provider
-        self.owner = f"daemon:{os.getpid()}:{secrets.token_hex(4)}"
+        self.owner = f"{DAEMON_LEASE_PREFIX}{os.getpid()}:{secrets.token_hex(4)}"
         root = options.root
         state_dir(root).mkdir(parents=True, exist_ok=True, mode=0o700)
         self.ledger = Ledger(ledger_path(root))
@@ -228,9 +229,15 @@ class Materializer:
             lock.release()
 
     async def _run(self, on_ready: Callable[[], None] | None) -> None:
-        removed = await asyncio.to_thread(self.store.cleanup_stale_partials, 30.0)
+        freed = await self.db(self.ledger.release_claims_by_prefix, DAEMON_LEASE_PREFIX)
+        if freed:
+            log.info("took back %d job(s) from a daemon that stopped without finishing them", freed)
+        # With the instance lock held, a partial file belongs to a dead daemon, unless a replay
+        # process is working right now (it holds leases): then only old partials are surely stale.
+        max_age = 0.0 if await self.db(self.ledger.live_leases) == 0 else 600.0
+        removed = await asyncio.to_thread(self.store.cleanup_stale_partials, max_age)
         if removed:
-            log.info("removed %d stale partial file(s) left by an earlier run", removed)
+            log.info("removed %d partial file(s) left by an earlier run", removed)
         lookback_ms = (time.time() - self.options.lookback_hours * 3600) * 1000
         since = await self.db(self.ledger.ensure_cursor, lookback_ms)
         failed_since = await self.db(self.ledger.ensure_cursor, lookback_ms, "failed")

@@ -569,6 +569,28 @@ class Ledger:
                 (job_id, _text(owner)),
             )
 
+    def release_claims_by_prefix(self, prefix: str) -> int:
+        """Drop every lease whose owner starts with ``prefix``; return how many.
+
+        A daemon that has just taken its root's instance lock knows that any
+        lease held by an earlier daemon belongs to a dead process, and frees
+        those jobs at once instead of waiting for the leases to lapse.
+        """
+        with self._write() as conn:
+            cursor = conn.execute(
+                "UPDATE jobs SET lease_owner = NULL, lease_expires_at = NULL"
+                " WHERE lease_owner IS NOT NULL AND substr(lease_owner, 1, ?) = ?",
+                (len(prefix), _text(prefix)),
+            )
+            return cursor.rowcount
+
+    def live_leases(self) -> int:
+        """How many jobs someone holds an unexpired lease on right now."""
+        with self._read() as conn:
+            return conn.execute(
+                "SELECT count(*) FROM jobs WHERE lease_owner IS NOT NULL AND lease_expires_at > ?", (self._clock(),)
+            ).fetchone()[0]
+
     def record_failure(self, job_id: str, reason: str, retry_at: float, *, owner: str) -> int | None:
         """Count a failed attempt and schedule the next at ``retry_at`` (Unix seconds).
 

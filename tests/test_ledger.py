@@ -866,3 +866,26 @@ def test_hot_queries_use_indexes_on_a_large_ledger(db: Path, clock: Clock) -> No
                 for step in plan:
                     assert not step.startswith(("SCAN jobs", "SCAN outputs", "SCAN events")), (query, plan)
                     assert "TEMP B-TREE" not in step, (query, plan)
+
+
+def test_release_claims_by_prefix_frees_only_matching_owners(tmp_path: Path) -> None:
+    with Ledger(tmp_path / "l.db") as ledger:
+        ledger.observe_jobs([{"jobId": f"job_{i}", "completedAt": 1000.0 + i, "status": "succeeded",
+                              "capability": "icon", "profile": "default"} for i in range(3)])
+        assert ledger.try_claim("job_0", "daemon:1:a", 300)
+        assert ledger.try_claim("job_1", "replay:2:b", 300)
+        assert ledger.release_claims_by_prefix("daemon:") == 1
+        assert ledger.try_claim("job_0", "daemon:3:c", 300)
+        assert not ledger.try_claim("job_1", "daemon:3:c", 300)
+
+
+def test_live_leases_counts_unexpired_claims(tmp_path: Path) -> None:
+    now = [1000.0]
+    with Ledger(tmp_path / "l.db", clock=lambda: now[0]) as ledger:
+        ledger.observe_jobs([{"jobId": f"job_{i}", "completedAt": 1000.0 + i, "status": "succeeded",
+                              "capability": "icon", "profile": "default"} for i in range(2)])
+        assert ledger.live_leases() == 0
+        ledger.try_claim("job_0", "replay:1", 10)
+        assert ledger.live_leases() == 1
+        now[0] += 11
+        assert ledger.live_leases() == 0

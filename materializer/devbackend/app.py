@@ -330,7 +330,7 @@ class Backend:
 async def serve(options: BackendOptions, host: str, port: int, ready: Callable[[dict[str, Any]], None]) -> None:
     """Run until SIGINT or SIGTERM; call ``ready`` with the ready event once listening."""
     backend = Backend(options)
-    runner = web.AppRunner(backend.application(), handle_signals=False, access_log=None)
+    runner = web.AppRunner(backend.application(), handle_signals=False, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()

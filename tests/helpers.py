@@ -1,0 +1,139 @@
+"""Test helpers: run the daemon for real (a process) or in this event loop, and wait on conditions."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from materializer.daemon import DaemonOptions, Materializer, outputs_dir
+from materializer.devbackend.control import DevBackend
+from materializer.ledger import Ledger, ledger_path
+from materializer.tokens import StaticTokenProvider
+
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 30.0, what: str = "condition") -> T:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+async def async_wait_until(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def output_files(root: Path) -> list[str]:
+    """Visible files in the outputs folder (not the manifest)."""
+    folder = outputs_dir(root)
+    if not folder.exists():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.name != "gallery.json" and not p.name.startswith("."))
+
+
+def partial_files(root: Path) -> list[str]:
+    folder = outputs_dir(root)
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".partial")) if folder.exists() else []
+
+
+def gallery(root: Path) -> dict[str, Any]:
+    return json.loads((outputs_dir(root) / "gallery.json").read_text())
+
+
+def ledger_jobs(root: Path) -> dict[str, str]:
+    """job id -> status, read from the ledger file."""
+    with Ledger(ledger_path(root)) as ledger:
+        conn = ledger._conn
+        return dict(conn.execute("SELECT job_id, status FROM jobs").fetchall())
+
+
+def ledger_events(root: Path, type_: str | None = None) -> list[Any]:
+    with Ledger(ledger_path(root)) as ledger:
+        events = ledger.events_after(0, 100_000).events
+    return [e for e in events if type_ is None or e.type == type_]
+
+
+class DaemonProcess:
+    """``materializer run`` as a real process against a backend."""
+
+    def __init__(self, root: Path, backend: DevBackend, extra_args: list[str] | None = None) -> None:
+        self.root = root
+        self.backend = backend
+        self.extra_args = extra_args or []
+        self.token_file = root.parent / f"{root.name}.token"
+        self.token_file.write_text(backend.token)
+        self.log = root.parent / f"{root.name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> DaemonProcess:
+        command = [sys.executable, "-m", "materializer", "run", "--root", str(self.root),
+                   "--convex-url", self.backend.url, "--token-file", str(self.token_file), *self.extra_args]
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        return self
+
+    def signal(self, signum: int = signal.SIGKILL) -> int:
+        assert self.process is not None
+        self.process.send_signal(signum)
+        return self.process.wait(timeout=30)
+
+    def stop(self) -> int | None:
+        if self.process is None or self.process.poll() is not None:
+            return None if self.process is None else self.process.returncode
+        return self.signal(signal.SIGTERM)
+
+    def __enter__(self) -> DaemonProcess:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@contextlib.asynccontextmanager
+async def running_daemon(root: Path, backend: DevBackend, **options: Any) -> AsyncIterator[Materializer]:
+    """The daemon in this event loop (for tests that look inside it)."""
+    daemon = Materializer(DaemonOptions(root=root, convex_url=backend.url, **options),
+                          StaticTokenProvider(backend.token))
+    ready = asyncio.Event()
+    task = asyncio.create_task(daemon.run(on_ready=ready.set))
+    waiter = asyncio.create_task(ready.wait())
+    await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        waiter.cancel()
+        task.result()
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+        await task
+        await daemon.aclose()
