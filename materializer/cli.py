@@ -1,42 +1,117 @@
-"""The ``materializer`` command line."""
+"""The ``materializer`` command line.
+
+Exit codes shared by the commands: 0 success, 1 failure (or, for ``run``,
+another daemon holds the root), 2 usage or configuration error, 3 sign-in
+needed.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from materializer import __version__
 
 __all__ = ["main"]
 
+EXIT_USAGE = 2
 
-def _dev_backend(args: argparse.Namespace) -> int:
+
+def _settings(args: argparse.Namespace) -> tuple[Any, dict[str, Any]] | None:
+    """Load the configuration with this command's flags on top; print the error and return None if invalid."""
+    from materializer.config import ConfigError, load_settings
+
+    overrides = {
+        "daemon.root": getattr(args, "root", None),
+        "daemon.convex_url": getattr(args, "convex_url", None),
+        "auth.token_file": getattr(args, "token_file", None),
+        "daemon.parent_pid": getattr(args, "parent_pid", None),
+        "log.level": getattr(args, "log_level", None),
+        "log.format": getattr(args, "log_format", None),
+    }
     try:
-        from materializer.devbackend.app import run
-    except ImportError as exc:  # aiohttp is an extra
-        print(f"materializer dev-backend needs the backend extra: pip install 'stella-materializer[backend]' ({exc})",
-              file=sys.stderr)
-        return 2
-    return run(
-        args.host,
-        args.port,
-        args.data,
-        user=args.user,
-        token_ttl=args.token_ttl,
-        job_delay=args.job_delay,
-        ping_interval=args.ping_interval,
-        chunk_size=args.chunk_size,
-        data_uri_outputs=args.data_uri_outputs,
-        log_level=args.log_level,
-    )
+        return load_settings(args.config, overrides), overrides
+    except ConfigError as exc:
+        print(f"materializer {args.command}: {exc}", file=sys.stderr)
+        return None
+
+
+def _run(args: argparse.Namespace) -> int:
+    from materializer.service import run_service
+
+    loaded = _settings(args)
+    if loaded is None:
+        return EXIT_USAGE
+    settings, overrides = loaded
+    return run_service(settings, args.config, overrides)
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from materializer.config import ConfigError
+    from materializer.daemon import DaemonOptions
+    from materializer.logs import setup_logging
+    from materializer.replay import parse_when, print_summary, replay
+    from materializer.tokens import provider_for
+
+    loaded = _settings(args)
+    if loaded is None:
+        return EXIT_USAGE
+    settings, _ = loaded
+    setup_logging("warning" if args.log_level is None else settings.log.level, settings.log.format)
+    try:
+        options = DaemonOptions.from_settings(settings)
+        since = parse_when(args.since)
+        until = parse_when(args.until) if args.until else None
+    except (ConfigError, ValueError) as exc:
+        print(f"materializer replay: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    provider = provider_for(settings.auth.token_file, settings.auth.token_argv, settings.auth.token_env)
+
+    async def run() -> int:
+        try:
+            code, summary = await replay(options, provider, since=since, until=until, job_ids=args.job,
+                                         dry_run=args.dry_run)
+        finally:
+            await provider.aclose()
+        if code != 3:
+            print_summary(summary, args.dry_run, args.json, sys.stdout)
+        return code
+
+    return asyncio.run(run())
+
+
+def _status(args: argparse.Namespace) -> int:
+    from materializer.status import collect_status, print_status
+
+    loaded = _settings(args)
+    if loaded is None:
+        return EXIT_USAGE
+    print_status(collect_status(loaded[0].daemon.root), args.json, sys.stdout)
+    return 0
+
+
+def _watch(args: argparse.Namespace) -> int:
+    from materializer.display import display_socket_path
+    from materializer.watch import run_watch
+
+    loaded = _settings(args)
+    if loaded is None:
+        return EXIT_USAGE
+    if args.since is not None and args.since < 0:
+        print("materializer watch: --since must not be negative", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return asyncio.run(run_watch(display_socket_path(loaded[0].daemon.root), args.since, args.json, sys.stdout))
+    except (KeyboardInterrupt, BrokenPipeError):
+        return 0
 
 
 def _query(args: argparse.Namespace) -> int:
-    import asyncio
-    import json
-
     from materializer.convex.cli_query import run_query_command
     from materializer.tokens import EnvTokenProvider, FileTokenProvider, StaticTokenProvider, TokenProvider
 
@@ -44,7 +119,7 @@ def _query(args: argparse.Namespace) -> int:
         call_args = json.loads(args.args_json)
     except json.JSONDecodeError as exc:
         print(f"materializer query: ARGS_JSON is not JSON: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     provider: TokenProvider
     if args.token is not None:
         provider = StaticTokenProvider(args.token)
@@ -65,45 +140,16 @@ def _query(args: argparse.Namespace) -> int:
         return 0 if args.watch else 130
 
 
-def _run(args: argparse.Namespace) -> int:
-    import asyncio
-    import logging
-    import signal
-
-    from materializer.daemon import AlreadyRunning, DaemonOptions, Materializer
-    from materializer.tokens import EnvTokenProvider, FileTokenProvider, TokenProvider
-
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not args.convex_url:
-        print("materializer run: --convex-url is required", file=sys.stderr)
-        return 2
-    options = DaemonOptions(root=args.root.expanduser(), convex_url=args.convex_url)
-    provider: TokenProvider = FileTokenProvider(args.token_file) if args.token_file else EnvTokenProvider()
-
-    async def main() -> int:
-        daemon = Materializer(options, provider, display_factory=_display_factory())
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, daemon.stop)
-        try:
-            await daemon.run()
-        except AlreadyRunning as exc:
-            print(f"materializer run: {exc}", file=sys.stderr)
-            return 1
-        finally:
-            await daemon.aclose()
-            await provider.aclose()
-        return 0
-
-    return asyncio.run(main())
-
-
-def _display_factory():  # type: ignore[no-untyped-def]
+def _dev_backend(args: argparse.Namespace) -> int:
     try:
-        from materializer.display import DisplayServer
-    except ImportError:
-        return None
-    return DisplayServer
+        from materializer.devbackend.app import run
+    except ImportError as exc:  # aiohttp is an extra
+        print(f"materializer dev-backend needs the backend extra: pip install 'stella-materializer[backend]' ({exc})",
+              file=sys.stderr)
+        return EXIT_USAGE
+    return run(args.host, args.port, args.data, user=args.user, token_ttl=args.token_ttl, job_delay=args.job_delay,
+               ping_interval=args.ping_interval, chunk_size=args.chunk_size,
+               data_uri_outputs=args.data_uri_outputs, log_level=args.log_level)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -112,19 +158,83 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.root)
 
 
+def _common(parser: argparse.ArgumentParser, *, daemon: bool = True) -> None:
+    parser.add_argument("--config", type=Path, metavar="FILE",
+                        help="configuration file (default $XDG_CONFIG_HOME/stella-materializer/config.toml)")
+    parser.add_argument("--root", type=Path, metavar="DIR", help="Stella root (default ~/.stella)")
+    if daemon:
+        parser.add_argument("--convex-url", metavar="URL", help="the Stella backend's deployment URL")
+        parser.add_argument("--token-file", type=Path, metavar="FILE", help="read the session token from FILE")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="log verbosity")
+    parser.add_argument("--log-format", choices=["text", "json"], help="log line format (json for journald)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="materializer",
-        description="Materialize the signed-in user's Stella media jobs onto disk.",
+        description="Materialize the signed-in user's Stella media jobs onto disk. Every setting can also come "
+        "from MATERIALIZER_<SECTION>__<KEY> or the config file; see config.example.toml.",
     )
     parser.add_argument("--version", action="version", version=f"materializer {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    run = commands.add_parser("run", help="run the daemon in the foreground",
+                              description="Follow the signed-in user's succeeded media jobs and materialize them. "
+                              "SIGTERM/SIGINT stop it, SIGHUP reloads the configuration. Exit 1 when another "
+                              "daemon holds the root, 2 on a configuration error.")
+    _common(run)
+    run.add_argument("--parent-pid", type=int, metavar="PID", help="exit cleanly when process PID exits")
+    run.set_defaults(handler=_run)
+
+    replay = commands.add_parser("replay", help="fetch missed jobs and materialize what is missing",
+                                 description="One-shot: list jobs over HTTP and materialize whatever is missing. "
+                                 "Safe while the daemon runs. Exit 0 all done, 1 some failed, 2 usage or "
+                                 "configuration, 3 sign-in needed.")
+    _common(replay)
+    replay.add_argument("--since", default="24h", metavar="WHEN",
+                        help="from this moment: an ISO date/time or a duration back from now (2h, 7d); default 24h")
+    replay.add_argument("--until", metavar="WHEN", help="up to this moment (same forms)")
+    replay.add_argument("--job", action="append", default=[], metavar="ID", help="only this job (repeatable)")
+    replay.add_argument("--dry-run", action="store_true", help="list what would be materialized, change nothing")
+    replay.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    replay.set_defaults(handler=_replay)
+
+    status = commands.add_parser("status", help="show the daemon's state (works when it is stopped)")
+    _common(status, daemon=False)
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    status.set_defaults(handler=_status)
+
+    watch = commands.add_parser("watch", help="follow the sidebar socket and print its events")
+    _common(watch, daemon=False)
+    watch.add_argument("--since", type=int, metavar="N", help="first replay every event after sequence number N")
+    watch.add_argument("--json", action="store_true", help="print each event as one JSON line")
+    watch.set_defaults(handler=_watch)
+
+    query = commands.add_parser(
+        "query", help="run a Convex query once, or watch it (debugging)",
+        description="Run a Convex query once over HTTP and print its value as one JSON line, or with --watch "
+        "subscribe over the sync protocol and print one line per new value until interrupted. "
+        "Exit codes: 0 ok, 1 the function threw, 2 usage, 3 sign-in needed.",
+    )
+    query.add_argument("path", metavar="PATH", help="function path, e.g. media_jobs:listSucceededSince")
+    query.add_argument("args_json", metavar="ARGS_JSON", nargs="?", default="{}", help="arguments as a JSON object")
+    query.add_argument("--url", required=True, help="deployment URL, e.g. http://127.0.0.1:8000")
+    token = query.add_mutually_exclusive_group()
+    token.add_argument("--token", help="the user's token (prefer --token-file or $STELLA_TOKEN: argv is visible)")
+    token.add_argument("--token-file", type=Path, metavar="FILE", help="read the token from FILE")
+    query.add_argument("--watch", action="store_true", help="subscribe and print every new result")
+    query.set_defaults(handler=_query)
+
+    demo = commands.add_parser("demo", help="run the local backend and the materializer end to end",
+                               description="Start the local backend and the materializer, submit jobs of every "
+                               "capability, and show the files that land on disk.")
+    demo.add_argument("--root", type=Path, help="materializer root (default: a new temporary folder, kept)")
+    demo.set_defaults(handler=_demo)
+
     backend = commands.add_parser(
-        "dev-backend",
-        help="run the local Stella-compatible backend (media API, Convex sync, files)",
-        description="Run the local Stella-compatible backend. Prints one JSON ready line, "
-        "then serves until SIGINT/SIGTERM.",
+        "dev-backend", help="run the local Stella-compatible backend (media API, Convex sync, files)",
+        description="Run the local Stella-compatible backend. Prints one JSON ready line, then serves until "
+        "SIGINT/SIGTERM.",
     )
     backend.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     backend.add_argument("--port", type=int, default=0, help="port to listen on; 0 picks a free one (default 0)")
@@ -143,35 +253,6 @@ def build_parser() -> argparse.ArgumentParser:
     backend.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                          help="how much the backend logs to stderr (default warning)")
     backend.set_defaults(handler=_dev_backend)
-
-    query = commands.add_parser(
-        "query", help="run a Convex query once, or watch it (debugging)",
-        description="Run a Convex query once over HTTP and print its value as one JSON line, or with --watch "
-        "subscribe over the sync protocol and print one line per new value until interrupted. "
-        "Exit codes: 0 ok, 1 the function threw, 2 usage, 3 sign-in needed.",
-    )
-    query.add_argument("path", metavar="PATH", help="function path, e.g. media_jobs:listSucceededSince")
-    query.add_argument("args_json", metavar="ARGS_JSON", nargs="?", default="{}", help="arguments as a JSON object")
-    query.add_argument("--url", required=True, help="deployment URL, e.g. http://127.0.0.1:8000")
-    token = query.add_mutually_exclusive_group()
-    token.add_argument("--token", help="the user's token (prefer --token-file or $STELLA_TOKEN: argv is visible)")
-    token.add_argument("--token-file", type=Path, metavar="FILE", help="read the token from FILE")
-    query.add_argument("--watch", action="store_true", help="subscribe and print every new result")
-    query.set_defaults(handler=_query)
-
-    run = commands.add_parser("run", help="run the materializer daemon in the foreground",
-                              description="Follow the signed-in user's succeeded media jobs and materialize them.")
-    run.add_argument("--config", type=Path, metavar="FILE", help="configuration file (TOML)")
-    run.add_argument("--root", type=Path, default=Path("~/.stella"), help="Stella root (default ~/.stella)")
-    run.add_argument("--convex-url", help="the backend's deployment URL")
-    run.add_argument("--token-file", type=Path, metavar="FILE", help="read the token from FILE (watched)")
-    run.set_defaults(handler=_run)
-
-    demo = commands.add_parser("demo", help="run the local backend and the materializer end to end",
-                               description="Start the local backend and the materializer, submit jobs of every "
-                               "capability, and show the files that land on disk.")
-    demo.add_argument("--root", type=Path, help="materializer root (default: a temporary folder)")
-    demo.set_defaults(handler=_demo)
     return parser
 
 

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import fcntl
 import logging
+import math
 import os
 import random
 import secrets
@@ -35,6 +36,7 @@ from urllib.parse import urlsplit
 from materializer import jobs as jobs_module
 from materializer.convex.http import ConvexAuthError, ConvexFunctionError, ConvexHttpClient, ConvexHttpError
 from materializer.convex.protocol import QueryFailure, QueryValue
+from materializer.config import Settings
 from materializer.convex.transport import ConnectionState, Subscription, SyncClient
 from materializer.fetch import FetchError, Fetcher
 from materializer.gallery import MANIFEST_NAME, render_manifest
@@ -67,6 +69,11 @@ DOWNLOAD_EXTENSIONS = {
 }
 
 
+#: DaemonOptions fields a configuration reload applies at once (fetch limits too, see apply_live).
+LIVE_OPTIONS = ("max_attempts", "retry_base_seconds", "retry_max_seconds", "gallery_size", "cursor_overlap_ms",
+                "image_limits")
+
+
 def state_dir(root: Path) -> Path:
     return root / "state" / "media"
 
@@ -88,7 +95,7 @@ class DaemonOptions:
     retry_base_seconds: float = 2.0
     retry_max_seconds: float = 600.0
     download_concurrency: int = 4
-    lease_seconds: float = 300.0
+    lease_seconds: float = 120.0
     gallery_size: int = 1000
     inactivity_timeout: float = 60.0
     fetch_max_bytes: int = 64 * 1024 * 1024
@@ -97,6 +104,20 @@ class DaemonOptions:
     total_timeout: float = 300.0
     image_limits: ImageLimits = field(default_factory=ImageLimits)
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DaemonOptions:
+        d, f = settings.daemon, settings.fetch
+        return cls(
+            root=d.root, convex_url=d.require_convex_url(), lookback_hours=d.lookback_hours,
+            subscription_limit=d.subscription_limit, cursor_overlap_ms=d.cursor_overlap_ms,
+            max_attempts=d.max_attempts, retry_base_seconds=d.retry_base_seconds,
+            retry_max_seconds=d.retry_max_seconds, download_concurrency=d.download_concurrency,
+            lease_seconds=d.lease_seconds, gallery_size=d.gallery_size,
+            inactivity_timeout=d.inactivity_timeout_seconds, fetch_max_bytes=f.max_bytes,
+            connect_timeout=f.connect_timeout, read_timeout=f.read_timeout, total_timeout=f.total_timeout,
+            image_limits=ImageLimits(**settings.images.model_dump(), max_file_bytes=f.max_bytes),
+        )
+
 
 class AlreadyRunning(RuntimeError):
     """Another daemon holds this root."""
@@ -104,6 +125,14 @@ class AlreadyRunning(RuntimeError):
     def __init__(self, pid: int | None) -> None:
         super().__init__(f"another materializer is already running for this root (pid {pid or 'unknown'})")
         self.pid = pid
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """How one attempt at a job ended: ``materialized``, ``retry`` (scheduled again) or ``quarantined``."""
+
+    outcome: str
+    reason: str | None = None
 
 
 class _Permanent(Exception):
@@ -165,23 +194,18 @@ class Materializer:
     """The daemon. ``await run()`` until :meth:`stop`; also used one-shot by ``replay``."""
 
     def __init__(self, options: DaemonOptions, token_provider: TokenProvider | None,
-                 display_factory: Callable[[Path, Ledger], Any] | None = None) -> None:
+                 display_factory: Callable[[Path, Ledger], Any] | None = None,
+                 lease_prefix: str = DAEMON_LEASE_PREFIX) -> None:
         self.options = options
         self.tokens = token_provider
-        self.owner = f"{DAEMON_LEASE_PREFIX}{os.getpid()}:{secrets.token_hex(4)}"
+        self.owner = f"{lease_prefix}{os.getpid()}:{secrets.token_hex(4)}"
         root = options.root
         state_dir(root).mkdir(parents=True, exist_ok=True, mode=0o700)
         self.ledger = Ledger(ledger_path(root))
         self.store = OutputStore(outputs_dir(root))
-        origin = urlsplit(options.convex_url)
-        self.fetcher = Fetcher(
-            allowed_origins=[f"{origin.scheme}://{origin.netloc}"],
-            max_bytes=options.fetch_max_bytes,
-            connect_timeout=options.connect_timeout,
-            read_timeout=options.read_timeout,
-            total_timeout=options.total_timeout,
-            max_connections=max(4, options.download_concurrency * 2),
-        )
+        self.fetcher = self._make_fetcher()
+        self._retired_fetchers: list[Fetcher] = []
+        self.on_state: Callable[[dict[str, Any]], None] | None = None
         self._db_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
         self._display_factory = display_factory
         self.display: Any = None
@@ -200,6 +224,29 @@ class Materializer:
 
     # -- plumbing --------------------------------------------------------------------------
 
+    def _make_fetcher(self) -> Fetcher:
+        origin = urlsplit(self.options.convex_url)
+        return Fetcher(
+            allowed_origins=[f"{origin.scheme}://{origin.netloc}"],
+            max_bytes=self.options.fetch_max_bytes,
+            connect_timeout=self.options.connect_timeout,
+            read_timeout=self.options.read_timeout,
+            total_timeout=self.options.total_timeout,
+            max_connections=max(4, self.options.download_concurrency * 2),
+        )
+
+    def apply_live(self, options: DaemonOptions) -> None:
+        """Take the values of a reloaded configuration that can change without a restart."""
+        fetch_fields = ("fetch_max_bytes", "connect_timeout", "read_timeout", "total_timeout")
+        fetch_changed = any(getattr(options, name) != getattr(self.options, name) for name in fetch_fields)
+        for name in (*LIVE_OPTIONS, *fetch_fields):
+            setattr(self.options, name, getattr(options, name))
+        if fetch_changed:
+            # Downloads under way finish with the old limits; new ones use the new.
+            self._retired_fetchers.append(self.fetcher)
+            self.fetcher = self._make_fetcher()
+        self._work.set()
+
     async def db(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a ledger call on the ledger's own thread (ordered, never on the event loop)."""
         loop = asyncio.get_running_loop()
@@ -212,7 +259,8 @@ class Materializer:
         for task in list(self._in_flight.values()):
             task.cancel()
         await asyncio.gather(*self._in_flight.values(), return_exceptions=True)
-        await self.fetcher.aclose()
+        for fetcher in (self.fetcher, *self._retired_fetchers):
+            await fetcher.aclose()
         self._db_executor.shutdown(wait=True)
         self.store.close()
         self.ledger.close()
@@ -244,7 +292,9 @@ class Materializer:
         self._announced_seq = await self.db(self.ledger.last_seq)
         await self.db(self.ledger.set_state, "daemon", {"pid": os.getpid(), "started_at": time.time()})
         if self._display_factory is not None:
-            self.display = self._display_factory(state_dir(self.options.root) / "display.sock", self.ledger)
+            # The announcer below follows the ledger, so the server need not poll it too.
+            self.display = self._display_factory(state_dir(self.options.root) / "display.sock", self.ledger,
+                                                 poll_interval=None, executor=self._db_executor)
             await self.display.start()
         self.client = SyncClient(self.options.convex_url, self.tokens,
                                  inactivity_timeout=self.options.inactivity_timeout)
@@ -276,7 +326,7 @@ class Materializer:
             for task in list(self._in_flight.values()):
                 task.cancel()
             await asyncio.gather(*self._in_flight.values(), return_exceptions=True)
-            await self._write_gallery()
+            await self.write_gallery()
             if self.display is not None:
                 await self.display.close()
             await self.db(self.ledger.set_state, "connection", {"state": "stopped", "at": time.time()})
@@ -296,7 +346,7 @@ class Materializer:
             if len(docs) >= int(result.args.get("limit", 50)) and completed and min(completed) > since:
                 covered_from = await self._close_gap(since, min(completed))
             if completed:
-                self._covered = (covered_from, max(completed))
+                self._covered = (covered_from, _vouched_until(completed))
             await self._advance_cursor(subscription)
 
     async def _follow_failed(self, subscription: Subscription) -> None:
@@ -316,7 +366,7 @@ class Materializer:
             completed = [d["completedAt"] for d in docs if _is_number(d.get("completedAt"))]
             if completed:
                 since = float(result.args["since"])
-                new = await self.db(self.ledger.advance_cursor, since, max(completed), feed="failed",
+                new = await self.db(self.ledger.advance_cursor, since, _vouched_until(completed), feed="failed",
                                     overlap_ms=self.options.cursor_overlap_ms)
                 if new > since + self.options.cursor_overlap_ms:
                     subscription.update_args({"since": new, "limit": self.options.subscription_limit})
@@ -401,30 +451,34 @@ class Materializer:
         self._work.set()
 
     async def _materialize_claimed(self, job_id: str, doc: dict[str, Any], attempts: int) -> None:
+        await self.attempt(job_id, doc, attempts)
+        await self._advance_cursor()
+
+    async def attempt(self, job_id: str, doc: dict[str, Any], attempts: int) -> Attempt:
+        """Try to materialize a job this process has claimed, and record the outcome in the ledger."""
         try:
             files, job = await self.materialize_job(doc)
         except _Permanent as exc:
-            log.warning("job %s given up: %s", _printable(job_id), exc)
-            await self.db(self.ledger.quarantine, job_id, str(exc))
-            await self._state_event({"state": "quarantined", "jobId": job_id, "reason": str(exc)})
-            return
+            return await self._give_up(job_id, str(exc))
         except _Retry as exc:
             if attempts + 1 >= self.options.max_attempts:
-                reason = f"gave up after {attempts + 1} attempts: {exc}"
-                log.warning("job %s %s", job_id, reason)
-                await self.db(self.ledger.quarantine, job_id, reason)
-                await self._state_event({"state": "quarantined", "jobId": job_id, "reason": reason})
-                return
+                return await self._give_up(job_id, f"gave up after {attempts + 1} attempts: {exc}")
             delay = self._backoff(attempts, exc.retry_after)
             log.info("job %s will be retried in %.1fs: %s", job_id, delay, exc)
             await self.db(self.ledger.record_failure, job_id, str(exc), time.time() + delay, owner=self.owner)
-            return
+            return Attempt("retry", str(exc))
         event = await self.db(self.ledger.mark_materialized, job_id, files, _materialized_payload(job, files, self))
         if event is not None:
             self.materialized_count += 1
             self._announce.set()
             self._gallery_dirty.set()
-        await self._advance_cursor()
+        return Attempt("materialized")
+
+    async def _give_up(self, job_id: str, reason: str) -> Attempt:
+        log.warning("job %s given up: %s", _printable(job_id), reason)
+        await self.db(self.ledger.quarantine, job_id, reason)
+        await self._state_event({"state": "quarantined", "jobId": job_id, "reason": reason})
+        return Attempt("quarantined", reason)
 
     def _backoff(self, attempts: int, retry_after: float | None) -> float:
         delay = min(self.options.retry_max_seconds, self.options.retry_base_seconds * 2**attempts)
@@ -442,7 +496,7 @@ class Materializer:
             raise _Permanent(str(exc)) from None
         refused = [ref for ref in refs if ref.error]
         if refused:
-            raise _Permanent(f"{refused[0].where}: {refused[0].error}")
+            raise _Permanent(refused[0].error)  # already names its output ("images[1]: ...")
         results = await asyncio.gather(*(self._materialize_output(ref) for ref in refs), return_exceptions=True)
         for result in results:
             if isinstance(result, _Permanent):
@@ -519,9 +573,9 @@ class Materializer:
         while True:
             await self._gallery_dirty.wait()
             self._gallery_dirty.clear()
-            await self._write_gallery()
+            await self.write_gallery()
 
-    async def _write_gallery(self) -> None:
+    async def write_gallery(self) -> None:
         entries = await self.db(self.ledger.gallery_entries, self.options.gallery_size)
         data = render_manifest(entries, time.time() * 1000)
         try:
@@ -548,6 +602,8 @@ class Materializer:
                 log.info("disconnected: %s", change.detail or "")
             if change.state in (ConnectionState.CONNECTING, ConnectionState.CLOSED):
                 continue
+            if self.on_state is not None:
+                self.on_state(payload)
             await self.db(self.ledger.set_state, "connection", {**payload, "at": time.time()})
             await self._state_event(payload)
 
@@ -556,7 +612,17 @@ class Materializer:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite JSON number: Convex carries infinities and NaN, which no cursor can take."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _vouched_until(completed: list[float]) -> float:
+    """The newest completion an answer vouches for, never past now.
+
+    A job dated in the future (a bogus ``completedAt``, or a server clock ahead of ours) must not
+    carry the cursor past jobs that complete meanwhile with an honest, earlier time.
+    """
+    return min(max(completed), time.time() * 1000)
 
 
 def _printable(text: str) -> str:

@@ -13,6 +13,8 @@ and ``repr()`` never shows one.
 
 from __future__ import annotations
 
+from materializer.logs import register_secret
+
 import asyncio
 import contextlib
 import logging
@@ -67,7 +69,10 @@ class TokenProvider(Protocol):
 
 
 def _clean(text: str) -> str | None:
+    """The token in ``text``, registered for redaction from every log line."""
     token = text.strip()
+    if token:
+        register_secret(token)
     return token or None
 
 
@@ -293,3 +298,13 @@ class CommandTokenProvider:
 
     async def aclose(self) -> None:
         return None
+
+
+def provider_for(token_file: os.PathLike[str] | str | None, token_command: list[str] | None,
+                 token_env: str = DEFAULT_TOKEN_ENV) -> TokenProvider:
+    """The configured token source: a command, else a file, else an environment variable."""
+    if token_command:
+        return CommandTokenProvider(token_command)
+    if token_file is not None:
+        return FileTokenProvider(token_file)
+    return EnvTokenProvider(token_env)

@@ -1,0 +1,593 @@
+"""The Display sidebar socket: live sidebar events, resumable from the ledger.
+
+A Unix stream socket at ``<root>/state/media/display.sock``, mode 0600,
+speaking newline-delimited JSON (ASCII: non-ASCII text is ``\\u``-escaped).
+
+Server to client:
+
+- Events, one per line, exactly as the ledger keeps them::
+
+      {"seq": 12, "type": "media.materialized", "payload": {...}}
+
+  ``seq`` is the ledger's event seq: it only grows, and a client that
+  remembers the last one it handled can resume with ``since``. Types are
+  ``media.materialized``, ``media.failed`` and ``materializer.state``.
+- ``{"type": "welcome", "since": n}``: the answer to a hello, before anything
+  else. From here on the client receives every event with ``seq > n``, in
+  order, each once. ``n`` is the client's ``since``, or the newest seq already
+  published for a live-only hello, or ``0`` when the client's ``since`` lies
+  beyond anything this ledger ever handed out (its position came from another
+  ledger, e.g. a deleted and recreated root): it then gets this ledger's
+  events from the start and should forget its old position.
+- ``{"type": "materializer.pruned", "payload": {"fromSeq": a, "toSeq": b,
+  "message": ...}}``: the events ``a..b`` the client asked for no longer
+  exist (the ledger keeps only the newest ones). Not an event: it has no seq.
+- ``{"type": "error", "error": "..."}``: a client line was not understood; the
+  line is ignored and the connection stays open.
+
+Client to server:
+
+- ``{"type": "hello", "since": n}`` as the first line: every event with
+  ``seq > n`` still in the ledger, then live events, with no hole and no
+  duplicate at the switch-over. ``{"type": "hello"}`` (or ``"since": null``)
+  asks for live events only; the welcome says where they start, so the client
+  can resume from there after a disconnect without missing anything.
+- A client that sends nothing within ``hello_timeout`` seconds, or whose
+  first line is anything else (which gets an error line), receives the live
+  events published since it connected, without a welcome.
+- Later lines get an error line (there is nothing to ask after the hello).
+  A line longer than 64 KiB gets an error line and the connection is closed.
+  A client that closes its side of the connection is disconnected.
+
+A slow or stuck client never blocks the daemon: :meth:`DisplayServer.publish`
+only appends to each client's bounded queue. A client whose queue overflows,
+or whose socket accepts nothing for ``write_timeout`` seconds, is dropped
+(disconnected); it can reconnect and resume with ``since``.
+
+Events committed by other processes (``materializer replay`` announcing the
+jobs it materialized) reach clients too: the server delivers the ledger's
+events strictly in seq order, reading any it was not handed from the ledger
+(when :meth:`~DisplayServer.publish` skips seqs, and every ``poll_interval``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import os
+import socket
+import stat
+import tempfile
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from materializer.ledger import Event, EventPage, Ledger, LedgerError
+
+__all__ = [
+    "ERROR",
+    "HELLO",
+    "PRUNED",
+    "WELCOME",
+    "DisplayServer",
+    "DisplaySocketError",
+    "DisplaySocketInUseError",
+    "display_socket_path",
+    "encode_event",
+]
+
+HELLO = "hello"
+WELCOME = "welcome"
+PRUNED = "materializer.pruned"
+ERROR = "error"
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+#: Events read from the ledger per query (backlogs and catch-ups page through it).
+_PAGE_SIZE = 500
+#: Longest client line accepted; a hello is a few dozen bytes.
+_MAX_CLIENT_LINE = 64 * 1024
+#: ``sun_path`` is 108 bytes on Linux, including the terminating NUL.
+_MAX_SOCKET_PATH = 107
+#: Seqs are SQLite integers.
+_MAX_SEQ = 2**63 - 1
+
+
+class DisplaySocketError(Exception):
+    """The sidebar socket could not be set up; the message says why."""
+
+
+class DisplaySocketInUseError(DisplaySocketError):
+    """Another live process is answering on the sidebar socket."""
+
+
+def display_socket_path(root: Path) -> Path:
+    """Where the sidebar socket of a Stella root lives."""
+    return root / "state" / "media" / "display.sock"
+
+
+def encode_event(event: Event) -> bytes:
+    """One event as its socket line."""
+    return _encode({"seq": event.seq, "type": event.type, "payload": event.payload})
+
+
+def _encode(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode("ascii") + b"\n"
+
+
+class _ProtocolError(Exception):
+    """A client line that is not understood; answered with an error line."""
+
+
+class _Stalled(Exception):
+    """A client's socket accepted nothing for ``write_timeout`` seconds."""
+
+
+@dataclass(eq=False)
+class _Client:
+    """One connected client and the live events waiting for it."""
+
+    writer: asyncio.StreamWriter
+    registered_at: int
+    """The newest seq published when the client connected: later events reach it through ``queue``."""
+    sent_seq: int
+    """Events up to here were sent (or are covered by the client's ``since``)."""
+    queue: deque[tuple[int | None, bytes]] = field(default_factory=deque)
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    dropped: bool = False
+
+
+class DisplayServer:
+    """Serves sidebar events on a Unix socket; see the module docstring for the protocol.
+
+    ``max_queue`` bounds the lines waiting for each client; ``write_timeout``
+    is how long a client's socket may accept nothing before it is dropped;
+    ``hello_timeout`` is how long a new client has to send its hello;
+    ``poll_interval`` is how often the ledger is checked for events committed
+    by other processes (``None``: never). Ledger calls run on ``executor``
+    (the default thread pool if ``None``), never on the event loop.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        ledger: Ledger,
+        *,
+        max_queue: int = 1000,
+        write_timeout: float = 10.0,
+        hello_timeout: float = 1.0,
+        poll_interval: float | None = 1.0,
+        executor: Executor | None = None,
+    ) -> None:
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be at least 1, got {max_queue}")
+        self.path = Path(path)
+        self._ledger = ledger
+        self._max_queue = max_queue
+        self._write_timeout = write_timeout
+        self._hello_timeout = hello_timeout
+        self._poll_interval = poll_interval
+        self._executor = executor
+        self._server: asyncio.Server | None = None
+        self._socket_id: tuple[int, int] | None = None
+        self._closed = False
+        self._clients: set[_Client] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._published_seq = 0
+        self._stash: dict[int, Event] = {}
+        """Published events waiting for older ones to be read from the ledger."""
+        self._stash_version = 0
+        self._catch_up_task: asyncio.Task[None] | None = None
+        self._poll_task: asyncio.Task[None] | None = None
+
+    @property
+    def client_count(self) -> int:
+        """Clients connected now."""
+        return len(self._clients)
+
+    async def start(self) -> None:
+        """Bind the socket (replacing a stale one) and start serving.
+
+        Raises :class:`DisplaySocketInUseError` if another process answers on
+        the socket, :class:`DisplaySocketError` if something other than a
+        socket is at its path or it cannot be created.
+        """
+        if self._server is not None or self._closed:
+            raise RuntimeError("a DisplayServer starts once")
+        # Read before binding: the first client may connect right after.
+        self._published_seq = await self._ledger_call(self._ledger.last_seq)
+        sock, self._socket_id = await asyncio.to_thread(_bind_private_socket, self.path)
+        try:
+            self._server = await asyncio.start_unix_server(self._serve_client, sock=sock, limit=_MAX_CLIENT_LINE)
+        except BaseException:
+            self._remove_own_socket_file()
+            sock.close()
+            raise
+        if self._poll_interval is not None:
+            self._poll_task = asyncio.create_task(self._poll_ledger(self._poll_interval))
+        if self._stash:
+            self._catch_up()
+
+    def publish(self, event: Event) -> None:
+        """Send an event just committed to the ledger to every client; never blocks.
+
+        Call it after the commit, in seq order. An event already delivered is
+        ignored; one that skips seqs (committed meanwhile by another process)
+        waits until the missing ones are read from the ledger, so clients
+        always get events in seq order. Events published before :meth:`start`
+        finishes are delivered once it has; after :meth:`close`, publishing
+        does nothing.
+        """
+        if self._closed or event.seq <= self._published_seq:
+            return
+        if self._server is not None and event.seq == self._published_seq + 1:
+            self._deliver(event)
+            return
+        self._stash[event.seq] = event
+        self._stash_version += 1
+        if self._server is not None:
+            self._catch_up()
+
+    async def close(self) -> None:
+        """Stop serving, disconnect every client and remove the socket file (if still ours)."""
+        if self._closed:
+            return
+        self._closed = True
+        server, self._server = self._server, None
+        if server is None:
+            return
+        # While the listening socket is open its file's inode cannot be reused,
+        # so the identity check cannot mistake another server's socket for ours.
+        self._remove_own_socket_file()
+        server.close()
+        for task in (self._poll_task, self._catch_up_task):
+            if task is not None:
+                task.cancel()
+        for client in list(self._clients):
+            self._drop(client, "the server is closing")
+        await asyncio.gather(
+            *(task for task in (self._poll_task, self._catch_up_task) if task is not None),
+            *self._handlers,
+            return_exceptions=True,
+        )
+        await server.wait_closed()
+
+    # -- delivery ----------------------------------------------------------------
+
+    def _deliver(self, event: Event) -> None:
+        """Queue the next event in seq order for every client."""
+        self._published_seq = event.seq
+        self._stash.pop(event.seq, None)
+        line = encode_event(event)
+        for client in list(self._clients):
+            self._offer(client, event.seq, line)
+
+    def _offer(self, client: _Client, seq: int | None, line: bytes) -> None:
+        if client.dropped:
+            return
+        if len(client.queue) >= self._max_queue:
+            self._drop(client, f"it fell {self._max_queue} lines behind")
+            return
+        client.queue.append((seq, line))
+        client.wakeup.set()
+
+    def _drop(self, client: _Client, reason: str) -> None:
+        """Disconnect a client at once, discarding whatever it has not read."""
+        if client.dropped:
+            return
+        client.dropped = True
+        self._clients.discard(client)
+        if not self._closed:
+            log.info("sidebar client dropped: %s (it can reconnect and resume with since)", reason)
+        client.writer.transport.abort()
+
+    def _catch_up(self) -> None:
+        """Deliver, in the background, the ledger's events newer than the last delivered one."""
+        if self._catch_up_task is None and not self._closed:
+            self._catch_up_task = asyncio.create_task(self._read_ledger_ahead())
+
+    async def _read_ledger_ahead(self) -> None:
+        try:
+            while True:
+                stash_version = self._stash_version
+                try:
+                    page = await self._ledger_call(self._ledger.events_after, self._published_seq, _PAGE_SIZE)
+                except LedgerError as exc:
+                    log.warning("cannot read sidebar events from the ledger: %s", exc)
+                    page = None
+                if page is not None:
+                    for event in page.events:
+                        if event.seq > self._published_seq:
+                            self._deliver(event)
+                    if len(page.events) == _PAGE_SIZE:
+                        continue
+                waiting = sorted(seq for seq in self._stash if seq > self._published_seq)
+                if not waiting:
+                    break
+                if page is not None and (page.events or self._stash_version != stash_version):
+                    continue  # published while we read: committed, so the next read has them
+                # Not in the ledger (pruned already) or the ledger failed: deliver what we were handed.
+                for seq in waiting:
+                    self._deliver(self._stash[seq])
+                break
+            self._stash.clear()
+        finally:
+            self._catch_up_task = None
+
+    async def _poll_ledger(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self._catch_up()
+
+    # -- clients -----------------------------------------------------------------
+
+    async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._closed:
+            writer.transport.abort()
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        client = _Client(writer, registered_at=self._published_seq, sent_seq=self._published_seq)
+        self._clients.add(client)
+        sender: asyncio.Task[None] | None = None
+        try:
+            try:
+                first = await self._first_line(reader)
+            except ValueError:  # longer than the reader's limit
+                await self._close_with_error(client, f"line longer than {_MAX_CLIENT_LINE} bytes; closing")
+                return
+            if first == b"":
+                return
+            since: int | None = None
+            said_hello = False
+            if first is not None:
+                try:
+                    since = _hello_since(_parse_line(first))
+                    said_hello = True
+                except _ProtocolError as exc:
+                    self._offer(client, None, _error_line(str(exc)))
+            sender = asyncio.create_task(self._send(client, said_hello, since))
+            await self._answer_lines(client, reader)
+        except ConnectionError:
+            pass
+        finally:
+            self._handlers.discard(task)
+            self._clients.discard(client)
+            if sender is not None:
+                sender.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sender
+            client.dropped = True
+            writer.transport.abort()
+
+    async def _first_line(self, reader: asyncio.StreamReader) -> bytes | None:
+        """The client's first non-blank line, ``b""`` if it left, ``None`` if it said nothing in time."""
+        try:
+            async with asyncio.timeout(self._hello_timeout):
+                while True:
+                    line = await reader.readline()
+                    if line.strip() or not line:
+                        return line
+        except TimeoutError:
+            return None
+
+    async def _answer_lines(self, client: _Client, reader: asyncio.StreamReader) -> None:
+        """Read the client's later lines until it leaves, answering each with an error."""
+        while True:
+            try:
+                line = await reader.readline()
+            except ValueError:
+                await self._close_with_error(client, f"line longer than {_MAX_CLIENT_LINE} bytes; closing")
+                return
+            if not line:
+                return
+            if not line.strip():
+                continue
+            try:
+                message = _parse_line(line)
+                if message.get("type") == HELLO:
+                    raise _ProtocolError("hello is accepted only as the first line")
+                raise _ProtocolError(f"unknown message type {message.get('type')!r}")
+            except _ProtocolError as exc:
+                self._offer(client, None, _error_line(str(exc)))
+
+    async def _close_with_error(self, client: _Client, message: str) -> None:
+        client.writer.write(_error_line(message))
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            async with asyncio.timeout(self._write_timeout):
+                await client.writer.drain()
+
+    async def _send(self, client: _Client, said_hello: bool, since: int | None) -> None:
+        """Write the welcome and backlog (after a hello), then live lines, until dropped."""
+        try:
+            if said_hello:
+                await self._send_backlog(client, since)
+            while True:
+                batch = []
+                while client.queue:
+                    seq, line = client.queue.popleft()
+                    if seq is None:  # an error line
+                        batch.append(line)
+                    elif seq > client.sent_seq:
+                        batch.append(line)
+                        client.sent_seq = seq
+                if batch:
+                    await self._write(client, b"".join(batch))
+                else:
+                    client.wakeup.clear()
+                    await client.wakeup.wait()
+        except _Stalled:
+            self._drop(client, f"its socket accepted nothing for {self._write_timeout} s")
+        except ConnectionError:
+            self._drop(client, "it went away")
+        except LedgerError as exc:
+            self._drop(client, f"its backlog could not be read: {exc}")
+
+    async def _send_backlog(self, client: _Client, since: int | None) -> None:
+        """Welcome the client, then send the kept events from its ``since`` up to where its queue starts."""
+        if since is None:
+            await self._write(client, _encode({"type": WELCOME, "since": client.sent_seq}))
+            return
+        page = await self._ledger_call(self._ledger.events_after, since, _PAGE_SIZE)
+        if since > page.last_seq:  # a position from another ledger: start over
+            since = 0
+            page = await self._ledger_call(self._ledger.events_after, since, _PAGE_SIZE)
+        client.sent_seq = since
+        await self._write(client, _encode({"type": WELCOME, "since": since}))
+        while True:
+            lines = [_pruned_line(page)] if page.gap else []
+            for event in page.events:
+                if event.seq > client.registered_at:
+                    break  # its queue has the rest: stop here, or a busy daemon keeps the backlog growing
+                lines.append(encode_event(event))
+                client.sent_seq = event.seq
+            if lines:
+                await self._write(client, b"".join(lines))
+            if len(page.events) < _PAGE_SIZE or page.events[-1].seq >= client.registered_at:
+                return
+            page = await self._ledger_call(self._ledger.events_after, page.events[-1].seq, _PAGE_SIZE)
+
+    async def _write(self, client: _Client, data: bytes) -> None:
+        client.writer.write(data)
+        try:
+            async with asyncio.timeout(self._write_timeout):
+                await client.writer.drain()
+        except TimeoutError:
+            raise _Stalled from None
+
+    # -- plumbing ----------------------------------------------------------------
+
+    async def _ledger_call(self, function: Callable[..., _T], *args: Any) -> _T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(function, *args))
+
+    def _remove_own_socket_file(self) -> None:
+        """Remove the socket file, unless it is gone or another server's by now."""
+        try:
+            info = os.lstat(self.path)
+            if (info.st_dev, info.st_ino) == self._socket_id:
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("cannot remove the sidebar socket %s: %s", self.path, exc.strerror)
+
+
+def _parse_line(line: bytes) -> dict[str, Any]:
+    try:
+        message = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _ProtocolError(f"not a JSON line: {exc}") from None
+    if not isinstance(message, dict):
+        raise _ProtocolError(f"expected a JSON object, got {type(message).__name__}")
+    return message
+
+
+def _hello_since(message: dict[str, Any]) -> int | None:
+    """The ``since`` of a hello message (``None``: live only)."""
+    if message.get("type") != HELLO:
+        raise _ProtocolError(f"expected a hello first, got message type {message.get('type')!r}; sending live events")
+    since = message.get("since")
+    if since is not None and (isinstance(since, bool) or not isinstance(since, int) or not 0 <= since <= _MAX_SEQ):
+        raise _ProtocolError(f"since must be an integer from 0 to 2**63-1 or null, got {since!r}; sending live events")
+    return since
+
+
+def _error_line(message: str) -> bytes:
+    return _encode({"type": ERROR, "error": message})
+
+
+def _pruned_line(page: EventPage) -> bytes:
+    assert page.first_seq is not None
+    first, last = page.after_seq + 1, page.first_seq - 1
+    return _encode(
+        {
+            "type": PRUNED,
+            "payload": {
+                "fromSeq": first,
+                "toSeq": last,
+                "message": f"events {first} to {last} were pruned from the ledger before they could be sent",
+            },
+        }
+    )
+
+
+# -- binding -----------------------------------------------------------------------
+
+
+def _bind_private_socket(path: Path) -> tuple[socket.socket, tuple[int, int]]:
+    """A listening socket at ``path``, mode 0600 from the moment the path exists, and its file's id.
+
+    The socket is bound in a fresh 0700 folder beside ``path``, made 0600, and
+    hard-linked into place (which, unlike a rename, never replaces whatever
+    appeared at ``path`` meanwhile). Changing the umask instead would affect
+    files other threads create at the same time.
+    """
+    if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
+        raise DisplaySocketError(
+            f"the sidebar socket path {path} is {len(os.fsencode(path))} bytes long;"
+            f" Unix sockets allow {_MAX_SOCKET_PATH}: use a shorter root"
+        )
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _remove_stale_socket(path)
+        # "." + 8 random characters + "/s" is no longer than "display.sock".
+        private_dir = tempfile.mkdtemp(prefix=".", dir=path.parent)
+    except OSError as exc:
+        raise DisplaySocketError(f"cannot create the sidebar socket {path}: {exc.strerror or exc}") from exc
+    private_path = os.path.join(private_dir, "s")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(private_path)
+        os.chmod(private_path, 0o600)
+        sock.listen(128)  # before it is reachable: a connect must never look stale
+        info = os.stat(private_path)
+        os.link(private_path, path)
+    except FileExistsError:
+        sock.close()
+        raise DisplaySocketInUseError(f"{path} appeared while the sidebar socket was being created") from None
+    except OSError as exc:
+        sock.close()
+        raise DisplaySocketError(f"cannot create the sidebar socket {path}: {exc.strerror or exc}") from exc
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(private_path)
+        os.rmdir(private_dir)
+    return sock, (info.st_dev, info.st_ino)
+
+
+def _remove_stale_socket(path: Path) -> None:
+    """Remove a socket nobody answers on (left by a crash); refuse anything else."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(info.st_mode):
+        raise DisplaySocketError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:
+        probe.connect(os.fspath(path))
+    except ConnectionRefusedError:
+        log.info("removing the stale sidebar socket %s", path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    except FileNotFoundError:
+        return
+    except TimeoutError:
+        pass  # alive, with a full accept queue
+    except OSError as exc:
+        raise DisplaySocketError(f"cannot check whether {path} is in use: {exc.strerror or exc}") from exc
+    finally:
+        probe.close()
+    raise DisplaySocketInUseError(f"another process is serving the sidebar socket {path}")

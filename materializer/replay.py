@@ -1,0 +1,217 @@
+"""``materializer replay``: fetch missed jobs with one-shot HTTP queries and materialize what is missing.
+
+Safe while the daemon runs: both work through the same ledger, so a job is
+claimed by one process at a time (a job the daemon is busy with is waited
+for, not done twice), each job is announced to the sidebar exactly once
+(the daemon pushes the events replay writes), and the gallery manifest is
+rebuilt from the ledger and replaced atomically by whoever writes last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from materializer.convex.http import ConvexAuthError, ConvexFunctionError, ConvexHttpClient, ConvexHttpError
+from materializer.daemon import AUTH_ACTION, PAGE_QUERY, SUCCEEDED_QUERY, DaemonOptions, Materializer
+from materializer.tokens import TokenProvider
+
+__all__ = ["EXIT_AUTH", "ReplaySummary", "parse_when", "replay"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_AUTH = 0, 1, 2, 3
+REPLAY_LEASE_PREFIX = "replay:"
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_when(text: str, now: float | None = None) -> float:
+    """A moment as Unix milliseconds: a duration back from now (``2h``, ``7d``) or an ISO date/time."""
+    now = time.time() if now is None else now
+    match = _DURATION.match(text)
+    if match:
+        return (now - float(match.group(1)) * _UNIT_SECONDS[match.group(2)]) * 1000
+    try:
+        moment = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is neither a duration like 2h or 7d nor an ISO date like 2026-11-24") from None
+    if moment.tzinfo is None:
+        moment = moment.astimezone()  # a naive time is local time
+    return moment.timestamp() * 1000
+
+
+@dataclass
+class ReplaySummary:
+    materialized: list[str] = field(default_factory=list)
+    present: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    planned: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "materialized": self.materialized,
+            "alreadyPresent": self.present,
+            "failed": [{"jobId": job_id, "reason": reason} for job_id, reason in self.failed],
+            "wouldMaterialize": self.planned,
+        }
+
+
+class _SignInNeeded(Exception):
+    pass
+
+
+async def _find_jobs(http: ConvexHttpClient, token: str | None, since: float, until: float | None,
+                     job_ids: list[str], out: TextIO) -> list[dict[str, Any]]:
+    try:
+        if job_ids:
+            docs = []
+            for job_id in job_ids:
+                doc = await http.query("media_jobs:getByJobId", {"jobId": job_id}, token)
+                if doc is None:
+                    print(f"replay: job {job_id} not found (or not yours)", file=out)
+                elif doc.get("status") != "succeeded":
+                    print(f"replay: job {job_id} is {doc.get('status')}, nothing to materialize", file=out)
+                else:
+                    docs.append(doc)
+            return docs
+        try:
+            return await _page_through(http, token, since, until)
+        except ConvexFunctionError as exc:
+            print(f"replay: no page query on this backend ({exc.error_message.splitlines()[0]}); "
+                  f"falling back to {SUCCEEDED_QUERY}", file=out)
+        docs = await http.query(SUCCEEDED_QUERY, {"since": since, "limit": 200}, token)
+        if len(docs) == 200:
+            print("replay: 200 jobs came back, the most the backend returns: older ones may be missing; "
+                  "replay again with a later --since or with --until", file=out)
+        return [d for d in docs if until is None or d.get("completedAt", 0) <= until]
+    except ConvexAuthError as exc:
+        raise _SignInNeeded(str(exc)) from None
+
+
+async def _page_through(http: ConvexHttpClient, token: str | None, since: float,
+                        until: float | None) -> list[dict[str, Any]]:
+    docs: list[dict[str, Any]] = []
+    cursor: str | None = None
+    while True:
+        page = await http.query(PAGE_QUERY, {"since": since, "paginationOpts": {"numItems": 200, "cursor": cursor}},
+                                token)
+        for doc in page["page"]:
+            if until is not None and doc.get("completedAt", 0) > until:
+                return docs
+            docs.append(doc)
+        if page["isDone"] or not page["page"]:
+            return docs
+        cursor = page["continueCursor"]
+
+
+async def replay(options: DaemonOptions, tokens: TokenProvider, *, since: float, until: float | None,
+                 job_ids: list[str], dry_run: bool, out: TextIO = sys.stderr) -> tuple[int, ReplaySummary]:
+    """Run a replay; returns (exit code, summary). Progress and notes go to ``out``."""
+    summary = ReplaySummary()
+    token = await tokens.get()
+    if token is None:
+        print(f"replay: sign-in needed. {AUTH_ACTION}", file=out)
+        return EXIT_AUTH, summary
+    async with ConvexHttpClient(options.convex_url) as http:
+        try:
+            docs = await _find_jobs(http, token, since, until, job_ids, out)
+        except _SignInNeeded:
+            print(f"replay: the token was refused: sign-in needed. {AUTH_ACTION}", file=out)
+            return EXIT_AUTH, summary
+        except ConvexHttpError as exc:
+            print(f"replay: could not list jobs: {exc}", file=out)
+            return EXIT_FAILED, summary
+    worker = Materializer(options, tokens, lease_prefix=REPLAY_LEASE_PREFIX)
+    try:
+        await worker.observe(docs)
+        ids = [d["jobId"] for d in docs if isinstance(d, dict) and isinstance(d.get("jobId"), str)]
+        todo = []
+        for job_id in ids:
+            job = await worker.db(worker.ledger.job, job_id)
+            if job is None:
+                summary.failed.append((job_id, "the ledger could not keep this job document"))
+            elif job.status == "materialized":
+                summary.present.append(job_id)
+            else:
+                todo.append(job)
+        if dry_run:
+            summary.planned = [job.job_id for job in todo]
+            return EXIT_OK, summary
+        await worker.db(worker.ledger.requeue, [job.job_id for job in todo if job.status == "quarantined"])
+        progress = _Progress(len(todo), out)
+        await asyncio.gather(*(_replay_one(worker, job.job_id, job.doc, summary, progress) for job in todo))
+        progress.finish()
+        if summary.materialized:
+            await worker.write_gallery()
+    finally:
+        await worker.aclose()
+    return (EXIT_FAILED if summary.failed else EXIT_OK), summary
+
+
+async def _replay_one(worker: Materializer, job_id: str, doc: dict[str, Any], summary: ReplaySummary,
+                      progress: _Progress) -> None:
+    ledger = worker.ledger
+    deadline = time.monotonic() + worker.options.lease_seconds
+    while not await worker.db(ledger.try_claim, job_id, worker.owner, worker.options.lease_seconds):
+        job = await worker.db(ledger.job, job_id)
+        if job is not None and job.status != "pending":
+            break  # the daemon finished it meanwhile
+        if time.monotonic() > deadline:
+            summary.failed.append((job_id, "another process kept working on it"))
+            progress.step()
+            return
+        await asyncio.sleep(0.1)
+    else:
+        attempts = (await worker.db(ledger.job, job_id)).attempts  # type: ignore[union-attr]
+        result = await worker.attempt(job_id, doc, attempts)
+        if result.outcome != "materialized":
+            summary.failed.append((job_id, result.reason or result.outcome))
+        else:
+            summary.materialized.append(job_id)
+        progress.step()
+        return
+    job = await worker.db(ledger.job, job_id)
+    if job is not None and job.status == "materialized":
+        summary.present.append(job_id)
+    else:
+        summary.failed.append((job_id, (job.last_error if job else None) or "not materialized"))
+    progress.step()
+
+
+class _Progress:
+    """A one-line progress bar, only on a terminal."""
+
+    def __init__(self, total: int, out: TextIO) -> None:
+        self.total, self.done, self.out = total, 0, out
+        self.enabled = total > 0 and out.isatty()
+
+    def step(self) -> None:
+        self.done += 1
+        if self.enabled:
+            filled = int(30 * self.done / self.total)
+            self.out.write(f"\r[{'#' * filled}{' ' * (30 - filled)}] {self.done}/{self.total}")
+            self.out.flush()
+
+    def finish(self) -> None:
+        if self.enabled:
+            self.out.write("\n")
+
+
+def print_summary(summary: ReplaySummary, dry_run: bool, as_json: bool, out: TextIO) -> None:
+    if as_json:
+        out.write(json.dumps(summary.as_json()) + "\n")
+        return
+    if dry_run:
+        out.write(f"would materialize {len(summary.planned)} job(s); {len(summary.present)} already present\n")
+        for job_id in summary.planned:
+            out.write(f"  {job_id}\n")
+        return
+    out.write(f"materialized {len(summary.materialized)}, already present {len(summary.present)}, "
+              f"failed {len(summary.failed)}\n")
+    for job_id, reason in summary.failed:
+        out.write(f"  failed {job_id}: {reason}\n")

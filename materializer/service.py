@@ -1,0 +1,122 @@
+"""``materializer run`` as a service: configuration, signals, reloads, systemd notify, parent death.
+
+The daemon itself (:mod:`materializer.daemon`) knows nothing of processes;
+this module is what makes it behave like a well-made Linux service:
+SIGTERM/SIGINT stop it cleanly, SIGHUP and edits of the config file reload
+what can change live, systemd hears READY, STATUS and WATCHDOG, and a daemon
+launched by the desktop app exits when the app dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from materializer.config import ConfigError, ConfigReloader, Settings
+from materializer.daemon import AlreadyRunning, DaemonOptions, Materializer
+from materializer.display import DisplayServer
+from materializer.logs import setup_logging
+from materializer.sdnotify import Notifier, run_watchdog
+from materializer.tokens import provider_for
+
+__all__ = ["run_service"]
+
+log = logging.getLogger(__name__)
+
+
+async def wait_for_exit(pid: int) -> None:
+    """Return when process ``pid`` has exited (a pidfd where the kernel has them, else polling)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    except (AttributeError, OSError):
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            except PermissionError:
+                pass
+            await asyncio.sleep(1.0)
+    exited = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_reader(fd, exited.set)
+    try:
+        await exited.wait()
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
+def run_service(settings: Settings, config_file: Path | None, overrides: dict[str, Any]) -> int:
+    """Run the daemon until stopped; return the exit code (0 clean stop, 1 already running, 2 bad config)."""
+    setup_logging(settings.log.level, settings.log.format)
+    try:
+        options = DaemonOptions.from_settings(settings)
+    except ConfigError as exc:
+        print(f"materializer run: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(_serve(settings, options, config_file, overrides))
+
+
+async def _serve(settings: Settings, options: DaemonOptions, config_file: Path | None,
+                 overrides: dict[str, Any]) -> int:
+    provider = provider_for(settings.auth.token_file, settings.auth.token_argv, settings.auth.token_env)
+    daemon = Materializer(options, provider, display_factory=DisplayServer)
+    notifier = Notifier()
+    daemon.on_state = lambda payload: notifier.status(_status_text(payload))
+
+    def reloaded(new: Settings | ConfigError) -> None:
+        if isinstance(new, ConfigError):
+            log.error("configuration not reloaded: %s", new)
+            return
+        setup_logging(new.log.level, new.log.format)
+        daemon.apply_live(DaemonOptions.from_settings(new))
+
+    reloader = ConfigReloader(settings, config_file, overrides, reloaded)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, daemon.stop)
+    loop.add_signal_handler(signal.SIGINT, daemon.stop)
+    loop.add_signal_handler(signal.SIGHUP, reloader.reload)
+    helpers: list[asyncio.Task[None]] = []
+
+    def ready() -> None:
+        notifier.ready(f"following {options.convex_url}")
+        helpers.append(asyncio.create_task(run_watchdog(notifier)))
+        helpers.append(asyncio.create_task(reloader.watch()))
+        if settings.daemon.parent_pid is not None:
+            helpers.append(asyncio.create_task(_stop_with_parent(settings.daemon.parent_pid, daemon)))
+        log.info("materializer running for %s (root %s)", options.convex_url, options.root)
+
+    try:
+        await daemon.run(on_ready=ready)
+    except AlreadyRunning as exc:
+        print(f"materializer run: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        notifier.stopping("stopping")
+        for task in helpers:
+            task.cancel()
+        await asyncio.gather(*helpers, return_exceptions=True)
+        await daemon.aclose()
+        await provider.aclose()
+        notifier.close()
+    log.info("materializer stopped")
+    return 0
+
+
+async def _stop_with_parent(pid: int, daemon: Materializer) -> None:
+    await wait_for_exit(pid)
+    log.info("the launching process (pid %d) exited: stopping", pid)
+    daemon.stop()
+
+
+def _status_text(payload: dict[str, Any]) -> str:
+    state = str(payload.get("state", ""))
+    return "sign-in needed" if state == "auth_required" else state

@@ -1,0 +1,197 @@
+"""``materializer watch``: the reference sidebar client.
+
+Follows the Display sidebar socket (see :mod:`materializer.display`) and
+prints each event: with ``--json`` every event line exactly as the daemon sent
+it, otherwise one readable line per event::
+
+    14:03:07 #42 media.materialized job_abc (text_to_image) /home/me/.stella/state/media/outputs/job_abc_0.png
+
+The time is when ``watch`` received the event (the wire format carries none).
+Text from the daemon is printed with control characters escaped, so a hostile
+prompt or job id cannot drive the terminal.
+
+Without ``--since`` only events from now on are printed; ``--since N`` first
+prints the kept events after seq ``N``. Either way ``watch`` remembers the last
+seq it printed: when the daemon goes away (a restart, a crash) it waits and
+reconnects with exponential backoff, resuming right after that seq, so nothing
+is printed twice and nothing published meanwhile is missed. For the same
+reason it starts even when the daemon is not running yet: it says so on
+stderr and waits for it. Status messages go to stderr, events to ``out``.
+
+:func:`run_watch` runs until cancelled (Ctrl-C); it returns 1 only when
+waiting cannot help: the socket path cannot be used at all, or the daemon
+refused the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shlex
+import sys
+from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from materializer.display import ERROR, HELLO, PRUNED, WELCOME
+
+__all__ = ["format_event", "run_watch"]
+
+_FIRST_RETRY_DELAY = 0.1
+#: Event lines are small; this only bounds a misbehaving peer.
+_MAX_LINE = 16 * 1024 * 1024
+
+
+class _GiveUp(Exception):
+    """The daemon refused the hello or sent garbage: reconnecting would not help."""
+
+
+async def run_watch(
+    socket_path: Path,
+    since: int | None,
+    as_json: bool,
+    out: TextIO,
+    *,
+    err: TextIO | None = None,
+    max_retry_delay: float = 5.0,
+) -> int:
+    """Print the sidebar events of the daemon at ``socket_path`` until cancelled.
+
+    ``since``: also print the kept events after this seq (``None``: only new
+    ones). Returns 1, after a message on ``err`` (stderr by default), if the
+    socket cannot be used or the daemon refuses the request.
+    """
+    err = err if err is not None else sys.stderr
+    follower = _Follower(since, as_json, out)
+    delay = _FIRST_RETRY_DELAY
+    said_waiting = False
+    while True:
+        try:
+            reader, writer = await asyncio.open_unix_connection(socket_path, limit=_MAX_LINE)
+        except (FileNotFoundError, ConnectionRefusedError):
+            # No daemon (yet, or restarting): wait for it.
+            if not said_waiting:
+                _say(err, f"waiting for the materializer daemon at {socket_path}")
+                said_waiting = True
+        except OSError as exc:
+            _say(err, f"cannot connect to {socket_path}: {exc.strerror or exc}")
+            return 1
+        else:
+            if said_waiting:
+                _say(err, "connected")
+            try:
+                if await follower.follow(reader, writer):
+                    delay = _FIRST_RETRY_DELAY
+            except _GiveUp as exc:
+                _say(err, str(exc))
+                return 1
+            except ConnectionError:
+                pass
+            finally:
+                writer.transport.abort()
+            _say(err, "the connection to the daemon was lost; reconnecting")
+            said_waiting = True
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, max_retry_delay)
+
+
+class _Follower:
+    """Reads one connection after another, printing each event once."""
+
+    def __init__(self, since: int | None, as_json: bool, out: TextIO) -> None:
+        self.resume_after = since
+        """The last seq printed (or known to be covered): the next hello's ``since``."""
+        self._as_json = as_json
+        self._out = out
+
+    async def follow(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """Say hello and print events until the daemon closes the connection; True if it welcomed us."""
+        hello: dict[str, Any] = {"type": HELLO}
+        if self.resume_after is not None:
+            hello["since"] = self.resume_after
+        writer.write(json.dumps(hello).encode("ascii") + b"\n")
+        await writer.drain()
+        welcomed = False
+        while (raw := await _read_line(reader)).endswith(b"\n"):  # not: the end, maybe mid-line
+            try:
+                message = json.loads(raw)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                continue  # not for us to understand; the next line may be
+            if isinstance(message, dict):
+                welcomed |= self._handle(message, raw)
+        return welcomed
+
+    def _handle(self, message: dict[str, Any], raw: bytes) -> bool:
+        """Print the message if it is a new event or a notice; True if it was the welcome."""
+        kind = message.get("type")
+        if kind == ERROR:
+            raise _GiveUp(f"the daemon refused the request: {_printable(str(message.get('error')))}")
+        if kind == WELCOME:
+            since = message.get("since")
+            if isinstance(since, int) and not isinstance(since, bool):
+                self.resume_after = since  # the daemon's word: it may restart numbering (new ledger)
+            return True
+        seq = message.get("seq")
+        if isinstance(seq, int) and not isinstance(seq, bool):
+            if self.resume_after is not None and seq <= self.resume_after:
+                return False
+            self.resume_after = seq
+        elif kind != PRUNED:
+            return False
+        line = raw.rstrip(b"\r\n").decode("utf-8", "replace") if self._as_json else format_event(message)
+        self._out.write(line + "\n")
+        self._out.flush()
+        return False
+
+
+def format_event(message: Mapping[str, Any], received_at: datetime | None = None) -> str:
+    """One readable line for an event (or a pruned-events notice), control characters escaped."""
+    when = (received_at or datetime.now()).strftime("%H:%M:%S")
+    seq = message.get("seq")
+    kind = message.get("type")
+    payload = message.get("payload")
+    payload = dict(payload) if isinstance(payload, Mapping) else {}
+    head = f"{when} #{seq}" if isinstance(seq, int) else f"{when} -"
+    if kind == "media.materialized":
+        asset = payload.get("asset")
+        paths = asset.get("filePaths") if isinstance(asset, Mapping) else None
+        files = " ".join(shlex.quote(str(path)) for path in paths) if isinstance(paths, list) else ""
+        detail = f"{_job(payload)} {files}"
+    elif kind == "media.failed":
+        text = payload.pop("message", None) or payload.pop("error", None)
+        detail = f"{_job(payload)}: {text}" if text else _job(payload)
+    elif kind == "materializer.state":
+        state = payload.pop("state", None)
+        text = payload.pop("action", None) or payload.pop("message", None)
+        detail = f"{state}: {text}" if text else str(state)
+        if payload:
+            detail += " " + json.dumps(payload, separators=(",", ":"), sort_keys=True)
+    elif kind == PRUNED:
+        detail = str(payload.get("message", ""))
+    else:
+        detail = json.dumps(payload, separators=(",", ":"), sort_keys=True)
+    return _printable(f"{head} {kind} {detail}".rstrip())
+
+
+def _job(payload: dict[str, Any]) -> str:
+    job_id = payload.get("jobId")
+    capability = payload.get("capability")
+    return f"{job_id} ({capability})" if capability else str(job_id)
+
+
+def _printable(text: str) -> str:
+    """``text`` with every non-printable character (escape sequences, newlines, ...) escaped."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
+async def _read_line(reader: asyncio.StreamReader) -> bytes:
+    """The next line, ``b""`` at the end of the connection."""
+    try:
+        return await reader.readline()
+    except ValueError:  # over the reader's limit
+        raise _GiveUp(f"the daemon sent a line longer than {_MAX_LINE} bytes") from None
+
+
+def _say(err: TextIO, message: str) -> None:
+    print(f"materializer watch: {message}", file=err, flush=True)
