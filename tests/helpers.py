@@ -101,6 +101,10 @@ class DaemonProcess:
         self.process.send_signal(signum)
         return self.process.wait(timeout=30)
 
+    def signal_no_wait(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
     def stop(self) -> int | None:
         if self.process is None or self.process.poll() is not None:
             return None if self.process is None else self.process.returncode
