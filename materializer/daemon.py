@@ -443,8 +443,11 @@ class Materializer:
                 task.add_done_callback(lambda _t, job_id=job.job_id: self._job_done(job_id))
             next_due = await self.db(self.ledger.next_due_at)
             timeout = None if next_due is None else max(0.05, next_due - time.time())
+            # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation that lands as the
+            # event fires, and the daemon would never stop.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._work.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._work.wait()
 
     def _job_done(self, job_id: str) -> None:
         self._in_flight.pop(job_id, None)
@@ -556,7 +559,8 @@ class Materializer:
         """Push ledger events to the sidebar in ``seq`` order, including other processes' events."""
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._announce.wait(), 1.0)
+                async with asyncio.timeout(1.0):  # not wait_for: see _schedule
+                    await self._announce.wait()
             self._announce.clear()
             while True:
                 page = await self.db(self.ledger.events_after, self._announced_seq, 500)
