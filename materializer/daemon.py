@@ -26,7 +26,7 @@ import os
 import random
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -302,22 +302,19 @@ class Materializer:
         limit = self.options.subscription_limit
         succeeded = self.client.subscribe(SUCCEEDED_QUERY, {"since": since, "limit": limit})
         failed = self.client.subscribe(FAILED_QUERY, {"since": failed_since, "limit": limit})
-        tasks = [
-            asyncio.create_task(self._follow_succeeded(succeeded), name="succeeded-feed"),
-            asyncio.create_task(self._follow_failed(failed), name="failed-feed"),
-            asyncio.create_task(self._schedule(), name="scheduler"),
-            asyncio.create_task(self._announcer(), name="announcer"),
-            asyncio.create_task(self._gallery_writer(), name="gallery"),
-            asyncio.create_task(self._watch_connection(), name="connection"),
-        ]
+        loops: dict[str, Callable[[], Awaitable[None]]] = {
+            "succeeded feed": lambda: self._follow_succeeded(succeeded),
+            "failed feed": lambda: self._follow_failed(failed),
+            "scheduler": self._schedule,
+            "announcer": self._announcer,
+            "gallery writer": self._gallery_writer,
+            "connection watcher": self._watch_connection,
+        }
+        tasks = [asyncio.create_task(self._supervised(name, loop), name=name) for name, loop in loops.items()]
         if on_ready is not None:
             on_ready()
         try:
-            stopper = asyncio.create_task(self._stopping.wait())
-            done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                if task is not stopper and task.exception() is not None:
-                    raise task.exception()  # type: ignore[misc]
+            await self._stopping.wait()
         finally:
             for task in tasks:
                 task.cancel()
@@ -330,6 +327,23 @@ class Materializer:
             if self.display is not None:
                 await self.display.close()
             await self.db(self.ledger.set_state, "connection", {"state": "stopped", "at": time.time()})
+
+    async def _supervised(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
+        """Run one of the daemon's loops; after an unexpected error, log it and start the loop again.
+
+        A bug or a passing fault (a ledger busy for too long, a full disk under the manifest) in one
+        loop must not take the daemon down: everything it does is idempotent and driven by the ledger,
+        so starting over is always safe.
+        """
+        delay = 1.0
+        while True:
+            try:
+                await loop()
+                return
+            except Exception:
+                log.exception("the %s failed; restarting it in %.0fs", name, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 60.0)
 
     # -- feeds -------------------------------------------------------------------------------
 
@@ -440,7 +454,7 @@ class Materializer:
                     continue
                 task = asyncio.create_task(self._materialize_claimed(job.job_id, job.doc, job.attempts))
                 self._in_flight[job.job_id] = task
-                task.add_done_callback(lambda _t, job_id=job.job_id: self._job_done(job_id))
+                task.add_done_callback(lambda done, job_id=job.job_id: self._job_done(job_id, done))
             next_due = await self.db(self.ledger.next_due_at)
             timeout = None if next_due is None else max(0.05, next_due - time.time())
             # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation that lands as the
@@ -449,9 +463,12 @@ class Materializer:
                 async with asyncio.timeout(timeout):
                     await self._work.wait()
 
-    def _job_done(self, job_id: str) -> None:
+    def _job_done(self, job_id: str, task: asyncio.Task[None]) -> None:
         self._in_flight.pop(job_id, None)
         self._work.set()
+        if not task.cancelled() and task.exception() is not None:
+            # Its lease lapses and the job is tried again; say why it stopped.
+            log.error("job %s stopped unexpectedly", _printable(job_id), exc_info=task.exception())
 
     async def _materialize_claimed(self, job_id: str, doc: dict[str, Any], attempts: int) -> None:
         await self.attempt(job_id, doc, attempts)
