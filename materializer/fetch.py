@@ -590,6 +590,10 @@ class Fetcher:
                 raise FetchError(
                     f"network error with {_host_port(url)}: {exc or type(exc).__name__}", retryable=True
                 ) from None
+            except httpx.InvalidURL:
+                # httpx prepares the request after every redirect, even one it is not to follow, and
+                # raises for a Location it cannot turn into one (``data:...``, say).
+                raise FetchError("redirected to an invalid URL", retryable=False) from None
             finally:
                 _private_addresses_allowed.reset(permission)
             location = response.headers.get("location")

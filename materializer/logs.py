@@ -97,11 +97,21 @@ def _jsonable(value: Any) -> Any:
     return redact(str(value))
 
 
+#: Line breaks and other control characters, as escapes: a message is one line whatever text from a
+#: server or a job document it quotes, so no such text can pass for log lines of its own.
+_CONTROL_ESCAPES = {code: repr(chr(code))[1:-1] for code in (*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029)
+                    if code != 0x09}
+
+
 class TextFormatter(logging.Formatter):
-    """``time LEVEL logger: message key=value``, redacted."""
+    """``time LEVEL logger: message key=value``, redacted; the message on one line."""
 
     def __init__(self, fmt: str = "%(asctime)s.%(msecs)03d %(levelname)-7s %(name)s: %(message)s") -> None:
         super().__init__(fmt, "%Y-%m-%d %H:%M:%S")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        record.message = record.message.translate(_CONTROL_ESCAPES)
+        return super().formatMessage(record)
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)

@@ -492,7 +492,9 @@ class SyncClient:
     def _ending_for_close(exc: ConnectionClosed) -> _Ending:
         received = exc.rcvd
         if received is None:
-            return _Ending(RetryKind.ERROR, "ConnectionLost")
+            # Broken, or failed by us (a frame over the size limit: 1009, with the reason why).
+            sent = exc.sent
+            return _Ending(RetryKind.ERROR, sent.reason if sent is not None and sent.reason else "ConnectionLost")
         reason = received.reason or f"CloseCode{received.code}"
         clean = RetryKind.CLEAN if received.code in (1000, 1001) else RetryKind.ERROR
         return _Ending(retry_kind(received.reason, clean), reason)
