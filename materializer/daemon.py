@@ -40,10 +40,10 @@ from materializer.config import Settings
 from materializer.convex.transport import ConnectionState, Subscription, SyncClient
 from materializer.fetch import FetchError, Fetcher
 from materializer.gallery import MANIFEST_NAME, render_manifest
-from materializer.images import ImageLimits, ImageRejected, validate_image
+from materializer.images import ImageInfo, ImageLimits, ImageRejected, validate_image
 from materializer.jobs import JobRejected, OutputRef, extract_outputs
-from materializer.ledger import Event, Ledger, OutputFile, ledger_path
-from materializer.store import OutputStore, StorageError
+from materializer.ledger import Event, GalleryEntry, Ledger, OutputFile, ledger_path
+from materializer.store import OutputStore, PartialFile, StorageError
 from materializer.tokens import TokenProvider
 
 __all__ = ["AUTH_ACTION", "AlreadyRunning", "DaemonOptions", "Materializer", "outputs_dir", "state_dir"]
@@ -68,6 +68,14 @@ DOWNLOAD_EXTENSIONS = {
     "model/gltf-binary": "glb", "model/gltf+json": "gltf", "model/obj": "obj", "application/octet-stream": "bin",
 }
 
+
+#: The least time between two rewrites of gallery.json (each reads, renders and fsyncs up to
+#: ``gallery_size`` jobs): a burst rewrites it a few times a second instead of once per job.
+GALLERY_MIN_INTERVAL = 0.25
+
+#: The succeeded subscription moves its ``since`` up to the cursor once that would drop this
+#: fraction (1/n) of its limit from its window: well before the window fills up, not on every job.
+NARROW_FRACTION = 16
 
 #: DaemonOptions fields a configuration reload applies at once (fetch limits too, see apply_live).
 LIVE_OPTIONS = ("max_attempts", "retry_base_seconds", "retry_max_seconds", "gallery_size", "cursor_overlap_ms",
@@ -203,6 +211,7 @@ class Materializer:
         state_dir(root).mkdir(parents=True, exist_ok=True, mode=0o700)
         self.ledger = Ledger(ledger_path(root))
         self.store = OutputStore(outputs_dir(root))
+        self.outputs_base = self.store.path.resolve()  # for the sidebar's absolute paths (resolving costs lstats)
         self.fetcher = self._make_fetcher()
         self._retired_fetchers: list[Fetcher] = []
         self.on_state: Callable[[dict[str, Any]], None] | None = None
@@ -217,6 +226,11 @@ class Materializer:
         self._stopping = asyncio.Event()
         self._announced_seq = 0
         self._covered: tuple[float, float] | None = None
+        self._last_answer: dict[str, Any] = {}
+        self._succeeded: Subscription | None = None
+        self._subscribed_since = -math.inf
+        self._window: list[float] = []
+        """``completedAt`` of the jobs in the succeeded subscription's latest answer."""
         self._reported_gaps: set[tuple[float, float]] = set()
         self._rng = random.Random()
         self.client: SyncClient | None = None
@@ -352,23 +366,40 @@ class Materializer:
             if isinstance(result, QueryFailure):
                 log.warning("%s failed on the server: %s", SUCCEEDED_QUERY, result.error_message)
                 continue
+            if not isinstance(result.value, list):
+                log.warning("%s answered %s, not a list of jobs: ignoring the answer", SUCCEEDED_QUERY,
+                            type(result.value).__name__)
+                continue
             since = float(result.args["since"])
-            docs = result.value if isinstance(result.value, list) else []
-            await self.observe(docs)
+            docs = result.value
+            # Every answer repeats the whole window: the ledger needs only what it has not taken yet.
+            fresh = [d for d in docs if not _same_doc(self._last_answer, d)]
+            new = await self.observe(fresh) if fresh else []
+            self._last_answer = {d["jobId"]: d for d in docs if isinstance(d, dict) and isinstance(d.get("jobId"), str)}
             completed = [d["completedAt"] for d in docs if isinstance(d, dict) and _is_number(d.get("completedAt"))]
             covered_from = since
             if len(docs) >= int(result.args.get("limit", 50)) and completed and min(completed) > since:
                 covered_from = await self._close_gap(since, min(completed))
             if completed:
                 self._covered = (covered_from, _vouched_until(completed))
-            await self._advance_cursor(subscription)
+            self._succeeded, self._window = subscription, completed
+            self._subscribed_since = max(self._subscribed_since, since)
+            if not new:  # new jobs hold the cursor back: it moves when they are materialized
+                await self._advance_cursor()
 
     async def _follow_failed(self, subscription: Subscription) -> None:
         async for result in subscription:
             if isinstance(result, QueryFailure):
                 log.warning("%s failed on the server: %s", FAILED_QUERY, result.error_message)
                 continue
-            docs = [d for d in (result.value or []) if isinstance(d, dict)]
+            if not isinstance(result.value, list):
+                log.warning("%s answered %s, not a list of jobs: ignoring the answer", FAILED_QUERY,
+                            type(result.value).__name__)
+                continue
+            docs = [d for d in result.value if isinstance(d, dict)]
+            if len(docs) < len(result.value):
+                log.warning("ignoring %d item(s) that are not job documents in an answer of %s",
+                            len(result.value) - len(docs), FAILED_QUERY)
             for doc in docs:
                 try:
                     event = await self.db(self.ledger.note_failed_job, doc, _failed_payload(doc))
@@ -388,6 +419,8 @@ class Materializer:
     async def observe(self, docs: list[Any]) -> list[str]:
         """Record jobs from a query answer in the ledger; wake the workers for new ones."""
         usable = [d for d in docs if isinstance(d, dict) and d.get("status", "succeeded") == "succeeded"]
+        if len(usable) < len(docs):
+            log.warning("ignoring %d item(s) that are not job documents of succeeded jobs", len(docs) - len(usable))
         try:
             new = await self.db(self.ledger.observe_jobs, usable)
         except ValueError:
@@ -407,14 +440,20 @@ class Materializer:
         log.info("the subscription window is full: catching up on jobs from %.0f to %.0f", since, oldest_seen)
         http = ConvexHttpClient(self.options.convex_url)
         cursor: str | None = None
+        cursors_seen: set[Any] = set()
         try:
             while True:
                 token = await self.tokens.get() if self.tokens is not None else None
                 page = await http.query(PAGE_QUERY, {"since": since,
                                                      "paginationOpts": {"numItems": 200, "cursor": cursor}}, token)
-                docs = page.get("page", []) if isinstance(page, dict) else []
+                if not isinstance(page, dict) or not isinstance(page.get("page"), list):
+                    raise ConvexHttpError(f"{PAGE_QUERY} answered {type(page).__name__}, not a page of jobs")
+                docs = page["page"]
                 await self.observe(docs)
                 cursor = page.get("continueCursor")
+                if not page.get("isDone") and (not isinstance(cursor, str) or cursor in cursors_seen):
+                    raise ConvexHttpError(f"{PAGE_QUERY} does not move on (its continueCursor repeats or is missing)")
+                cursors_seen.add(cursor)
                 last = docs[-1].get("completedAt") if docs and isinstance(docs[-1], dict) else None
                 if page.get("isDone") or not docs or (_is_number(last) and last >= oldest_seen):
                     return since
@@ -431,13 +470,22 @@ class Materializer:
             await self._state_event({"state": "gap", "fromMs": since, "untilMs": oldest_seen, "reason": reason})
         return oldest_seen
 
-    async def _advance_cursor(self, subscription: Subscription | None = None) -> None:
+    async def _advance_cursor(self) -> None:
+        """Move the ledger's cursor; narrow the succeeded subscription to it once that drops many jobs.
+
+        New args make the server send the whole window again, so the subscription follows the
+        cursor only when a good part of its window (1/NARROW_FRACTION of the limit) would leave it,
+        not after every job.
+        """
         if self._covered is None:
             return
-        before = await self.db(self.ledger.cursor)
         new = await self.db(self.ledger.advance_cursor, *self._covered, overlap_ms=self.options.cursor_overlap_ms)
-        if subscription is not None and before is not None and new > before:
-            subscription.update_args({"since": new, "limit": self.options.subscription_limit})
+        limit = self.options.subscription_limit
+        if self._succeeded is None or new <= self._subscribed_since:
+            return
+        if sum(completed < new for completed in self._window) >= max(1, limit // NARROW_FRACTION):
+            self._subscribed_since, self._window = new, []
+            self._succeeded.update_args({"since": new, "limit": limit})
 
     # -- workers ----------------------------------------------------------------------------------
 
@@ -480,7 +528,10 @@ class Materializer:
             files, job = await self.materialize_job(doc)
         except _Permanent as exc:
             return await self._give_up(job_id, str(exc))
-        except _Retry as exc:
+        except Exception as exc:  # a bug or an unforeseen fault: counted like a failed download, never a hot loop
+            if not isinstance(exc, _Retry):
+                log.exception("job %s: unexpected error", _printable(job_id))
+                exc = _Retry(f"unexpected error: {type(exc).__name__}: {exc}")
             if attempts + 1 >= self.options.max_attempts:
                 return await self._give_up(job_id, f"gave up after {attempts + 1} attempts: {exc}")
             delay = self._backoff(attempts, exc.retry_after)
@@ -490,6 +541,8 @@ class Materializer:
         event = await self.db(self.ledger.mark_materialized, job_id, files, _materialized_payload(job, files, self))
         if event is not None:
             self.materialized_count += 1
+            if self.display is not None:
+                self.display.publish(event)  # now, not on the announcer's next round (which skips it)
             self._announce.set()
             self._gallery_dirty.set()
         return Attempt("materialized")
@@ -561,14 +614,18 @@ class Materializer:
                 assert ref.url is not None
                 fetched_sha = (await self.fetcher.fetch(ref.url, partial)).sha256
             if is_image:
-                info = await asyncio.to_thread(validate_image, partial, self.options.image_limits)
-                path = await asyncio.to_thread(self.store.commit, partial, f"{ref.stem}.{info.ext}")
+                info, path = await asyncio.to_thread(self._validate_and_commit, partial, ref.stem)
                 return _output_file(ref.index, path.name, info.mime, info.width, info.height, info.bytes, info.sha256)
             ext = DOWNLOAD_EXTENSIONS.get((ref.declared_mime or "").split(";")[0].strip().lower(), "bin")
             size = await asyncio.to_thread(lambda: os.fstat(partial.fileno()).st_size)
             path = await asyncio.to_thread(self.store.commit, partial, f"{ref.stem}.{ext}")
             return _output_file(ref.index, path.name, ref.declared_mime or "application/octet-stream", None, None,
                                 size, fetched_sha or _sha256_file(path))
+
+    def _validate_and_commit(self, partial: PartialFile, stem: str) -> tuple[ImageInfo, Path]:
+        """Validate a downloaded image and commit it under the name its bytes decide (one worker-thread trip)."""
+        info = validate_image(partial, self.options.image_limits)
+        return info, self.store.commit(partial, f"{stem}.{info.ext}")
 
     # -- sidebar, gallery, state -------------------------------------------------------------------
 
@@ -594,15 +651,21 @@ class Materializer:
         while True:
             await self._gallery_dirty.wait()
             self._gallery_dirty.clear()
+            started = time.monotonic()
             await self.write_gallery()
+            # A rate limit, so that a burst rewrites the manifest a few times a second, not once per job.
+            await asyncio.sleep(GALLERY_MIN_INTERVAL - (time.monotonic() - started))
 
     async def write_gallery(self) -> None:
         entries = await self.db(self.ledger.gallery_entries, self.options.gallery_size)
-        data = render_manifest(entries, time.time() * 1000)
         try:
-            await asyncio.to_thread(self.store.atomic_write_bytes, MANIFEST_NAME, data)
+            await asyncio.to_thread(self._write_manifest, entries, time.time() * 1000)
         except StorageError as exc:
             log.error("could not write %s: %s (will try again with the next job)", MANIFEST_NAME, exc)
+
+    def _write_manifest(self, entries: list[GalleryEntry], generated_at_ms: float) -> None:
+        """Render and replace the manifest (in a worker thread: a thousand jobs take milliseconds)."""
+        self.store.atomic_write_bytes(MANIFEST_NAME, render_manifest(entries, generated_at_ms))
 
     async def _state_event(self, payload: dict[str, Any]) -> Event:
         event = await self.db(self.ledger.append_event, "materializer.state", payload)
@@ -646,6 +709,12 @@ def _vouched_until(completed: list[float]) -> float:
     return min(max(completed), time.time() * 1000)
 
 
+def _same_doc(answer: dict[str, Any], doc: Any) -> bool:
+    """Whether ``doc`` is exactly as the previous answer had it (and so already in the ledger)."""
+    job_id = doc.get("jobId") if isinstance(doc, dict) else None
+    return isinstance(job_id, str) and answer.get(job_id) == doc
+
+
 def _printable(text: str) -> str:
     return text.encode("unicode_escape").decode("ascii")[:200]
 
@@ -667,7 +736,7 @@ def _sha256_file(path: Path) -> str:
 
 
 def _materialized_payload(job: jobs_module.Job, files: list[OutputFile], daemon: Materializer) -> dict[str, Any]:
-    base = outputs_dir(daemon.options.root).resolve()
+    base = daemon.outputs_base
     kinds = {f.mime_type.split("/")[0] for f in files}
     return {
         "kind": "media",

@@ -171,15 +171,26 @@ def _read_all(source: str | os.PathLike[str] | BinaryIO, max_bytes: int) -> byte
             data = file.read(max_bytes + 1)
     else:
         source.seek(0)
+        # One read of the size the file has, when it has one: reading in pieces and joining them
+        # would hold the file twice at the peak (four large images at once: tens of megabytes).
+        first = min(_size_of(source), max_bytes) + 1
         chunks: list[bytes] = []
         remaining = max_bytes + 1
-        while remaining > 0 and (chunk := source.read(min(remaining, 1 << 20))):
+        while remaining > 0 and (chunk := source.read(min(remaining, first if not chunks else 1 << 20))):
             chunks.append(chunk)
             remaining -= len(chunk)
-        data = b"".join(chunks)
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     if len(data) > max_bytes:
         raise ImageRejected(f"file is larger than the {max_bytes:,} byte limit")
     return data
+
+
+def _size_of(source: BinaryIO) -> int:
+    """The size of an open file (a guess for the first read; 1 MiB when it has no descriptor)."""
+    try:
+        return os.fstat(source.fileno()).st_size
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return 1 << 20
 
 
 # --- sniffing -------------------------------------------------------------------------------

@@ -144,7 +144,15 @@ async def replay(options: DaemonOptions, tokens: TokenProvider, *, since: float,
             return EXIT_OK, summary
         await worker.db(worker.ledger.requeue, [job.job_id for job in todo if job.status == "quarantined"])
         progress = _Progress(len(todo), out)
-        await asyncio.gather(*(_replay_one(worker, job.job_id, job.doc, summary, progress) for job in todo))
+        # A few jobs ahead of the downloads, not all of them: claiming every job first would hold the
+        # ledger's thread (an fsync per claim) before the first download, and let early leases lapse.
+        in_flight = asyncio.Semaphore(2 * options.download_concurrency)
+
+        async def replay_one(job_id: str, doc: dict[str, Any]) -> None:
+            async with in_flight:
+                await _replay_one(worker, job_id, doc, summary, progress)
+
+        await asyncio.gather(*(replay_one(job.job_id, job.doc) for job in todo))
         progress.finish()
         if summary.materialized:
             await worker.write_gallery()
