@@ -1,0 +1,318 @@
+"""What every benchmark shares: results, percentiles, the daemon as a process, a sidebar client, /proc.
+
+Benchmarks run against the local backend (``materializer dev-backend``) on
+loopback, each in a fresh temporary folder. The daemon runs as a real
+``python -m materializer run`` process, as in production, and is observed
+from outside: through its sidebar socket (events, timed where a sidebar would
+see them) and ``/proc/<pid>`` (memory and CPU).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from PIL import Image
+
+from materializer.convex.http import ConvexHttpClient
+from materializer.devbackend.control import DevBackend
+from materializer.display import display_socket_path
+
+__all__ = [
+    "BenchResult",
+    "DaemonProcess",
+    "Metric",
+    "Sidebar",
+    "backend_for",
+    "clean_env",
+    "cpu_seconds",
+    "distribution",
+    "fetch_decode_write",
+    "percentile",
+    "proc_memory_kib",
+    "succeeded_docs",
+]
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+# -- results -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Metric:
+    """One figure of ours beside its floor; ``ratio`` is ours / floor (None when there is no floor)."""
+
+    label: str
+    unit: str
+    ours: float
+    floor: float | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        if self.floor is None or self.floor <= 0:
+            return None
+        return self.ours / self.floor
+
+    def as_json(self) -> dict[str, Any]:
+        return {"unit": self.unit, "ours": _round(self.ours), "floor": _round(self.floor),
+                "ratio": _round(self.ratio, 3)}
+
+
+@dataclass
+class BenchResult:
+    """What one benchmark found: headline metrics, the goal and whether it was met, details, notes."""
+
+    name: str
+    goal: str
+    goal_met: bool
+    metrics: list[Metric]
+    floor: str
+    """What the floor is, in words."""
+    details: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "goal": self.goal,
+            "goal_met": self.goal_met,
+            "floor": self.floor,
+            "metrics": {metric.label: metric.as_json() for metric in self.metrics},
+            "details": _rounded(self.details),
+            "notes": self.notes,
+        }
+
+
+def _round(value: float | None, digits: int = 2) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def _rounded(value: Any) -> Any:
+    if isinstance(value, float):
+        return round(value, 3)
+    if isinstance(value, dict):
+        return {key: _rounded(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_rounded(item) for item in value]
+    return value
+
+
+def percentile(values: Iterable[float], fraction: float) -> float:
+    """Nearest-rank percentile (``fraction`` 0.99 is p99); the largest value for small samples."""
+    ordered = sorted(values)
+    if not ordered:
+        raise ValueError("percentile of no values")
+    rank = math.ceil(fraction * len(ordered))
+    return ordered[min(len(ordered), max(1, rank)) - 1]
+
+
+def distribution(values: list[float]) -> dict[str, float]:
+    """p50, p95, p99, mean and max of a sample."""
+    return {"p50": percentile(values, 0.50), "p95": percentile(values, 0.95), "p99": percentile(values, 0.99),
+            "mean": statistics.fmean(values), "max": max(values), "n": len(values)}
+
+
+# -- the backend ---------------------------------------------------------------------------------
+
+
+def backend_for(folder: Path) -> DevBackend:
+    """A local backend in ``folder`` whose jobs finish as soon as they are drawn (no job delay)."""
+    return DevBackend.start(folder / "backend", extra_args=["--job-delay", "0"])
+
+
+async def succeeded_docs(backend: DevBackend, since_ms: float) -> dict[str, dict[str, Any]]:
+    """Every succeeded job completed after ``since_ms``, by job id (the gap-free page query)."""
+    docs: dict[str, dict[str, Any]] = {}
+    cursor: str | None = None
+    async with ConvexHttpClient(backend.url) as http:
+        while True:
+            page = await http.query("media_jobs:listSucceededPage",
+                                    {"since": since_ms, "paginationOpts": {"numItems": 200, "cursor": cursor}},
+                                    backend.token)
+            docs.update((doc["jobId"], doc) for doc in page["page"])
+            if page["isDone"] or not page["page"]:
+                return docs
+            cursor = page["continueCursor"]
+
+
+# -- the daemon as a process ---------------------------------------------------------------------
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment without the caller's materializer settings or token (they would skew a run)."""
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith("MATERIALIZER_") and key != "STELLA_TOKEN"}
+    return {**env, **extra}
+
+
+class DaemonProcess:
+    """``python -m materializer run --root R --convex-url URL --token-file F``, logging to a file."""
+
+    def __init__(self, root: Path, backend: DevBackend) -> None:
+        self.root = root
+        self.backend = backend
+        self.token_file = root.parent / f"{root.name}.token"
+        self.log_path = root.parent / f"{root.name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self) -> DaemonProcess:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as token:
+            token.write(self.backend.token)
+        command = [sys.executable, "-m", "materializer", "run", "--root", str(self.root),
+                   "--convex-url", self.backend.url, "--token-file", str(self.token_file)]
+        # Default settings, whatever the caller's environment or configuration file says.
+        env = clean_env(XDG_CONFIG_HOME=str(self.root.parent / "config"), MATERIALIZER_LOG__LEVEL="warning")
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env)
+        return self
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def check_alive(self) -> None:
+        if self.process is not None and self.process.poll() is not None:
+            tail = self.log_path.read_text(errors="replace")[-2000:] if self.log_path.exists() else ""
+            raise RuntimeError(f"the daemon exited with code {self.process.returncode}:\n{tail}")
+
+    def __enter__(self) -> DaemonProcess:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+
+# -- /proc -----------------------------------------------------------------------------------------
+
+
+def proc_memory_kib(pid: int) -> dict[str, int]:
+    """``VmRSS`` and ``VmHWM`` (peak RSS) of a process, in KiB."""
+    figures = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                figures[key] = int(value.split()[0])
+    return figures
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (its threads included)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        text = stat.read()
+    fields = text[text.rindex(")") + 2:].split()  # the command name may hold spaces
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # fields 14 and 15 of proc(5)
+
+
+# -- a sidebar client -------------------------------------------------------------------------------
+
+
+class Sidebar:
+    """A client of the daemon's sidebar socket that notes when each event line arrives.
+
+    ``materialized[job_id]`` is the wall-clock time (``time.time()``, seconds) at which the
+    ``media.materialized`` line for the job was read off the socket.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self.materialized: dict[str, float] = {}
+        self.states: list[str] = []
+        self._changed = asyncio.Event()
+        self._task = asyncio.create_task(self._read())
+
+    @classmethod
+    async def connect(cls, root: Path, since: int = 0, timeout: float = 30.0,
+                      daemon: DaemonProcess | None = None) -> Sidebar:
+        """Connect as soon as the daemon has bound its socket (failing if ``daemon`` exits first); say hello."""
+        path = display_socket_path(root)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                reader, writer = await asyncio.open_unix_connection(path, limit=1 << 24)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if daemon is not None:
+                    daemon.check_alive()
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no sidebar socket at {path} after {timeout}s") from None
+                await asyncio.sleep(0.02)
+        writer.write(json.dumps({"type": "hello", "since": since}).encode() + b"\n")
+        await writer.drain()
+        return cls(reader, writer)
+
+    async def _read(self) -> None:
+        async for line in self._reader:
+            now = time.time()
+            message = json.loads(line)
+            kind = message.get("type")
+            payload = message.get("payload") or {}
+            if kind == "media.materialized":
+                self.materialized.setdefault(payload["jobId"], now)
+            elif kind == "materializer.state":
+                self.states.append(str(payload.get("state")))
+            event, self._changed = self._changed, asyncio.Event()
+            event.set()
+
+    async def wait_for(self, predicate: Callable[[], Any], timeout: float = 60.0, what: str = "events") -> None:
+        """Wait until ``predicate()`` holds, re-checking on every line received."""
+        try:
+            async with asyncio.timeout(timeout):
+                while not predicate():
+                    if self._task.done():
+                        self._task.result()
+                        raise ConnectionError("the sidebar socket closed")
+                    await self._changed.wait()
+        except TimeoutError:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}") from None
+
+    async def wait_connected(self, timeout: float = 30.0) -> None:
+        await self.wait_for(lambda: "connected" in self.states, timeout, "the daemon to connect")
+
+    async def close(self) -> None:
+        self._task.cancel()
+        self._writer.close()
+        try:
+            await self._writer.wait_closed()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+
+
+# -- floors ------------------------------------------------------------------------------------------
+
+
+def fetch_decode_write(client: httpx.Client, url: str, dest: Path) -> float:
+    """The floor of materializing one image: a plain GET, a full Pillow decode, a file write; seconds."""
+    started = time.perf_counter()
+    response = client.get(url)
+    response.raise_for_status()
+    with Image.open(io.BytesIO(response.content)) as image:
+        image.load()
+    dest.write_bytes(response.content)
+    return time.perf_counter() - started

@@ -1,0 +1,117 @@
+"""Realtime: a stream of 10 frames a second (512x512 JPEG) through the daemon.
+
+Frames are submitted through the real media API
+(``POST /api/media/v1/generate``, capability ``realtime``) on a fixed
+10-per-second schedule, whatever the daemon does; the backend draws each and
+commits it as succeeded. Latency per frame: from its ``completedAt`` (stamped
+in the call that commits it, on this machine's clock) to the arrival of its
+``media.materialized`` line at a sidebar client. Backlog: frames submitted but
+not yet announced, sampled at every tick of the schedule (it includes the
+backend's own few milliseconds of drawing); the stream must not leave a
+growing backlog behind (the mean over the second half of the stream may not
+exceed the first half's by more than one frame, and every frame is announced
+within two seconds of the last submission).
+
+Floor: for the same frames, a plain ``httpx`` GET, a full Pillow decode and a
+file write, one after the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from benchkit import BenchResult, DaemonProcess, Metric, Sidebar, backend_for, cpu_seconds, distribution
+from benchkit import fetch_decode_write, succeeded_docs
+
+NAME = "realtime"
+FPS = 10
+GOAL_P99_MS = 50.0
+FULL_SECONDS = 60.0
+DRAIN_SECONDS = 2.0
+
+
+async def run(seconds: float = FULL_SECONDS) -> BenchResult:
+    with tempfile.TemporaryDirectory(prefix="bench-realtime-") as folder:
+        backend = backend_for(Path(folder))
+        try:
+            return await _run(Path(folder), backend, seconds)
+        finally:
+            backend.stop()
+
+
+async def _run(folder: Path, backend: Any, seconds: float) -> BenchResult:
+    frames = int(seconds * FPS)
+    started_ms = time.time() * 1000
+    job_ids: list[str] = []
+    backlog: list[int] = []
+    with DaemonProcess(folder / "root", backend) as daemon:
+        sidebar = await Sidebar.connect(daemon.root, daemon=daemon)
+        await sidebar.wait_connected()
+        async with httpx.AsyncClient(base_url=backend.url, timeout=30.0,
+                                     headers={"Authorization": f"Bearer {backend.token}"}) as http:
+
+            async def submit(i: int) -> None:
+                answer = await http.post("/api/media/v1/generate",
+                                         json={"capability": "realtime", "prompt": f"frame {i}"})
+                answer.raise_for_status()
+                job_ids.append(answer.json()["jobId"])
+
+            submissions = []
+            cpu_before = cpu_seconds(daemon.pid)
+            start = time.monotonic()
+            for i in range(frames):
+                await asyncio.sleep(max(0.0, start + i / FPS - time.monotonic()))  # the 10/s schedule
+                backlog.append(i - sum(1 for j in job_ids if j in sidebar.materialized))
+                submissions.append(asyncio.create_task(submit(i)))
+            await asyncio.gather(*submissions)
+            last_submitted = time.monotonic()
+            with contextlib.suppress(TimeoutError):  # frames still missing then are reported as missing
+                await sidebar.wait_for(lambda: all(j in sidebar.materialized for j in job_ids), timeout=30,
+                                       what="every frame")
+            drained_after = time.monotonic() - last_submitted
+            daemon_cpu_percent = (cpu_seconds(daemon.pid) - cpu_before) / (time.monotonic() - start) * 100
+        await sidebar.close()
+    docs = await succeeded_docs(backend, started_ms)
+    ours = [sidebar.materialized[j] * 1000 - docs[j]["completedAt"] for j in job_ids if j in sidebar.materialized]
+    urls = [docs[j]["output"]["images"][0]["url"] for j in job_ids]
+    floor = await asyncio.to_thread(_floor, urls, folder / "floor")
+    ours_d, floor_d = distribution(ours), distribution(floor)
+    half = len(backlog) // 2
+    first_half, second_half = statistics.fmean(backlog[:half]), statistics.fmean(backlog[half:])
+    growing = second_half > first_half + 1 or drained_after > DRAIN_SECONDS
+    materialized = sum(1 for j in job_ids if j in sidebar.materialized)
+    metrics = [Metric(f"{p}_ms", "ms", ours_d[p], floor_d[p]) for p in ("p50", "p99")]
+    met = materialized == frames and ours_d["p99"] <= GOAL_P99_MS and not growing
+    notes = []
+    if seconds < FULL_SECONDS:
+        notes.append(f"quick: {seconds:g} s of frames instead of {FULL_SECONDS:g} s")
+    if materialized < frames:
+        notes.append(f"GOAL MISSED: {materialized} of {frames} frames materialized")
+    if ours_d["p99"] > GOAL_P99_MS:
+        notes.append(f"GOAL MISSED: p99 {ours_d['p99']:.1f} ms (goal <= {GOAL_P99_MS:g} ms)")
+    if growing:
+        notes.append("GOAL MISSED: the backlog grew (see details.backlog)")
+    return BenchResult(
+        NAME, f"all frames, p99 <= {GOAL_P99_MS:g} ms, no growing backlog", met, metrics,
+        "httpx GET of the same frame + Pillow decode + file write, sequential",
+        details={"frames": frames, "materialized": materialized, "fps": FPS, "image": "512x512 JPEG (realtime)",
+                 "ours_ms": ours_d, "floor_ms": floor_d, "daemon_cpu_percent": daemon_cpu_percent,
+                 "backlog": {"max": max(backlog), "mean_first_half": first_half, "mean_second_half": second_half,
+                             "drained_seconds_after_last_submit": drained_after, "growing": growing}},
+        notes=notes,
+    )
+
+
+def _floor(urls: list[str], folder: Path) -> list[float]:
+    folder.mkdir()
+    with httpx.Client(timeout=30.0) as client:
+        fetch_decode_write(client, urls[0], folder / "warmup")
+        return [fetch_decode_write(client, url, folder / f"{i}.jpg") * 1000 for i, url in enumerate(urls)]

@@ -1,0 +1,164 @@
+"""Scale: does a job cost more when the ledger already holds a long history?
+
+For each history size (0, 10,000 and 100,000 jobs) a fresh root gets a ledger
+pre-filled with that many materialized jobs (each with its output row and its
+announcement event, as the daemon leaves them; written in bulk, see
+:func:`prefill`), older than the subscription's window. The daemon then runs
+as ``python -m materializer run``; once it is connected, bursts of new
+single-image 256x256 PNG jobs are stored on the backend at once, each burst
+at least the cursor overlap (plus half a second) after the previous one, so
+that the subscription's window never holds more than two bursts. Per-job cost
+= (arrival of the burst's last ``media.materialized`` line at a sidebar client
+- the moment the backend answered the request that stored the burst) / jobs;
+the median over the bursts is taken. The daemon's CPU time per job
+(``/proc/<pid>/stat``) over the bursts is reported beside it.
+
+Floor: the per-job cost with an empty ledger; the ratio is history / empty.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import sqlite3
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchkit import BenchResult, DaemonProcess, Metric, Sidebar, backend_for, cpu_seconds
+from materializer.daemon import DaemonOptions, outputs_dir
+from materializer.ledger import Ledger, ledger_path
+
+NAME = "scale"
+GOAL_RATIO = 1.2
+HISTORIES = (0, 10_000, 100_000)
+FULL_JOBS = 90
+FULL_BURSTS = 3
+BURST_SPACING_SECONDS = DaemonOptions.cursor_overlap_ms / 1000 + 0.5
+_OBSERVE_CHUNK = 5_000
+
+
+async def run(jobs: int = FULL_JOBS, bursts: int = FULL_BURSTS, histories: tuple[int, ...] = HISTORIES) -> BenchResult:
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as folder:
+        backend = backend_for(Path(folder))
+        try:
+            per_job: dict[int, list[float]] = {}
+            cpu_per_job: dict[int, float] = {}
+            for history in histories:
+                per_job[history], cpu_per_job[history] = await _measure(Path(folder) / f"h{history}", backend,
+                                                                        history, jobs, bursts)
+        finally:
+            backend.stop()
+    medians = {history: statistics.median(costs) for history, costs in per_job.items()}
+    empty, largest = histories[0], histories[-1]
+    metrics = [Metric(f"per_job_ms_{history}", "ms/job", medians[history], medians[empty]) for history in histories]
+    ratio = metrics[-1].ratio or float("inf")
+    met = ratio <= GOAL_RATIO
+    notes = []
+    if jobs < FULL_JOBS or bursts < FULL_BURSTS:
+        notes.append(f"quick: {bursts} bursts of {jobs} jobs per history size "
+                     f"(full: {FULL_BURSTS} of {FULL_JOBS})")
+    if not met:
+        notes.append(f"GOAL MISSED: {largest:,}/{empty} ratio {ratio:.2f} (goal <= {GOAL_RATIO})")
+    return BenchResult(
+        NAME, f"per-job cost with {largest:,} jobs / with {empty} <= {GOAL_RATIO}", met, metrics,
+        "per-job cost with an empty ledger",
+        details={"jobs_per_burst": jobs, "bursts": bursts, "image": "256x256 PNG",
+                 "per_job_ms": {str(history): costs for history, costs in per_job.items()},
+                 "daemon_cpu_ms_per_job": {str(history): cpu for history, cpu in cpu_per_job.items()}},
+        notes=notes,
+    )
+
+
+async def _measure(folder: Path, backend: Any, history: int, jobs: int, bursts: int) -> tuple[list[float], float]:
+    """Per-job wall-clock cost of each burst (ms), and the daemon's CPU time per job over all bursts (ms)."""
+    root = folder / "root"
+    last_seq = await asyncio.to_thread(prefill, root, history)
+    costs = []
+    with DaemonProcess(root, backend) as daemon:
+        sidebar = await Sidebar.connect(root, since=last_seq, daemon=daemon)
+        await sidebar.wait_connected()
+        stored = 0.0
+        cpu_before = cpu_seconds(daemon.pid)
+        for burst in range(bursts):
+            # Pacing: a burst's jobs leave the subscription's window only once a later job is more than
+            # the cursor overlap newer, and a window of more than the subscription limit (3 x 90 jobs)
+            # would add a catch-up query to the measurement.
+            await asyncio.sleep(max(0.0, stored + BURST_SPACING_SECONDS - time.time()))
+            job_ids = await asyncio.to_thread(backend.create_jobs, count=jobs, width=256, height=256, format="png",
+                                              prompt=f"scale {history} burst {burst}")
+            stored = time.time()
+            await sidebar.wait_for(lambda ids=job_ids: all(j in sidebar.materialized for j in ids), timeout=300,
+                                   what=f"a burst of {jobs} jobs")
+            done = max(sidebar.materialized[j] for j in job_ids)
+            costs.append((done - stored) * 1000 / jobs)
+        cpu_per_job = (cpu_seconds(daemon.pid) - cpu_before) * 1000 / (jobs * bursts)
+        await sidebar.close()
+    return costs, cpu_per_job
+
+
+def prefill(root: Path, count: int) -> int:
+    """Give ``root`` a ledger holding ``count`` materialized jobs, older than a day; return the last event seq.
+
+    Jobs are observed through :meth:`Ledger.observe_jobs` (in chunks); their output rows and
+    announcement events are then written with plain SQL in one transaction, the way
+    :meth:`Ledger.mark_materialized` writes them (one per job would take an fsync each). The
+    cursors are set to now, so the daemon's subscription starts after them, and after the jobs
+    earlier measurements stored on the same backend.
+    """
+    now = time.time()
+    path = ledger_path(root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with Ledger(path) as ledger:
+        docs = [_history_doc(i, now) for i in range(count)]
+        for start in range(0, count, _OBSERVE_CHUNK):
+            ledger.observe_jobs(docs[start:start + _OBSERVE_CHUNK])
+        for feed in ("succeeded", "failed"):
+            ledger.ensure_cursor(now * 1000, feed)  # type: ignore[arg-type]
+    base = outputs_dir(root).resolve()
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(
+            "INSERT INTO outputs (job_id, idx, path, mime_type, width, height, size_bytes, sha256)"
+            " VALUES (?, 0, ?, 'image/png', 256, 256, 40000, ?)",
+            ((doc["jobId"], f"{doc['jobId']}_0.png", hashlib.sha256(doc["jobId"].encode()).hexdigest())
+             for doc in docs))
+        conn.executemany(
+            "INSERT INTO events (type, job_id, payload, created_at) VALUES ('media.materialized', ?, ?, ?)",
+            ((doc["jobId"], _payload(doc, base), now) for doc in docs))
+        conn.execute(
+            "UPDATE jobs SET status = 'materialized', materialized_at = ?, event_seq = (SELECT seq FROM events e"
+            " WHERE e.job_id = jobs.job_id AND e.type = 'media.materialized')", (now,))
+        conn.execute("COMMIT")
+        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+    finally:
+        conn.close()
+    # The disk must not still be writing the history back when the daemon's first fsyncs come.
+    os.sync()
+    return row[0] if row else 0
+
+
+def _history_doc(i: int, now: float) -> dict[str, Any]:
+    completed = (now - 2 * 86400) * 1000 + i
+    job_id = f"job_history_{i:08d}"
+    return {
+        "_id": hashlib.md5(job_id.encode()).hexdigest(), "_creationTime": completed - 2000, "jobId": job_id,
+        "capability": "text_to_image", "profile": "best", "request": {"prompt": f"history job {i}"},
+        "status": "succeeded", "upstreamStatus": "OK", "queuePosition": None, "createdAt": completed - 2000,
+        "updatedAt": completed, "startedAt": completed - 1500, "completedAt": completed,
+        "output": {"images": [{"url": f"https://cdn.example.com/{job_id}.png", "content_type": "image/png",
+                               "width": 256, "height": 256, "file_name": "output_0.png", "file_size": 40000}]},
+    }
+
+
+def _payload(doc: dict[str, Any], base: Path) -> str:
+    return json.dumps({
+        "kind": "media", "asset": {"kind": "image", "filePaths": [str(base / f"{doc['jobId']}_0.png")]},
+        "jobId": doc["jobId"], "capability": doc["capability"], "prompt": doc["request"]["prompt"],
+        "createdAt": doc["createdAt"],
+    }, sort_keys=True, separators=(",", ":"))
