@@ -363,15 +363,10 @@ class Materializer:
 
     async def _follow_succeeded(self, subscription: Subscription) -> None:
         async for result in subscription:
-            if isinstance(result, QueryFailure):
-                log.warning("%s failed on the server: %s", SUCCEEDED_QUERY, result.error_message)
-                continue
-            if not isinstance(result.value, list):
-                log.warning("%s answered %s, not a list of jobs: ignoring the answer", SUCCEEDED_QUERY,
-                            type(result.value).__name__)
+            docs = _job_list(result)
+            if docs is None:
                 continue
             since = float(result.args["since"])
-            docs = result.value
             # Every answer repeats the whole window: the ledger needs only what it has not taken yet.
             fresh = [d for d in docs if not _same_doc(self._last_answer, d)]
             new = await self.observe(fresh) if fresh else []
@@ -389,17 +384,13 @@ class Materializer:
 
     async def _follow_failed(self, subscription: Subscription) -> None:
         async for result in subscription:
-            if isinstance(result, QueryFailure):
-                log.warning("%s failed on the server: %s", FAILED_QUERY, result.error_message)
+            answer = _job_list(result)
+            if answer is None:
                 continue
-            if not isinstance(result.value, list):
-                log.warning("%s answered %s, not a list of jobs: ignoring the answer", FAILED_QUERY,
-                            type(result.value).__name__)
-                continue
-            docs = [d for d in result.value if isinstance(d, dict)]
-            if len(docs) < len(result.value):
+            docs = [d for d in answer if isinstance(d, dict)]
+            if len(docs) < len(answer):
                 log.warning("ignoring %d item(s) that are not job documents in an answer of %s",
-                            len(result.value) - len(docs), FAILED_QUERY)
+                            len(answer) - len(docs), FAILED_QUERY)
             for doc in docs:
                 try:
                     event = await self.db(self.ledger.note_failed_job, doc, _failed_payload(doc))
@@ -707,6 +698,18 @@ def _vouched_until(completed: list[float]) -> float:
     carry the cursor past jobs that complete meanwhile with an honest, earlier time.
     """
     return min(max(completed), time.time() * 1000)
+
+
+def _job_list(result: QueryValue | QueryFailure) -> list[Any] | None:
+    """The jobs in a feed's answer, or None (logged) when the function threw or answered something else."""
+    if isinstance(result, QueryFailure):
+        log.warning("%s failed on the server: %s", result.udf_path, result.error_message)
+        return None
+    if not isinstance(result.value, list):
+        log.warning("%s answered %s, not a list of jobs: ignoring the answer", result.udf_path,
+                    type(result.value).__name__)
+        return None
+    return result.value
 
 
 def _same_doc(answer: dict[str, Any], doc: Any) -> bool:
