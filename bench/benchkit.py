@@ -10,6 +10,7 @@ see them) and ``/proc/<pid>`` (memory and CPU).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import math
@@ -18,8 +19,9 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,6 +133,13 @@ def distribution(values: list[float]) -> dict[str, float]:
 def backend_for(folder: Path) -> DevBackend:
     """A local backend in ``folder`` whose jobs finish as soon as they are drawn (no job delay)."""
     return DevBackend.start(folder / "backend", extra_args=["--job-delay", "0"])
+
+
+@contextlib.contextmanager
+def scratch_backend(name: str) -> Iterator[tuple[Path, DevBackend]]:
+    """A temporary folder for one benchmark and a backend living in it, both gone afterwards."""
+    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as folder, backend_for(Path(folder)) as backend:
+        yield Path(folder), backend
 
 
 async def succeeded_docs(backend: DevBackend, since_ms: float) -> dict[str, dict[str, Any]]:

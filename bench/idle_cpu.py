@@ -17,12 +17,11 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from benchkit import BenchResult, DaemonProcess, Metric, Sidebar, backend_for, clean_env, cpu_seconds
+from benchkit import BenchResult, DaemonProcess, Metric, Sidebar, scratch_backend, clean_env, cpu_seconds
 
 NAME = "idle_cpu"
 GOAL_PERCENT = 0.5
@@ -31,12 +30,8 @@ HARNESS = Path(__file__).with_name("harness.py")
 
 
 async def run(seconds: float = FULL_SECONDS) -> BenchResult:
-    with tempfile.TemporaryDirectory(prefix="bench-idle-") as folder:
-        backend = backend_for(Path(folder))
-        try:
-            return await _run(Path(folder), backend, seconds)
-        finally:
-            backend.stop()
+    with scratch_backend("idle") as (folder, backend):
+        return await _run(folder, backend, seconds)
 
 
 async def _run(folder: Path, backend: Any, seconds: float) -> BenchResult:

@@ -24,14 +24,13 @@ URL (a warm keep-alive connection), a full Pillow decode and a file write
 from __future__ import annotations
 
 import asyncio
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from benchkit import BenchResult, DaemonProcess, Metric, Sidebar, backend_for, distribution, fetch_decode_write
+from benchkit import BenchResult, DaemonProcess, Metric, Sidebar, scratch_backend, distribution, fetch_decode_write
 from benchkit import succeeded_docs
 
 NAME = "latency"
@@ -41,12 +40,8 @@ FULL_JOBS = 200
 
 
 async def run(jobs: int = FULL_JOBS, warmup: int = 5) -> BenchResult:
-    with tempfile.TemporaryDirectory(prefix="bench-latency-") as folder:
-        backend = backend_for(Path(folder))
-        try:
-            return await _run(Path(folder), backend, jobs, warmup)
-        finally:
-            backend.stop()
+    with scratch_backend("latency") as (folder, backend):
+        return await _run(folder, backend, jobs, warmup)
 
 
 async def _run(folder: Path, backend: Any, jobs: int, warmup: int) -> BenchResult:

@@ -21,12 +21,11 @@ import asyncio
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from benchkit import BenchResult, DaemonProcess, Metric, Sidebar, backend_for, clean_env, proc_memory_kib
+from benchkit import BenchResult, DaemonProcess, Metric, Sidebar, scratch_backend, clean_env, proc_memory_kib
 from benchkit import succeeded_docs
 
 NAME = "memory"
@@ -41,12 +40,8 @@ HARNESS = Path(__file__).with_name("harness.py")
 
 async def run(jobs: int = FULL_JOBS, edge: int = EDGE, idle_seconds: float = IDLE_SECONDS) -> BenchResult:
     """``edge`` (image width and height) and ``idle_seconds`` are smaller only to test the benchmark itself."""
-    with tempfile.TemporaryDirectory(prefix="bench-memory-") as folder:
-        backend = backend_for(Path(folder))
-        try:
-            return await _run(Path(folder), backend, jobs, edge, idle_seconds)
-        finally:
-            backend.stop()
+    with scratch_backend("memory") as (folder, backend):
+        return await _run(folder, backend, jobs, edge, idle_seconds)
 
 
 def _mb(kib: int) -> float:

@@ -21,14 +21,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from benchkit import BenchResult, DaemonProcess, Metric, Sidebar, backend_for, cpu_seconds, distribution
+from benchkit import BenchResult, DaemonProcess, Metric, Sidebar, scratch_backend, cpu_seconds, distribution
 from benchkit import fetch_decode_write, succeeded_docs
 
 NAME = "realtime"
@@ -39,12 +38,8 @@ DRAIN_SECONDS = 2.0
 
 
 async def run(seconds: float = FULL_SECONDS) -> BenchResult:
-    with tempfile.TemporaryDirectory(prefix="bench-realtime-") as folder:
-        backend = backend_for(Path(folder))
-        try:
-            return await _run(Path(folder), backend, seconds)
-        finally:
-            backend.stop()
+    with scratch_backend("realtime") as (folder, backend):
+        return await _run(folder, backend, seconds)
 
 
 async def _run(folder: Path, backend: Any, seconds: float) -> BenchResult:

@@ -24,12 +24,11 @@ import json
 import os
 import sqlite3
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from benchkit import BenchResult, DaemonProcess, Metric, Sidebar, backend_for, cpu_seconds
+from benchkit import BenchResult, DaemonProcess, Metric, Sidebar, scratch_backend, cpu_seconds
 from materializer.daemon import DaemonOptions, outputs_dir
 from materializer.ledger import Ledger, ledger_path
 
@@ -43,16 +42,12 @@ _OBSERVE_CHUNK = 5_000
 
 
 async def run(jobs: int = FULL_JOBS, bursts: int = FULL_BURSTS, histories: tuple[int, ...] = HISTORIES) -> BenchResult:
-    with tempfile.TemporaryDirectory(prefix="bench-scale-") as folder:
-        backend = backend_for(Path(folder))
-        try:
-            per_job: dict[int, list[float]] = {}
-            cpu_per_job: dict[int, float] = {}
-            for history in histories:
-                per_job[history], cpu_per_job[history] = await _measure(Path(folder) / f"h{history}", backend,
-                                                                        history, jobs, bursts)
-        finally:
-            backend.stop()
+    per_job: dict[int, list[float]] = {}
+    cpu_per_job: dict[int, float] = {}
+    with scratch_backend("scale") as (folder, backend):
+        for history in histories:
+            per_job[history], cpu_per_job[history] = await _measure(folder / f"h{history}", backend,
+                                                                    history, jobs, bursts)
     medians = {history: statistics.median(costs) for history, costs in per_job.items()}
     empty, largest = histories[0], histories[-1]
     metrics = [Metric(f"per_job_ms_{history}", "ms/job", medians[history], medians[empty]) for history in histories]

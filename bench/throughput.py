@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from typing import Any
 import httpx
 from PIL import Image
 
-from benchkit import BenchResult, Metric, backend_for, succeeded_docs
+from benchkit import BenchResult, Metric, scratch_backend, succeeded_docs
 from materializer.daemon import DaemonOptions, outputs_dir
 from materializer.replay import replay
 from materializer.tokens import StaticTokenProvider
@@ -38,12 +37,8 @@ _BATCH = 250
 
 
 async def run(jobs: int = FULL_JOBS) -> BenchResult:
-    with tempfile.TemporaryDirectory(prefix="bench-throughput-") as folder:
-        backend = backend_for(Path(folder))
-        try:
-            return await _run(Path(folder), backend, jobs)
-        finally:
-            backend.stop()
+    with scratch_backend("throughput") as (folder, backend):
+        return await _run(folder, backend, jobs)
 
 
 async def _run(folder: Path, backend: Any, jobs: int) -> BenchResult:

@@ -31,6 +31,8 @@ from materializer.convex.values import encode_ts
 from materializer.devbackend.control import DevBackend
 from materializer.tokens import CommandTokenProvider, FileTokenProvider, StaticTokenProvider
 
+from helpers import async_wait_until
+
 LIST = "media_jobs:listSucceededSince"
 ALL = {"since": 0, "limit": 200}
 #: Small waits so reconnect-heavy tests stay fast; the shape (doubling, cap, kinds) is the default's.
@@ -40,12 +42,7 @@ DEADLINE = 30.0  # seconds; a deadline against hangs, never a performance thresh
 
 async def eventually(predicate: Callable[[], bool], what: str, deadline: float = DEADLINE) -> None:
     """Poll ``predicate`` until it holds; fail after ``deadline`` seconds."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + deadline
-    while not predicate():
-        if loop.time() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
+    await async_wait_until(predicate, deadline, what)
 
 
 async def happens_within(predicate: Callable[[], bool], seconds: float) -> bool:

@@ -28,6 +28,8 @@ from materializer.display import (
 from materializer.ledger import Event, Ledger
 from materializer.watch import format_event, run_watch
 
+from helpers import async_wait_until
+
 DEADLINE = 20.0
 
 
@@ -74,9 +76,7 @@ def append(ledger: Ledger, count: int = 1, **payload: Any) -> list[Event]:
 
 async def wait_until(condition: Callable[[], bool]) -> None:
     """Poll a condition until it holds (the deadline only turns a hang into a failure)."""
-    async with asyncio.timeout(DEADLINE):
-        while not condition():
-            await asyncio.sleep(0.005)
+    await async_wait_until(condition, DEADLINE)
 
 
 class Peer:
