@@ -104,7 +104,7 @@ async def test_request_shape(crafted: tuple[str, list[Answer], list[dict[str, An
     assert request["body"] == {"path": "media_jobs:getByJobId", "args": [{"jobId": "job_1", "n": 3.0}],
                                "format": "convex_encoded_json"}
     assert request["headers"]["Authorization"] == "Bearer the-token"
-    assert request["headers"]["Convex-Client"] == f"python-materializer-{__version__}"
+    assert request["headers"]["Convex-Client"] == f"stella-materializer-{__version__}"
 
 
 async def test_function_error_carries_error_data(crafted: tuple[str, list[Answer], list[dict[str, Any]]]) -> None:
@@ -121,17 +121,48 @@ async def test_function_error_carries_error_data(crafted: tuple[str, list[Answer
     assert "Authorization" not in requests[0]["headers"]
 
 
+@pytest.mark.parametrize("status", [200, 560])
+async def test_an_error_answer_is_a_function_error_at_200_and_560(
+        crafted: tuple[str, list[Answer], list[dict[str, Any]]], status: int) -> None:
+    """The open-source backend answers a thrown or missing function with HTTP 200 and status "error"
+    (get-convex/convex-backend crates/local_backend/src/public_api.rs, public_query_post); the JS client
+    also takes 560 (get-convex/convex-js src/browser/http_client.ts, STATUS_CODE_UDF_FAILED)."""
+    url, answers, _ = crafted
+    answers.append(lambda: web.json_response(
+        {"status": "error", "errorMessage": "Could not find public function for 'media_jobs:nope'.",
+         "logLines": []}, status=status))
+    async with ConvexHttpClient(url) as client:
+        with pytest.raises(ConvexFunctionError, match="Could not find public function"):
+            await client.query("media_jobs:nope", {}, None)
+
+
+async def test_a_refused_client_version_names_the_code_and_the_message(
+        crafted: tuple[str, list[Answer], list[dict[str, Any]]], caplog: pytest.LogCaptureFixture) -> None:
+    """Mirrors client_version_state_middleware (convex-backend crates/common/src/http/mod.rs): 400 with
+    {code, message} and the deprecation headers (crates/convex/sync_types/src/headers.rs), logged once."""
+    url, answers, _ = crafted
+    message = "The Convex npm package at version 0.1.0 is no longer supported."
+    refusal = {"code": "ClientVersionUnsupported", "message": message}
+    headers = {"x-convex-deprecation-state": "Unsupported", "x-convex-deprecation-message": message}
+    answers.extend([lambda: web.json_response(refusal, status=400, headers=headers)] * 2)
+    caplog.set_level("WARNING", logger="materializer.convex")
+    async with ConvexHttpClient(url) as client:
+        for _ in range(2):
+            with pytest.raises(ConvexHttpError, match=f"HTTP 400: ClientVersionUnsupported: {message}"):
+                await client.query(LIST, {"since": 0}, None)
+    notes = [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
+    assert notes == [f"the Convex deployment says this client is deprecated (Unsupported: {message})"]
+
+
 BAD_ANSWERS: dict[str, tuple[Answer, type[Exception], str]] = {
     "forbidden": (lambda: web.json_response({"code": "Forbidden", "message": "no access"}, status=403),
-                  ConvexAuthError, r"refused the token \(HTTP 403\): no access"),
+                  ConvexAuthError, r"refused the token \(HTTP 403\): Forbidden: no access"),
     "bad-request": (lambda: web.json_response({"code": "BadJsonBody", "message": "args: nope"}, status=400),
-                    ConvexHttpError, "HTTP 400: args: nope"),
+                    ConvexHttpError, "HTTP 400: BadJsonBody: args: nope"),
     "bad-gateway-html": (lambda: web.Response(status=502, text="<html>Bad Gateway</html>"),
                          ConvexHttpError, "HTTP 502: <html>Bad Gateway</html>"),
     "not-json": (lambda: web.Response(status=200, text="{"), ConvexHttpError, "is not {status: 'success', value}"),
     "no-value": (lambda: web.json_response({"status": "success"}), ConvexHttpError, "is not {status"),
-    "error-status-200": (lambda: web.json_response({"status": "error", "errorMessage": "x"}), ConvexHttpError,
-                         "is not {status"),
     "bad-value": (lambda: web.json_response({"status": "success", "value": {"$integer": 5}}), ConvexHttpError,
                   "not Convex JSON"),
     "560-no-message": (lambda: web.json_response({"status": "error"}, status=560), ConvexHttpError,

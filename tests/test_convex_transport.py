@@ -120,12 +120,11 @@ def test_retry_kind_recognises_overload_names() -> None:
     assert retry_kind(None, RetryKind.CLEAN) is RetryKind.CLEAN
 
 
-def test_sync_url_follows_the_deployment_scheme_and_names_our_version() -> None:
-    from materializer import __version__
-
-    assert sync_url("http://127.0.0.1:3210") == f"ws://127.0.0.1:3210/api/{__version__}/sync"
-    assert sync_url("https://happy-otter-1.convex.cloud/") == f"wss://happy-otter-1.convex.cloud/api/{__version__}/sync"
-    assert sync_url("https://example.com/prefix", "1.2.3") == "wss://example.com/prefix/api/1.2.3/sync"
+def test_sync_url_follows_the_deployment_scheme_and_carries_no_version() -> None:
+    """A path version is read as the npm client's and refused (convex-backend crates/common/src/http/mod.rs)."""
+    assert sync_url("http://127.0.0.1:3210") == "ws://127.0.0.1:3210/api/sync"
+    assert sync_url("https://happy-otter-1.convex.cloud/") == "wss://happy-otter-1.convex.cloud/api/sync"
+    assert sync_url("https://example.com/prefix") == "wss://example.com/prefix/api/sync"
     for bad in ("ftp://example.com", "example.com", "ws://example.com"):
         with pytest.raises(ValueError, match="http"):
             sync_url(bad)
@@ -338,7 +337,8 @@ async def test_refused_token_enters_auth_required_without_a_reconnect_storm(back
 
 
 async def test_expired_token_is_replaced_through_the_provider(backend: DevBackend, tmp_path: Path) -> None:
-    """The file holds an expired token; a refusal makes the client ask the provider, which has a fresh one."""
+    """The command first hands out an expired token: the client sees its ``exp`` and asks again before
+    opening any socket, so the server never has to refuse it."""
     expired, fresh = await mint(backend, ttl=-60), await mint(backend, ttl=3600)
     token_source = tmp_path / "current"
     token_source.write_text(expired)
@@ -349,7 +349,7 @@ async def test_expired_token_is_replaced_through_the_provider(backend: DevBacken
     async with client_for(backend, CommandTokenProvider(command)) as client:
         collector = Collector(client.subscribe(LIST, ALL))
         await collector.wait_for_jobs([job])
-        assert client.connection_attempts == 2
+        assert client.connection_attempts == 1
         assert client.state is ConnectionState.CONNECTED
 
 
@@ -395,11 +395,11 @@ async def test_changed_token_file_re_authenticates_on_the_live_socket(backend: D
     await provider.aclose()
 
 
-async def test_no_token_waits_in_auth_required_until_the_file_appears(backend: DevBackend, tmp_path: Path) -> None:
+async def test_no_token_waits_in_token_needed_until_the_file_appears(backend: DevBackend, tmp_path: Path) -> None:
     provider = FileTokenProvider(tmp_path / "token")
     async with client_for(backend, provider) as client:
         collector = Collector(client.subscribe(LIST, ALL))
-        await client.wait_for_state(ConnectionState.AUTH_REQUIRED)
+        await client.wait_for_state(ConnectionState.TOKEN_NEEDED)
         assert client.connection_attempts == 0
         assert client.state_detail == f"token file {tmp_path / 'token'} does not exist"
         write_atomically(tmp_path / "token", backend.token)

@@ -8,13 +8,14 @@ from typing import Any
 
 import httpx
 
-from materializer import __version__
+from materializer.convex.identity import client_headers, note_deprecation
 from materializer.convex.values import ConvexValueError, from_convex_json, to_convex_json
 
 __all__ = ["ConvexAuthError", "ConvexFunctionError", "ConvexHttpClient", "ConvexHttpError"]
 
-CLIENT_HEADER = f"python-materializer-{__version__}"
-#: Convex answers with this status when the function itself threw.
+#: The JS client's ``STATUS_CODE_UDF_FAILED`` (``src/browser/http_client.ts``): some deployments answer a
+#: function that threw with it. The open-source backend answers HTTP 200 with ``status: "error"``
+#: (``crates/local_backend/src/public_api.rs`` ``public_query_post``). Both are a function error.
 FUNCTION_ERROR_STATUS = 560
 
 
@@ -31,7 +32,10 @@ class ConvexAuthError(ConvexHttpError):
 
 
 class ConvexFunctionError(ConvexHttpError):
-    """The query function threw; ``error_data`` is the ``ConvexError`` payload, if any."""
+    """The query function failed: it threw, it does not exist, or its arguments were refused.
+
+    ``error_data`` is the ``ConvexError`` payload, if any.
+    """
 
     def __init__(self, message: str, error_data: Any = None) -> None:
         super().__init__(message)
@@ -48,7 +52,7 @@ class ConvexHttpClient:
             raise ValueError(f"deployment URL must be http:// or https://, got {url!r}")
         self.url = str(parsed).rstrip("/")
         self._client = httpx.AsyncClient(
-            timeout=timeout, transport=transport, headers={"Convex-Client": CLIENT_HEADER}
+            timeout=timeout, transport=transport, headers=client_headers()
         )
 
     def __repr__(self) -> str:
@@ -77,10 +81,11 @@ class ConvexHttpClient:
         except httpx.HTTPError as exc:
             raise ConvexHttpError(f"POST {endpoint} failed: {type(exc).__name__}: {exc}") from exc
         status = response.status_code
+        note_deprecation(response.headers)
         payload = _json_or_none(response)
         if status in (401, 403):
             raise ConvexAuthError(f"{path}: the deployment refused the token (HTTP {status}){_detail(payload)}", status)
-        if status == FUNCTION_ERROR_STATUS and isinstance(payload, dict) and payload.get("status") == "error":
+        if status in (200, FUNCTION_ERROR_STATUS) and isinstance(payload, dict) and payload.get("status") == "error":
             message = payload.get("errorMessage")
             if not isinstance(message, str):
                 raise ConvexHttpError(f"{path}: HTTP {status} error answer has no errorMessage")
@@ -109,9 +114,11 @@ def _json_or_none(response: httpx.Response) -> Any:
 def _detail(payload: Any) -> str:
     """The message of a Convex error body (``{code, message}`` or ``{error}``), if there is one."""
     if isinstance(payload, dict):
+        code = payload.get("code")
+        prefix = f"{code[:80]}: " if isinstance(code, str) and code else ""
         for key in ("message", "errorMessage", "error"):
             if isinstance(payload.get(key), str):
-                return f": {payload[key][:500]}"
+                return f": {prefix}{payload[key][:500]}"
     return ""
 
 

@@ -90,13 +90,15 @@ class TransitionApplied:
 
     ``caught_up`` means the server has applied every message the client sent
     on this socket; ``auth_confirmed`` means this transition accepted the
-    latest ``Authenticate``.
+    latest ``Authenticate``. ``client_clock_skew_ms`` is the server's
+    estimate of how far the client's clock runs ahead of its own, when sent.
     """
 
     results: tuple[QueryResult, ...]
     version: Version
     caught_up: bool
     auth_confirmed: bool
+    client_clock_skew_ms: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,8 +364,13 @@ class SyncProtocol:
         return {"type": "Authenticate", "tokenType": "User", "value": self._token, "baseVersion": base}
 
     def _auth_refused(self, message: dict[str, Any]) -> AuthRefused:
-        base_version = _field(message, "baseVersion", int)
-        attempted = _field(message, "authUpdateAttempted", bool)
+        # Both are optional in the server's own message type and omitted when unset
+        # (get-convex/convex-backend crates/convex/sync_types/src/types/mod.rs, ServerMessage::AuthError:
+        # baseVersion is sent as null when unset, authUpdateAttempted is left out).
+        base_version = _field(message, "baseVersion", int) if message.get("baseVersion") is not None else (
+            self._sent_identity - 1)
+        attempted = (_field(message, "authUpdateAttempted", bool)
+                     if message.get("authUpdateAttempted") is not None else False)
         # As the JS client: an answer to an older Authenticate than the latest says nothing
         # about the current token, nor does an expiry notice while a new token awaits confirmation.
         stale = base_version + 1 < self._sent_identity or (not attempted and self._auth_pending)
@@ -434,7 +441,9 @@ class SyncProtocol:
         auth_confirmed = self._auth_pending and end.identity >= self._sent_identity
         if auth_confirmed:
             self._auth_pending = False
-        return TransitionApplied(tuple(changed.values()), end, self.caught_up, auth_confirmed)
+        skew = message.get("clientClockSkew")
+        return TransitionApplied(tuple(changed.values()), end, self.caught_up, auth_confirmed,
+                                 float(skew) if skew is not None else None)
 
     def _parse_modification(self, item: Any) -> tuple[int, _Stored | None]:
         if not isinstance(item, dict):

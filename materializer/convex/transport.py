@@ -7,12 +7,21 @@ after anything goes wrong (a close, a ``FatalError``, a frame that breaks the
 protocol, a server silent past the inactivity limit) and never raises out of
 its background task.
 
+Identity: every upgrade request names the client in ``Convex-Client``
+(:mod:`materializer.convex.identity`) and the path carries no version. An
+upgrade the server refuses (any HTTP status) is logged once per distinct
+refusal, kept as the state's detail, and retried on the usual backoff.
+
 Auth: tokens come from a :class:`~materializer.tokens.TokenProvider`. When the
 server refuses a token, the client asks the provider for a fresh one and tries
 once more; refused again, it enters ``AUTH_REQUIRED`` and opens no socket until
-the provider's token changes (no timer). Before a JWT's ``exp`` it asks the
-provider for a newer token and re-authenticates on the live socket; a changed
-token file re-authenticates the same way.
+the provider's token changes (no timer). Ahead of a JWT's expiry
+(:mod:`materializer.convex.token_timing`) it asks the provider for a newer
+token and re-authenticates on the live socket; a changed token file
+re-authenticates the same way. No socket runs on an expired token: when the
+source has nothing newer by then (or the server says the token expired, as it
+does lazily, with ``authUpdateAttempted: false``), the client closes the socket
+and waits in ``TOKEN_NEEDED`` until the source holds a usable token.
 
 Subscriptions deliver every distinct result in order (see :class:`Subscription`).
 """
@@ -33,9 +42,9 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from materializer import __version__
+from materializer.convex.identity import client_headers, note_deprecation
 from materializer.convex.protocol import (
     DEFAULT_MAX_TRANSITION_CHARS,
     AuthRefused,
@@ -46,7 +55,7 @@ from materializer.convex.protocol import (
     SyncProtocol,
     TransitionApplied,
 )
-from materializer.jwt import unverified_claims
+from materializer.convex.token_timing import TokenTiming, token_timing
 from materializer.tokens import TokenProvider
 
 __all__ = [
@@ -83,7 +92,8 @@ class ConnectionState(enum.Enum):
     CONNECTING = "connecting"  # opening a socket, or waiting for the server to apply what was sent
     CONNECTED = "connected"  # the server has applied the Connect, the token and the query set
     DISCONNECTED = "disconnected"  # waiting (backoff) before the next socket
-    AUTH_REQUIRED = "auth_required"  # no usable token: waiting for the token provider to change
+    AUTH_REQUIRED = "auth_required"  # the server refused the token: waiting for the token provider to change
+    TOKEN_NEEDED = "token_needed"  # no token, or only an expired one: waiting for the provider to have one
     CLOSED = "closed"  # close() was called
 
 
@@ -140,13 +150,41 @@ def retry_kind(reason: str | None, otherwise: RetryKind) -> RetryKind:
     return otherwise
 
 
-def sync_url(deployment_url: str, client_version: str = __version__) -> str:
-    """``http(s)://host[/prefix]`` -> ``ws(s)://host[/prefix]/api/<client_version>/sync``."""
+def sync_url(deployment_url: str) -> str:
+    """``http(s)://host[/prefix]`` -> ``ws(s)://host[/prefix]/api/sync``.
+
+    No version in the path: a Convex deployment reads one as the npm client's and refuses ours
+    (see :mod:`materializer.convex.identity`); we name ourselves in the header instead, as the
+    Rust client does.
+    """
     parts = urlsplit(deployment_url)
     scheme = {"http": "ws", "https": "wss"}.get(parts.scheme)
     if scheme is None or not parts.netloc:
         raise ValueError(f"deployment URL must be http:// or https://, got {deployment_url!r}")
-    return urlunsplit((scheme, parts.netloc, f"{parts.path.rstrip('/')}/api/{client_version}/sync", "", ""))
+    return urlunsplit((scheme, parts.netloc, f"{parts.path.rstrip('/')}/api/sync", "", ""))
+
+
+def refusal_text(exc: InvalidStatus) -> str:
+    """``HTTP 400 ClientVersionUnsupported: <the server's message>`` for a refused upgrade."""
+    response = exc.response
+    text = f"HTTP {response.status_code}"
+    try:
+        body = json.loads(response.body or b"")
+    except (ValueError, RecursionError):
+        body = None
+    if isinstance(body, dict):
+        code, message = body.get("code"), body.get("message")
+        if isinstance(code, str) and code:
+            text += f" {code[:80]}"
+        if isinstance(message, str) and message:
+            text += f": {message[:300]}"
+    elif response.body:
+        excerpt = response.body[:200].decode("utf-8", "replace").strip()
+        if excerpt:
+            text += f": {excerpt}"
+    elif response.reason_phrase:
+        text += f" {response.reason_phrase}"
+    return "".join(ch if ch.isprintable() else " " for ch in text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +194,8 @@ class _Ending:
     kind: RetryKind
     close_reason: str
     refused: AuthRefused | None = None
+    token_expired: bool = False  # the token ran out with nothing newer to take its place
+    upgrade_refused: str | None = None  # the server's answer to a refused WebSocket upgrade
 
 
 class Subscription:
@@ -237,7 +277,6 @@ class SyncClient:
         *,
         inactivity_timeout: float = 60.0,
         backoff: BackoffPolicy = BackoffPolicy(),
-        token_refresh_leeway: float = 10.0,
         open_timeout: float = 10.0,
         max_message_bytes: int = DEFAULT_MAX_TRANSITION_CHARS,
         rng: random.Random | None = None,
@@ -246,7 +285,6 @@ class SyncClient:
         self._provider = token_provider
         self._inactivity_timeout = inactivity_timeout
         self._backoff = Backoff(backoff, rng)
-        self._refresh_leeway = token_refresh_leeway
         self._open_timeout = open_timeout
         self._max_message_bytes = max_message_bytes
         self._core = SyncProtocol(max_transition_chars=max_message_bytes)
@@ -255,6 +293,11 @@ class SyncClient:
         self._last_close_reason: str | None = "InitialConnect"
         self._refusals = 0
         self._force_refresh = False
+        self._token_in_use: str | None = None  # the token the current socket authenticated with last
+        self._expired_token: str | None = None  # the last token that ran out on a socket
+        self._token_seen: tuple[str, float] | None = None  # the latest token and when it first came
+        self._clock_skew_ms: float | None = None
+        self._upgrade_refusal: str | None = None
         self._state = ConnectionState.DISCONNECTED
         self._detail: str | None = None
         self._state_event = asyncio.Event()
@@ -379,33 +422,69 @@ class SyncClient:
         """Get a token, run one socket to its end, then decide how and when to go again."""
         token: str | None = None
         if self._provider is not None:
-            token = await self._provider.get(force_refresh=self._force_refresh)
-            self._force_refresh = False
+            token = await self._usable_token()
             if token is None:
-                await self._await_token_change(None, self._provider.last_error or "the token source holds no token")
-                return
+                return  # waited in TOKEN_NEEDED for the source to change: look again
             self._core.set_auth(token)
+        self._token_in_use = token
         ending = await self._connect_and_serve(token)
         self._last_close_reason = ending.close_reason
         refused = ending.refused
+        if ending.token_expired or (refused is not None and not refused.stale and not refused.auth_update_attempted):
+            # Expiry, noticed by us or (lazily, after a query re-run) by the server: not a refusal.
+            log.info("convex sync: the token expired; asking the token source for a fresh one")
+            self._expired_token = self._token_in_use
+            self._force_refresh = True
+            return
         if refused is not None and not refused.stale and self._provider is not None:
             self._refusals += 1
             if self._refusals >= 2:
-                await self._await_token_change(token, f"the server refused the token: {refused.message}")
+                await self._await_token_change(token, ConnectionState.AUTH_REQUIRED,
+                                               f"the server refused the token: {refused.message}")
             else:
                 log.info("convex sync: token refused (%s); asking the token source for a fresh one", refused.message)
                 self._force_refresh = True
             return
-        await self._wait_before_retry(ending.kind, ending.close_reason)
+        await self._wait_before_retry(ending.kind, ending.upgrade_refused or ending.close_reason)
+
+    async def _usable_token(self) -> str | None:
+        """The provider's token if a socket may run on it; else wait in TOKEN_NEEDED and return None."""
+        assert self._provider is not None
+        token = await self._provider.get(force_refresh=self._force_refresh)
+        self._force_refresh = False
+        if token is not None and self._is_expired(token):
+            token = await self._provider.get(force_refresh=True)
+        if token is None:
+            await self._await_token_change(None, ConnectionState.TOKEN_NEEDED,
+                                           self._provider.last_error or "the token source holds no token")
+            return None
+        if self._is_expired(token):
+            timing = self._timing(token)
+            until = f" at {time.strftime('%H:%M:%S', time.localtime(timing.expires_at))}" if timing else ""
+            await self._await_token_change(token, ConnectionState.TOKEN_NEEDED,
+                                           f"the token expired{until} and the token source has no newer one")
+            return None
+        return token
+
+    def _timing(self, token: str) -> TokenTiming | None:
+        if self._token_seen is None or self._token_seen[0] != token:
+            self._token_seen = (token, time.time())
+        return token_timing(token, received_at=self._token_seen[1], clock_skew_ms=self._clock_skew_ms)
+
+    def _is_expired(self, token: str) -> bool:
+        if token == self._expired_token:
+            return True
+        timing = self._timing(token)
+        return timing is not None and timing.expired(time.time())
 
     async def _wait_before_retry(self, kind: RetryKind, reason: str) -> None:
         delay = self._backoff.next_delay(kind)
         self._set_state(ConnectionState.DISCONNECTED, reason)
         await asyncio.sleep(delay)
 
-    async def _await_token_change(self, current: str | None, detail: str) -> None:
+    async def _await_token_change(self, current: str | None, state: ConnectionState, detail: str) -> None:
         assert self._provider is not None
-        self._set_state(ConnectionState.AUTH_REQUIRED, detail)
+        self._set_state(state, detail)
         await self._provider.wait_changed(current)
         self._refusals = 0
         self._backoff.reset()
@@ -413,39 +492,58 @@ class SyncClient:
     async def _connect_and_serve(self, token: str | None) -> _Ending:
         self.connection_attempts += 1
         self._set_state(ConnectionState.CONNECTING, None)
+        headers = client_headers()
         try:
             ws = await connect(
                 self.url,
                 open_timeout=self._open_timeout,
                 close_timeout=1.0,
                 max_size=self._max_message_bytes,
-                user_agent_header=f"python-materializer/{__version__}",
+                additional_headers={k: v for k, v in headers.items() if k != "User-Agent"},
+                user_agent_header=headers["User-Agent"],
                 # No permessage-deflate, as the official Python (Rust) client: it costs CPU on
                 # both ends for frames that are small, and it adds a suspension to every send.
                 compression=None,
             )
+        except InvalidStatus as exc:
+            note_deprecation(exc.response.headers)
+            refusal = refusal_text(exc)
+            if refusal != self._upgrade_refusal:
+                self._upgrade_refusal = refusal
+                log.error("convex sync: %s refused the WebSocket upgrade: %s", self.url, refusal)
+            return _Ending(retry_kind(refusal, RetryKind.ERROR), "ConnectionFailed", upgrade_refused=refusal)
         except (OSError, TimeoutError, InvalidHandshake) as exc:
             log.info("convex sync: cannot connect to %s: %s", self.url, exc)
             return _Ending(retry_kind(str(exc), RetryKind.ERROR), "ConnectionFailed")
+        self._upgrade_refusal = None
+        if ws.response is not None:
+            note_deprecation(ws.response.headers)
         outbox: asyncio.Queue[str] = asyncio.Queue()
         self._outbox = outbox
         self._send(self._core.socket_opened(time.time() * 1000, self._last_close_reason))
         if self._core.caught_up:
             self._on_caught_up()
         sender = asyncio.create_task(self._send_loop(ws, outbox), name="convex sync sender")
-        refresher = None
+        receiver = asyncio.create_task(self._receive_loop(ws), name="convex sync receiver")
+        tasks: list[asyncio.Task[Any]] = [receiver, sender]
         if token is not None:
-            refresher = asyncio.create_task(self._keep_token_fresh(token), name="convex token refresh")
+            tasks.append(asyncio.create_task(self._keep_token_fresh(token), name="convex token refresh"))
         try:
-            return await self._receive_loop(ws)
+            # The receiver ends the socket; so does the refresher, when the token runs out.
+            while True:
+                done, _ = await asyncio.wait([t for t in tasks if t is not sender], return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    result = task.result()
+                    if isinstance(result, _Ending):
+                        return result
+                tasks = [t for t in tasks if t not in done]
         finally:
             self._outbox = None
             self._core.socket_closed()
-            for task in (sender, refresher):
-                if task is not None:
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await ws.close()
 
     def _send(self, messages: list[dict[str, Any]]) -> None:
@@ -500,6 +598,8 @@ class SyncClient:
         return _Ending(retry_kind(received.reason, clean), reason)
 
     def _on_transition(self, event: TransitionApplied) -> None:
+        if event.client_clock_skew_ms is not None:
+            self._clock_skew_ms = event.client_clock_skew_ms
         for result in event.results:
             subscription = self._subscriptions.get(result.query_id)
             if subscription is not None:
@@ -515,37 +615,42 @@ class SyncClient:
 
     # -- token freshness on a live socket ------------------------------------------------------------------
 
-    async def _keep_token_fresh(self, token: str) -> None:
-        """Re-authenticate on this socket when the provider's token changes, or before ``exp``."""
+    async def _keep_token_fresh(self, token: str) -> _Ending | None:
+        """Re-authenticate on this socket when the provider's token changes or nears its expiry.
+
+        Returns an ending (the socket must close) once the token in use may no longer be used and
+        the provider has nothing newer; returns None when the token has no expiry and the provider
+        can only be asked on a timer (nothing left to watch on this socket).
+        """
         assert self._provider is not None
-        in_use: str = token
+        in_use = token
         seen: str | None = token
-        timer_armed = True
         while True:
-            delay = self._refresh_delay(in_use) if timer_armed else None
+            timing = self._timing(in_use)
+            now = time.time()
+            if timing is None:
+                delay = None
+            elif now < timing.refresh_at:
+                delay = timing.refresh_at - now
+            elif now < timing.stop_at:
+                # Due for a refresh and none came: ask again a few times before the token stops.
+                delay = max(0.05, min(5.0, (timing.stop_at - now) / 4))
+            else:
+                log.warning("convex sync: the token expired and the token source has no newer one")
+                return _Ending(RetryKind.CLEAN, "TokenExpired", token_expired=True)
+            if delay is None and self._provider.polls_for_changes:
+                return None
             try:
                 async with asyncio.timeout(delay):
                     if self._provider.polls_for_changes:
-                        await asyncio.Event().wait()  # only exp (or a refusal) makes it worth asking
+                        await asyncio.Event().wait()  # only the expiry makes it worth asking
                     else:
                         await self._provider.wait_changed(seen)
                 changed = True
             except TimeoutError:
                 changed = False
             seen = await self._provider.get(force_refresh=not changed)
-            if seen is not None and seen != in_use:
-                in_use = seen
-                timer_armed = True
+            if seen is not None and seen != in_use and not self._is_expired(seen):
+                in_use = self._token_in_use = seen
                 log.info("convex sync: re-authenticating with a %s token", "changed" if changed else "refreshed")
                 self._send(self._core.set_auth(in_use))
-            elif not changed:
-                timer_armed = False  # the source has nothing newer; wait until it changes
-
-    def _refresh_delay(self, token: str) -> float | None:
-        """Seconds until the token should be refreshed, or None when it has no ``exp``."""
-        claims = unverified_claims(token) or {}
-        exp = claims.get("exp")
-        if not isinstance(exp, (int, float)) or isinstance(exp, bool):
-            return None
-        remaining = exp - time.time()
-        return max(0.0, remaining - self._refresh_leeway, remaining / 2)
