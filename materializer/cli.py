@@ -30,6 +30,7 @@ def _settings(args: argparse.Namespace) -> tuple[Any, dict[str, Any]] | None:
         "daemon.root": getattr(args, "root", None),
         "daemon.convex_url": getattr(args, "convex_url", None),
         "auth.token_file": getattr(args, "token_file", None),
+        "auth.token_fd": getattr(args, "token_fd", None),
         "daemon.parent_pid": getattr(args, "parent_pid", None),
         "log.level": getattr(args, "log_level", None),
         "log.format": getattr(args, "log_format", None),
@@ -70,7 +71,12 @@ def _replay(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"materializer replay: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    provider = provider_for(settings.auth.token_file, settings.auth.token_argv, settings.auth.token_env)
+    try:
+        provider = provider_for(settings.auth.token_file, settings.auth.token_argv, settings.auth.token_env,
+                                settings.auth.token_fd)
+    except ValueError as exc:
+        print(f"materializer replay: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
     async def run() -> int:
         try:
@@ -165,6 +171,8 @@ def _common(parser: argparse.ArgumentParser, *, daemon: bool = True) -> None:
     if daemon:
         parser.add_argument("--convex-url", metavar="URL", help="the Stella backend's deployment URL")
         parser.add_argument("--token-file", type=Path, metavar="FILE", help="read the session token from FILE")
+        parser.add_argument("--token-fd", type=int, metavar="N",
+                            help="read session tokens, one per line (newest wins), from inherited file descriptor N")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="log verbosity")
     parser.add_argument("--log-format", choices=["text", "json"], help="log line format (json for journald)")
 

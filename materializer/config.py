@@ -41,7 +41,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import watchfiles
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 __all__ = [
@@ -151,12 +151,17 @@ class DaemonSettings(_Section):
         return self.convex_url
 
 
+#: The keys that choose a token source; at most one may be set (the environment variable is the fallback).
+TOKEN_SOURCE_KEYS = ("token_fd", "token_command", "token_file")
+
+
 class AuthSettings(_Section):
-    """Where the session token comes from: a command, else a file, else an environment variable."""
+    """Where the session token comes from: a file descriptor, a command, a file, else an environment variable."""
 
     token_env: str = "STELLA_TOKEN"
     token_file: Path | None = None
     token_command: str | None = None
+    token_fd: int | None = Field(default=None, ge=0)
 
     _expand_token_file = field_validator("token_file")(_expand)
 
@@ -178,9 +183,15 @@ class AuthSettings(_Section):
             raise ValueError(f"cannot be split into words ({exc})") from None
         if not argv:
             raise ValueError("is blank")
-        if info.data.get("token_file") is not None:
-            raise ValueError("and auth.token_file are both set; choose one")
         return command
+
+    @model_validator(mode="after")
+    def _one_source(self) -> AuthSettings:
+        chosen = [f"auth.{key}" for key in TOKEN_SOURCE_KEYS if getattr(self, key) is not None]
+        if len(chosen) > 1:
+            raise ValueError(f"{', '.join(chosen[:-1])} and {chosen[-1]} are all set; choose one" if len(chosen) > 2
+                             else f"{chosen[0]} and {chosen[1]} are both set; choose one")
+        return self
 
     @property
     def token_argv(self) -> list[str] | None:
@@ -340,9 +351,10 @@ def _nest(overrides: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         section, name = key.split(".", 1)
         nested.setdefault(section, {})[name] = value
     auth = nested.get("auth", {})
-    for chosen, other in (("token_file", "token_command"), ("token_command", "token_file")):
-        if chosen in auth and other not in auth:
-            auth[other] = None
+    flagged = [key for key in TOKEN_SOURCE_KEYS if key in auth]
+    if len(flagged) == 1:
+        for other in TOKEN_SOURCE_KEYS:
+            auth.setdefault(other, None)
     return nested
 
 

@@ -23,7 +23,7 @@ from materializer.daemon import AlreadyRunning, DaemonOptions, Materializer
 from materializer.display import DisplayServer
 from materializer.logs import setup_logging
 from materializer.sdnotify import Notifier, run_watchdog
-from materializer.tokens import provider_for
+from materializer.tokens import TokenProvider, TokenSourceError, provider_for
 
 __all__ = ["run_service"]
 
@@ -84,15 +84,16 @@ def run_service(settings: Settings, config_file: Path | None, overrides: dict[st
     setup_logging(settings.log.level, settings.log.format)
     try:
         options = DaemonOptions.from_settings(settings)
-    except ConfigError as exc:
+        provider = provider_for(settings.auth.token_file, settings.auth.token_argv, settings.auth.token_env,
+                                settings.auth.token_fd)
+    except (ConfigError, TokenSourceError) as exc:
         print(f"materializer run: {exc}", file=sys.stderr)
         return 2
-    return asyncio.run(_serve(settings, options, config_file, overrides))
+    return asyncio.run(_serve(settings, options, provider, config_file, overrides))
 
 
-async def _serve(settings: Settings, options: DaemonOptions, config_file: Path | None,
+async def _serve(settings: Settings, options: DaemonOptions, provider: TokenProvider, config_file: Path | None,
                  overrides: dict[str, Any]) -> int:
-    provider = provider_for(settings.auth.token_file, settings.auth.token_argv, settings.auth.token_env)
     daemon = Materializer(options, provider, display_factory=DisplayServer)
     notifier = Notifier()
     daemon.on_state = lambda payload: notifier.status(_status_text(payload))

@@ -1,4 +1,5 @@
-"""Where the session token comes from: a fixed value, an environment variable, a file or a command.
+"""Where the session token comes from: a fixed value, an environment variable, a file, a command,
+or a file descriptor the launching app writes fresh tokens to.
 
 Every source is a :class:`TokenProvider`: ``await get()`` gives the current
 token (None when there is none; ``last_error`` then says why, never quoting
@@ -30,6 +31,7 @@ import watchfiles
 __all__ = [
     "CommandTokenProvider",
     "EnvTokenProvider",
+    "FdTokenProvider",
     "FileTokenProvider",
     "StaticTokenProvider",
     "TokenProvider",
@@ -300,9 +302,112 @@ class CommandTokenProvider:
         return None
 
 
+class FdTokenProvider:
+    """Tokens written, one per line, to an inherited file descriptor by the app that launched us.
+
+    Real Stella tokens live five minutes and only the desktop app can mint new
+    ones (its session cookie is encrypted at rest), so the app hands them over:
+    ``materializer run --token-fd 3`` with the read end of a pipe as fd 3, and
+    a new line each time it refreshes. The newest complete line wins. End of
+    file (the app closed its end) keeps the last token; the daemon then says
+    ``token_needed`` once that token expires. The first ``get`` waits up to
+    ``first_token_timeout`` seconds for a first line, so a one-shot command
+    started together with its token does not lose the race.
+    """
+
+    polls_for_changes = False
+    #: Longest line taken as a token; a longer one is dropped (a JWT is a few KiB at most).
+    MAX_LINE_BYTES = 64 * 1024
+
+    def __init__(self, fd: int, *, first_token_timeout: float = 10.0) -> None:
+        try:
+            os.fstat(fd)
+        except OSError as exc:
+            raise TokenSourceError(f"token file descriptor {fd} is not open ({exc.strerror})") from None
+        self.fd = fd
+        self.first_token_timeout = first_token_timeout
+        self.last_error: str | None = f"no token has arrived on file descriptor {fd} yet"
+        self._token: str | None = None
+        self._buffer = b""
+        self._eof = False
+        self._changed = asyncio.Event()
+        self._reading = False
+
+    def __repr__(self) -> str:
+        return f"FdTokenProvider(fd={self.fd})"
+
+    def _start(self) -> None:
+        if self._reading or self._eof:
+            return
+        os.set_blocking(self.fd, False)
+        asyncio.get_running_loop().add_reader(self.fd, self._on_readable)
+        self._reading = True
+
+    def _on_readable(self) -> None:
+        try:
+            chunk = os.read(self.fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            log.error("stopped reading tokens from file descriptor %d: %s", self.fd, exc.strerror)
+            chunk = b""
+        if not chunk:
+            self._eof = True
+            self._stop_reading()
+            if self._token is None:
+                self.last_error = f"file descriptor {self.fd} closed before any token arrived"
+            self._wake()
+            return
+        *lines, self._buffer = (self._buffer + chunk).split(b"\n")
+        if len(self._buffer) > self.MAX_LINE_BYTES:
+            log.warning("dropping an overlong line on token file descriptor %d", self.fd)
+            self._buffer = b""
+        for line in reversed(lines):
+            try:
+                token = _clean(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                continue
+            if token is not None and len(line) <= self.MAX_LINE_BYTES:
+                if token != self._token:
+                    self._token = token
+                    self.last_error = None
+                    self._wake()
+                break
+
+    def _wake(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            asyncio.get_running_loop().remove_reader(self.fd)
+            self._reading = False
+
+    async def get(self, force_refresh: bool = False) -> str | None:
+        self._start()
+        if self._token is None and not self._eof:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.first_token_timeout):
+                    while self._token is None and not self._eof:
+                        await self._changed.wait()
+        return self._token
+
+    async def wait_changed(self, current: str | None) -> None:
+        self._start()
+        while self._token == current:
+            if self._eof:
+                await _wait_forever()
+            await self._changed.wait()
+
+    async def aclose(self) -> None:
+        self._stop_reading()
+
+
 def provider_for(token_file: os.PathLike[str] | str | None, token_command: list[str] | None,
-                 token_env: str = DEFAULT_TOKEN_ENV) -> TokenProvider:
-    """The configured token source: a command, else a file, else an environment variable."""
+                 token_env: str = DEFAULT_TOKEN_ENV, token_fd: int | None = None) -> TokenProvider:
+    """The configured token source: a file descriptor, else a command, else a file, else an environment variable."""
+    if token_fd is not None:
+        return FdTokenProvider(token_fd)
     if token_command:
         return CommandTokenProvider(token_command)
     if token_file is not None:
