@@ -14,6 +14,7 @@ import pytest
 from materializer.tokens import (
     CommandTokenProvider,
     EnvTokenProvider,
+    FdTokenProvider,
     FileTokenProvider,
     StaticTokenProvider,
     TokenProvider,
@@ -249,3 +250,65 @@ def test_command_must_not_be_empty() -> None:
 
 def test_command_string_is_split_like_a_shell() -> None:
     assert CommandTokenProvider("stella auth 'print token'").argv == ["stella", "auth", "print token"]
+
+
+# -- a file descriptor the launching app writes to ------------------------------------------------------
+
+
+@pytest.fixture
+def pipe() -> Any:
+    read_end, write_end = os.pipe()
+    yield read_end, write_end
+    for fd in (read_end, write_end):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+async def test_fd_tokens_arrive_line_by_line_and_the_newest_wins(pipe: tuple[int, int]) -> None:
+    read_end, write_end = pipe
+    provider = FdTokenProvider(read_end, first_token_timeout=DEADLINE)
+    first = asyncio.create_task(provider.get())
+    assert await still_waiting(first)  # the first get waits for a first line
+    os.write(write_end, b"tok-one\n")
+    assert await finishes(first) == "tok-one"
+    changed = asyncio.create_task(provider.wait_changed("tok-one"))
+    os.write(write_end, b"tok-two\ntok-thr")  # a line and a half: only complete lines count
+    await finishes(changed)
+    assert await provider.get() == "tok-two"
+    os.write(write_end, b"ee\n\n")
+    await finishes(provider.wait_changed("tok-two"))
+    assert await provider.get(force_refresh=True) == "tok-three"
+    assert "tok" not in repr(provider)
+    await provider.aclose()
+
+
+async def test_fd_end_of_file_keeps_the_last_token_and_waits_without_spinning(pipe: tuple[int, int]) -> None:
+    read_end, write_end = pipe
+    provider = FdTokenProvider(read_end)
+    os.write(write_end, b"the-token\n")
+    assert await finishes(provider.get()) == "the-token"
+    os.close(write_end)
+    waiting = asyncio.create_task(provider.wait_changed("the-token"))
+    assert await still_waiting(waiting)
+    assert await provider.get() == "the-token"
+    waiting.cancel()
+    await provider.aclose()
+
+
+async def test_fd_closed_before_any_token_says_so(pipe: tuple[int, int]) -> None:
+    read_end, write_end = pipe
+    provider = FdTokenProvider(read_end, first_token_timeout=DEADLINE)
+    os.close(write_end)
+    assert await finishes(provider.get()) is None
+    assert provider.last_error == f"file descriptor {read_end} closed before any token arrived"
+    await provider.aclose()
+
+
+def test_a_closed_fd_is_a_configuration_error() -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    os.close(write_end)
+    with pytest.raises(TokenSourceError, match=f"token file descriptor {read_end} is not open"):
+        FdTokenProvider(read_end)
