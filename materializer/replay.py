@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from materializer.convex.http import ConvexAuthError, ConvexFunctionError, ConvexHttpClient, ConvexHttpError
-from materializer.daemon import AUTH_ACTION, PAGE_QUERY, SUCCEEDED_QUERY, DaemonOptions, Materializer
+from materializer.daemon import AUTH_ACTION, DaemonOptions, Materializer
+from materializer.feed import Gap
+from materializer.queries import JOB_QUERY, SUCCEEDED_QUERY, WINDOW_MAX, succeeded_pages
 from materializer.tokens import TokenProvider
 
 __all__ = ["EXIT_AUTH", "ReplaySummary", "parse_when", "replay"]
@@ -51,6 +53,7 @@ class ReplaySummary:
     present: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     planned: list[str] = field(default_factory=list)
+    uncovered: list[Gap] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -58,6 +61,8 @@ class ReplaySummary:
             "alreadyPresent": self.present,
             "failed": [{"jobId": job_id, "reason": reason} for job_id, reason in self.failed],
             "wouldMaterialize": self.planned,
+            "uncovered": [{"fromMs": gap.from_ms, "untilMs": gap.until_ms, "jobsAtLeast": gap.jobs_at_least}
+                          for gap in self.uncovered],
         }
 
 
@@ -66,14 +71,16 @@ class _SignInNeeded(Exception):
 
 
 async def _find_jobs(http: ConvexHttpClient, token: str | None, since: float, until: float | None,
-                     job_ids: list[str], out: TextIO) -> list[dict[str, Any]]:
+                     job_ids: list[str], summary: ReplaySummary, out: TextIO) -> list[dict[str, Any]]:
     try:
         if job_ids:
             docs = []
             for job_id in job_ids:
-                doc = await http.query("media_jobs:getByJobId", {"jobId": job_id}, token)
+                doc = await http.query(JOB_QUERY, {"jobId": job_id}, token)
                 if doc is None:
                     print(f"replay: job {job_id} not found (or not yours)", file=out)
+                elif not isinstance(doc, dict):
+                    raise ConvexHttpError(f"{JOB_QUERY} answered {type(doc).__name__}, not a job document")
                 elif doc.get("status") != "succeeded":
                     print(f"replay: job {job_id} is {doc.get('status')}, nothing to materialize", file=out)
                 else:
@@ -82,31 +89,48 @@ async def _find_jobs(http: ConvexHttpClient, token: str | None, since: float, un
         try:
             return await _page_through(http, token, since, until)
         except ConvexFunctionError as exc:
-            print(f"replay: no page query on this backend ({exc.error_message.splitlines()[0]}); "
-                  f"falling back to {SUCCEEDED_QUERY}", file=out)
-        docs = await http.query(SUCCEEDED_QUERY, {"since": since, "limit": 200}, token)
-        if len(docs) == 200:
-            print("replay: 200 jobs came back, the most the backend returns: older ones may be missing; "
-                  "replay again with a later --since or with --until", file=out)
-        return [d for d in docs if until is None or d.get("completedAt", 0) <= until]
+            print(f"replay: no page query on this backend ({exc.error_message.splitlines()[0][:200]}); "
+                  f"listing with {SUCCEEDED_QUERY}, which returns the newest {WINDOW_MAX} jobs", file=out)
+        docs, gap = await _list_window(http, token, since, until)
+        if gap is not None:
+            summary.uncovered.append(gap)
+        return docs
     except ConvexAuthError as exc:
         raise _SignInNeeded(str(exc)) from None
 
 
+async def _list_window(http: ConvexHttpClient, token: str | None, since: float,
+                       until: float | None) -> tuple[list[dict[str, Any]], Gap | None]:
+    """The jobs of ``[since, until]`` that ``listSucceededSince`` can list, and the range it cannot.
+
+    It lists the newest ``WINDOW_MAX`` jobs from ``since`` on; when that many come back and the
+    oldest of them completed after ``since``, older jobs may exist that no public query reaches.
+    """
+    answer = await http.query(SUCCEEDED_QUERY, {"since": since, "limit": WINDOW_MAX}, token)
+    if not isinstance(answer, list):
+        raise ConvexHttpError(f"{SUCCEEDED_QUERY} answered {type(answer).__name__}, not a list of jobs")
+    docs = [d for d in answer if isinstance(d, dict)]
+    completed = [d["completedAt"] for d in docs if _is_time(d.get("completedAt"))]
+    gap = None
+    if len(answer) >= WINDOW_MAX and completed and min(completed) > since:
+        gap = Gap(since, min(min(completed), until) if until is not None else min(completed), len(answer))
+    return [d for d in docs if until is None or not _is_time(d.get("completedAt")) or d["completedAt"] <= until], gap
+
+
+def _is_time(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
 async def _page_through(http: ConvexHttpClient, token: str | None, since: float,
                         until: float | None) -> list[dict[str, Any]]:
+    async def same_token() -> str | None:
+        return token
+
     docs: list[dict[str, Any]] = []
-    cursor: str | None = None
-    while True:
-        page = await http.query(PAGE_QUERY, {"since": since, "paginationOpts": {"numItems": 200, "cursor": cursor}},
-                                token)
-        for doc in page["page"]:
-            if until is not None and doc.get("completedAt", 0) > until:
-                return docs
-            docs.append(doc)
-        if page["isDone"] or not page["page"]:
-            return docs
-        cursor = page["continueCursor"]
+    async for page in succeeded_pages(http, same_token, since, until):
+        docs.extend(d for d in page if isinstance(d, dict)
+                    and (until is None or not _is_time(d.get("completedAt")) or d["completedAt"] <= until))
+    return docs
 
 
 async def replay(options: DaemonOptions, tokens: TokenProvider, *, since: float, until: float | None,
@@ -119,7 +143,7 @@ async def replay(options: DaemonOptions, tokens: TokenProvider, *, since: float,
         return EXIT_AUTH, summary
     async with ConvexHttpClient(options.convex_url) as http:
         try:
-            docs = await _find_jobs(http, token, since, until, job_ids, out)
+            docs = await _find_jobs(http, token, since, until, job_ids, summary, out)
         except _SignInNeeded:
             print(f"replay: the token was refused: sign-in needed. {AUTH_ACTION}", file=out)
             return EXIT_AUTH, summary
@@ -141,7 +165,7 @@ async def replay(options: DaemonOptions, tokens: TokenProvider, *, since: float,
                 todo.append(job)
         if dry_run:
             summary.planned = [job.job_id for job in todo]
-            return EXIT_OK, summary
+            return (EXIT_FAILED if summary.uncovered else EXIT_OK), summary
         await worker.db(worker.ledger.requeue, [job.job_id for job in todo if job.status == "quarantined"])
         progress = _Progress(len(todo), out)
         # A few jobs ahead of the downloads, not all of them: claiming every job first would hold the
@@ -158,7 +182,7 @@ async def replay(options: DaemonOptions, tokens: TokenProvider, *, since: float,
             await worker.write_gallery()
     finally:
         await worker.aclose()
-    return (EXIT_FAILED if summary.failed else EXIT_OK), summary
+    return (EXIT_FAILED if summary.failed or summary.uncovered else EXIT_OK), summary
 
 
 async def _replay_one(worker: Materializer, job_id: str, doc: dict[str, Any], summary: ReplaySummary,
@@ -191,6 +215,10 @@ async def _replay_one(worker: Materializer, job_id: str, doc: dict[str, Any], su
     progress.step()
 
 
+def _iso(ms: float) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000).astimezone().isoformat(timespec="milliseconds")
+
+
 class _Progress:
     """A one-line progress bar, only on a terminal."""
 
@@ -214,6 +242,10 @@ def print_summary(summary: ReplaySummary, dry_run: bool, as_json: bool, out: Tex
     if as_json:
         out.write(json.dumps(summary.as_json()) + "\n")
         return
+    for gap in summary.uncovered:
+        out.write(f"not covered: jobs completed from {_iso(gap.from_ms)} until {_iso(gap.until_ms)} may be missing: "
+                  f"at least {gap.jobs_at_least} jobs completed since then and the backend lists only the newest "
+                  f"{WINDOW_MAX} (it has no page query)\n")
     if dry_run:
         out.write(f"would materialize {len(summary.planned)} job(s); {len(summary.present)} already present\n")
         for job_id in summary.planned:

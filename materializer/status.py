@@ -33,6 +33,7 @@ def collect_status(root: Path) -> dict[str, Any]:
         connection=connection.get("state") if report["running"] else "stopped",
         connectionSince=connection.get("at"),
         action=connection.get("action") if report["running"] else None,
+        detail=connection.get("detail") if report["running"] else None,
         cursor={"succeeded": status.cursors.get("succeeded"), "failed": status.cursors.get("failed")},
         counts=status.counts,
         backlog=status.backlog,
@@ -42,6 +43,7 @@ def collect_status(root: Path) -> dict[str, Any]:
             "jobId": status.last_event.payload.get("jobId"),
         },
         quarantined=[{"jobId": q.job_id, "reason": q.reason, "attempts": q.attempts} for q in status.quarantined],
+        gaps=status.state.get("gaps") or [],
         outputs=str(outputs_dir(root)),
         ledger={"path": str(path), "schemaVersion": status.schema_version, "bytes": os.path.getsize(path)},
     )
@@ -71,6 +73,8 @@ def print_status(report: dict[str, Any], as_json: bool, out: TextIO) -> None:
         out.write(f"ledger:      unreadable: {report['ledger']['error']}\n")
         return
     out.write(f"connection:  {report['connection']} (since {_when(report['connectionSince'])})\n")
+    if report.get("detail"):
+        out.write(f"why:         {report['detail']}\n")
     if report.get("action"):
         out.write(f"sign-in:     {report['action']}\n")
     counts = report["counts"]
@@ -80,5 +84,8 @@ def print_status(report: dict[str, Any], as_json: bool, out: TextIO) -> None:
     last = report["lastEvent"]
     out.write("last event:  " + ("none" if last is None else
                                  f"#{last['seq']} {last['type']} {last['jobId'] or ''} at {_when(last['at'])}") + "\n")
+    for gap in report["gaps"]:
+        out.write(f"  not covered: jobs completed from {_when_ms(gap['fromMs'])} until {_when_ms(gap['untilMs'])} "
+                  f"may be missing (at least {gap['jobsAtLeast']} jobs completed since then; {gap['reason']})\n")
     for item in report["quarantined"]:
         out.write(f"  given up {item['jobId']} after {item['attempts']} attempt(s): {item['reason']}\n")
