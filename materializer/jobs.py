@@ -3,18 +3,27 @@
 A job document comes from Convex and is untrusted: :meth:`Job.from_document`
 keeps only what the pipeline needs and refuses, with a precise reason, a
 document that cannot be materialized. :func:`extract_outputs` turns a
-succeeded job's ``output`` into one :class:`OutputRef` per file, in a stable
-order whose position is the ``<index>`` of ``<jobId>_<index>.<ext>``. An
-output that can never be fetched (a ``file:`` URL, malformed base64, an entry
-without a URL) still gets its index and carries the reason in ``error``, so
-the job is never silently marked done with fewer files than it has.
+succeeded job's ``output`` into one :class:`OutputRef` per file (and per
+text: ``text``, and a music job's ``textParts``, are saved as ``.txt``), in a
+stable order whose position is the ``<index>`` of ``<jobId>_<index>.<ext>``.
+An output that can never be fetched (a ``file:`` URL, malformed base64, an
+entry without a URL, the backend's ``[data-uri omitted]`` placeholder) still
+gets its index and carries the reason in ``error``, so the job is never
+silently marked done with fewer files than it has.
+
+:func:`choose_asset` then picks the one output the Display sidebar shows, by
+the desktop app's rules (``extractOutput`` in
+``packages/desktop-ui/src/app/media/media-store.js``); every other output is
+an extra file.
 
 Typical use::
 
     job = Job.from_document(doc)          # JobRejected: record the reason, move on
-    for ref in extract_outputs(job):      # JobRejected: same
+    refs = extract_outputs(job)           # JobRejected: same
+    asset = choose_asset(job, refs)       # JobRejected: nothing the sidebar could show
+    for ref in refs:
         if ref.error: ...                 # permanent: record it, do not fetch
-        elif ref.data is not None: ...    # data URI: the bytes are already here
+        elif ref.data is not None: ...    # data URI or text: the bytes are already here
         else: ...                         # fetch ref.url
 """
 
@@ -23,18 +32,24 @@ from __future__ import annotations
 import binascii
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import unquote_to_bytes, urlsplit
 
 __all__ = [
     "DEFAULT_MAX_DATA_BYTES",
+    "DOWNLOAD_MODEL_LABEL",
+    "DOWNLOAD_RESULT_LABEL",
     "MAX_JOB_ID_LENGTH",
+    "OMITTED_DATA_PLACEHOLDERS",
+    "AssetChoice",
+    "AssetKind",
     "Job",
     "JobRejected",
     "MediaKind",
     "OutputRef",
+    "choose_asset",
     "extract_outputs",
     "safe_job_id",
 ]
@@ -45,7 +60,19 @@ MAX_JOB_ID_LENGTH = 128
 #: Largest decoded data URI, the same cap as a download.
 DEFAULT_MAX_DATA_BYTES = 64 * 1024 * 1024
 
-MediaKind = Literal["image", "video", "audio", "model", "file"]
+MediaKind = Literal["image", "video", "audio", "model", "file", "text"]
+AssetKind = Literal["image", "video", "audio", "text", "download"]
+
+#: The desktop's labels for the two kinds of download (``extractOutput``, media-store.js).
+DOWNLOAD_MODEL_LABEL = "Download 3D model"
+DOWNLOAD_RESULT_LABEL = "Download result"
+
+#: What the real backend stores instead of inline data (``redactLargeString`` in
+#: backend/convex/media_jobs.ts): such an output's bytes are gone for good.
+OMITTED_DATA_PLACEHOLDERS = frozenset({"[data-uri omitted]", "[base64 omitted]"})
+
+#: How the parts of a music job's ``textParts`` are joined in its ``.txt`` file.
+_TEXT_PARTS_SEPARATOR = "\n\n"
 
 _JOB_ID_CHARS = re.compile(r"[A-Za-z0-9_.\-]+")
 _URL_FORBIDDEN = re.compile(r"[\x00-\x20\x7f]")
@@ -202,18 +229,21 @@ class Job:
 
 @dataclass(frozen=True, slots=True)
 class OutputRef:
-    """One file a job produced, to be saved as ``<job_id>_<index>.<ext>``.
+    """One output of a job, to be saved as ``<job_id>_<index>.<ext>``.
 
     Exactly one of these holds: ``error`` is set (a permanent refusal, never
-    fetch), ``data`` holds the decoded bytes of a data URI, or ``url`` is an
-    ``http``/``https`` URL to fetch. ``where`` says which part of the output
-    it came from (``images[2]``, ``video``) for messages. The declared MIME
-    type and sizes are what the document claims; only the bytes are trusted.
+    fetch), ``data`` holds the bytes (a decoded data URI, or the UTF-8 of a
+    text output, whose ``media_kind`` is ``text``), or ``url`` is an
+    ``http``/``https`` URL to fetch. ``key`` is the output key it came from
+    (``images`` for a bare list) and ``where`` says which part of the output
+    (``images[2]``, ``video``) for messages. The declared MIME type and sizes
+    are what the document claims; only the bytes are trusted.
     """
 
     job_id: str
     index: int
     where: str
+    key: str
     media_kind: MediaKind
     source: Literal["url", "data"]
     url: str | None = None
@@ -230,46 +260,137 @@ class OutputRef:
         return f"{self.job_id}_{self.index}"
 
 
-def extract_outputs(job: Job, *, max_data_bytes: int = DEFAULT_MAX_DATA_BYTES) -> list[OutputRef]:
-    """Every file in a succeeded job's output, indexed ``0..n-1``.
+@dataclass(frozen=True, slots=True)
+class AssetChoice:
+    """The output the sidebar shows for a job: which refs (by index) make it up, and how.
 
-    ``images`` come first in their own order (so ``images[i]`` is index
-    ``i``), then every other key holding an object with a ``url``, or a list
-    of them, by key name. Text values are not files. Raises
-    :class:`JobRejected` if the job did not succeed or names no file at all.
+    ``label`` is set for downloads, ``text`` for text assets. A download
+    whose file turns out to be a 3D model is shown as one (see
+    :mod:`materializer.payloads`).
     """
+
+    kind: AssetKind
+    indices: tuple[int, ...]
+    label: str | None = None
+    text: str | None = None
+
+
+def _output_mapping(job: Job) -> Mapping[str, Any]:
+    """A succeeded job's output as a mapping (a bare list is its ``images``), or :class:`JobRejected`."""
     if job.status != "succeeded":
         reason = f"job status is {_preview(job.status)}; only succeeded jobs are materialized"
         raise JobRejected(reason, job_id=job.job_id)
     output = job.output
     if isinstance(output, list):
-        output = {"images": output}
+        return {"images": output}
     if not isinstance(output, Mapping):
         found = "missing" if output is None else f"a {type(output).__name__}"
         raise JobRejected(f"job output is {found}, not an object", job_id=job.job_id)
+    return output
 
-    entries: list[tuple[str, MediaKind | None, object]] = []
+
+def _text_of(key: str, value: object) -> str | None:
+    """The text a value holds as a text output: ``text`` as a string, ``textParts`` as a list of strings."""
+    if key == "text" and isinstance(value, str):
+        return value
+    if key == "textParts" and isinstance(value, list) and value and all(isinstance(part, str) for part in value):
+        return _TEXT_PARTS_SEPARATOR.join(value)
+    return None
+
+
+def extract_outputs(job: Job, *, max_data_bytes: int = DEFAULT_MAX_DATA_BYTES) -> list[OutputRef]:
+    """Every file and text in a succeeded job's output, indexed ``0..n-1``.
+
+    ``images`` come first in their own order (so ``images[i]`` is index
+    ``i``), then, by key name, every other key holding an object with a
+    ``url`` or a list of them, and the texts (see :func:`_text_of`). Other
+    values (numbers, captions under other keys) are not outputs. Raises
+    :class:`JobRejected` if the job did not succeed or names no file and no text.
+    """
+    output = _output_mapping(job)
+    entries: list[tuple[str, str, MediaKind | None, object]] = []
     images = output.get("images")
     if isinstance(images, list):
-        entries.extend((f"images[{i}]", "image", item) for i, item in enumerate(images))
+        entries.extend((f"images[{i}]", "images", "image", item) for i, item in enumerate(images))
     elif images is not None:
-        entries.append(("images", "image", images))
+        entries.append(("images", "images", "image", images))
     for key in sorted(k for k in output if k != "images" and isinstance(k, str)):
         value, kind = output[key], _KIND_BY_KEY.get(key)
-        if isinstance(value, Mapping) and "url" in value:
-            entries.append((key, kind, value))
+        text = _text_of(key, value)
+        if text is not None:
+            entries.append((key, key, "text", text))
+        elif isinstance(value, Mapping) and "url" in value:
+            entries.append((key, key, kind, value))
         elif isinstance(value, list):
             entries.extend(
-                (f"{key}[{i}]", kind, item)
+                (f"{key}[{i}]", key, kind, item)
                 for i, item in enumerate(value)
                 if isinstance(item, Mapping) and "url" in item
             )
     if not entries:
-        raise JobRejected("job output names no files", job_id=job.job_id)
+        raise JobRejected("job output names no files and no text", job_id=job.job_id)
     return [
-        _output_ref(job.job_id, index, where, kind, entry, max_data_bytes)
-        for index, (where, kind, entry) in enumerate(entries)
+        _text_ref(job.job_id, index, where, key, entry, max_data_bytes)
+        if kind == "text" and isinstance(entry, str)
+        else _output_ref(job.job_id, index, where, key, kind, entry, max_data_bytes)
+        for index, (where, key, kind, entry) in enumerate(entries)
     ]
+
+
+def _js_truthy(value: object) -> bool:
+    """JavaScript's truthiness, which the desktop's ``if (url)`` tests: objects and NaN differ from Python's."""
+    if isinstance(value, (Mapping, list)):
+        return True
+    return bool(value) and value == value  # NaN != NaN
+
+
+def _has_url(value: object) -> bool:
+    """The desktop's test for a file: an object whose ``url`` is truthy."""
+    return isinstance(value, Mapping) and _js_truthy(value.get("url"))
+
+
+#: The keys the desktop plays, in the order it looks for them, after ``images``.
+_PLAYABLE_KEYS: tuple[tuple[str, AssetKind], ...] = (("video", "video"), ("audio_file", "audio"), ("audio", "audio"))
+
+
+def choose_asset(job: Job, refs: Sequence[OutputRef]) -> AssetChoice:
+    """The output the sidebar shows, in the desktop's order (``extractOutput``, media-store.js).
+
+    1. ``images`` when one of them has a URL: all of them, one image asset;
+    2. ``video``, 3. ``audio_file`` then ``audio``, each an object with a URL;
+    4. ``text`` when it is a string; 5. ``model_mesh`` ("Download 3D model");
+    6. the first value, in document order, that is an object with a URL
+       ("Download result").
+
+    Beyond the desktop, which would show nothing: a job whose only files are
+    in lists under other keys (``videos: [...]``) shows its first file as a
+    download, so that files are never materialized without an announcement.
+    ``refs`` are :func:`extract_outputs` of the same job. Raises
+    :class:`JobRejected` when there is nothing to show.
+    """
+    output = _output_mapping(job)
+    by_key: dict[str, list[int]] = {}
+    for ref in refs:
+        by_key.setdefault(ref.key, []).append(ref.index)
+    images = output.get("images")
+    candidates = images if isinstance(images, list) else [images]
+    if "images" in by_key and any(_has_url(item) or isinstance(item, str) and item for item in candidates):
+        return AssetChoice("image", tuple(by_key["images"]))
+    for key, kind in _PLAYABLE_KEYS:
+        if _has_url(output.get(key)):
+            return AssetChoice(kind, tuple(by_key[key]))
+    text = output.get("text")
+    if isinstance(text, str):
+        return AssetChoice("text", tuple(by_key["text"]), text=_storable(text))
+    if _has_url(output.get("model_mesh")):
+        return AssetChoice("download", tuple(by_key["model_mesh"]), label=DOWNLOAD_MODEL_LABEL)
+    for key, value in output.items():
+        if key in by_key and _has_url(value):
+            return AssetChoice("download", tuple(by_key[key]), label=DOWNLOAD_RESULT_LABEL)
+    files = [ref.index for ref in refs if ref.media_kind != "text"]
+    if files:
+        return AssetChoice("download", (files[0],), label=DOWNLOAD_RESULT_LABEL)
+    raise JobRejected("job output names nothing the sidebar can show", job_id=job.job_id)
 
 
 def _declared_int(entry: Mapping[str, Any], *keys: str) -> int | None:
@@ -282,14 +403,28 @@ def _declared_int(entry: Mapping[str, Any], *keys: str) -> int | None:
     return None
 
 
+def _storable(text: str) -> str:
+    """``text`` as a file and a JSON payload can hold it: lone surrogates (hostile JSON) become '?'."""
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _text_ref(job_id: str, index: int, where: str, key: str, text: str, max_data_bytes: int) -> OutputRef:
+    data = _storable(text).encode("utf-8")
+    if len(data) > max_data_bytes:
+        error = f"{where}: text holds {len(data):,} bytes, over the {max_data_bytes:,} limit"
+        return OutputRef(job_id, index, where, key, "text", "data", declared_mime="text/plain", error=error)
+    return OutputRef(job_id, index, where, key, "text", "data", data=data, declared_mime="text/plain")
+
+
 def _output_ref(
-    job_id: str, index: int, where: str, kind: MediaKind | None, entry: object, max_data_bytes: int
+    job_id: str, index: int, where: str, key: str, kind: MediaKind | None, entry: object, max_data_bytes: int
 ) -> OutputRef:
+    error: str | None
     if isinstance(entry, str):
         entry = {"url": entry}
     if not isinstance(entry, Mapping):
         error = f"{where} is a {type(entry).__name__}, not an object with a url"
-        return OutputRef(job_id, index, where, kind or "file", "url", error=error)
+        return OutputRef(job_id, index, where, key, kind or "file", "url", error=error)
     mime = _optional_str(entry.get("content_type")) or _optional_str(entry.get("mimeType"))
     url = entry.get("url")
     source: Literal["url", "data"] = "url"
@@ -297,6 +432,8 @@ def _output_ref(
     data: bytes | None = None
     if not isinstance(url, str):
         error = "url is missing" if url is None else f"url is a {type(url).__name__}, not a string"
+    elif url.strip() in OMITTED_DATA_PLACEHOLDERS:
+        error = f"the backend omitted this output's data ({url.strip()}); it cannot be fetched"
     elif url[:5].lower() == "data:":
         source = "data"
         data_mime, data, error = _decode_data_uri(url, max_data_bytes)
@@ -308,6 +445,7 @@ def _output_ref(
         job_id=job_id,
         index=index,
         where=where,
+        key=key,
         media_kind=kind or _kind_for(mime),
         source=source,
         url=fetch_url,

@@ -18,9 +18,11 @@ from PIL import Image
 from materializer.convex.values import Int64
 from materializer.jobs import (
     MAX_JOB_ID_LENGTH,
+    AssetChoice,
     Job,
     JobRejected,
     OutputRef,
+    choose_asset,
     extract_outputs,
     safe_job_id,
 )
@@ -203,12 +205,12 @@ def test_contract_images_become_indexed_refs() -> None:
     refs = extract_outputs(Job.from_document(document()))
     assert refs == [
         OutputRef(
-            job_id="job_7Qx9", index=0, where="images[0]", media_kind="image", source="url",
+            job_id="job_7Qx9", index=0, where="images[0]", key="images", media_kind="image", source="url",
             url="https://cdn.example.com/a.png", declared_mime="image/png",
             declared_width=1024, declared_height=1792, declared_size=1234567,
         ),
         OutputRef(
-            job_id="job_7Qx9", index=1, where="images[1]", media_kind="image", source="url",
+            job_id="job_7Qx9", index=1, where="images[1]", key="images", media_kind="image", source="url",
             url="https://cdn.example.com/b.webp", declared_mime="image/webp",
         ),
     ]  # fmt: skip
@@ -290,7 +292,7 @@ def test_urls_that_must_not_be_fetched_carry_a_reason_and_no_url(url: str, expec
     assert (ref.error, ref.url, ref.data, ref.source) == (f"images[0]: {expected}", None, None, "url")
 
 
-def test_other_media_kinds_are_files_and_text_is_not() -> None:
+def test_other_media_kinds_are_files_and_texts_are_saved_too() -> None:
     refs = outputs(
         {
             "video": {"url": "https://x/v.mp4", "content_type": "video/mp4"},
@@ -300,23 +302,26 @@ def test_other_media_kinds_are_files_and_text_is_not() -> None:
             "thumbnail": {"url": "https://x/t.webp", "content_type": "image/webp"},
             "archive": {"url": "https://x/z.zip", "content_type": "application/zip"},
             "videos": [{"url": "https://x/v1.mp4"}, {"not": "a file"}, 3, {"url": "https://x/v2.mp4"}],
-            "text": "a caption, not a file",
+            "text": "a caption",
+            "caption": "words under another key are not an output",
             "timings": {"inference": 1.5},
             "seed": 42,
             "has_nsfw_concepts": [False],
         }
     )
-    assert [(ref.index, ref.where, ref.media_kind, ref.url) for ref in refs] == [
-        (0, "archive", "file", "https://x/z.zip"),
-        (1, "audio", "audio", "https://x/b.mp3"),
-        (2, "audio_file", "audio", "https://x/a.wav"),
-        (3, "model_mesh", "model", "https://x/m.glb"),
-        (4, "thumbnail", "image", "https://x/t.webp"),
-        (5, "video", "video", "https://x/v.mp4"),
-        (6, "videos[0]", "video", "https://x/v1.mp4"),
-        (7, "videos[3]", "video", "https://x/v2.mp4"),
+    assert [(ref.index, ref.where, ref.key, ref.media_kind, ref.url) for ref in refs] == [
+        (0, "archive", "archive", "file", "https://x/z.zip"),
+        (1, "audio", "audio", "audio", "https://x/b.mp3"),
+        (2, "audio_file", "audio_file", "audio", "https://x/a.wav"),
+        (3, "model_mesh", "model_mesh", "model", "https://x/m.glb"),
+        (4, "text", "text", "text", None),
+        (5, "thumbnail", "thumbnail", "image", "https://x/t.webp"),
+        (6, "video", "video", "video", "https://x/v.mp4"),
+        (7, "videos[0]", "videos", "video", "https://x/v1.mp4"),
+        (8, "videos[3]", "videos", "video", "https://x/v2.mp4"),
     ]
     assert refs[3].declared_size == 99
+    assert (refs[4].source, refs[4].data, refs[4].declared_mime) == ("data", b"a caption", "text/plain")
 
 
 def test_images_come_first_whatever_the_key_order() -> None:
@@ -346,6 +351,82 @@ def test_a_single_image_object_and_a_bare_list_are_tolerated() -> None:
     ]
 
 
+def test_texts_become_text_outputs_in_key_order() -> None:
+    refs = outputs({"audio": {"url": "https://x/song", "mimeType": "audio/wav"}, "promptLabel": "Night drive",
+                    "textParts": ["[Verse]", "Neon on the river"]})
+    assert [(ref.index, ref.where, ref.media_kind, ref.source) for ref in refs] == [
+        (0, "audio", "audio", "url"), (1, "textParts", "text", "data")]
+    assert refs[1].data == b"[Verse]\n\nNeon on the river"
+    [empty] = outputs({"text": ""})
+    assert (empty.media_kind, empty.data, empty.error) == ("text", b"", None)
+    [hostile] = outputs({"text": "caf\u00e9 \ud800"})  # a lone surrogate, as hostile JSON can carry
+    assert hostile.data == "caf\u00e9 ?".encode()
+    assert [ref.where for ref in outputs({"images": [{"url": "https://x/a.png"}], "textParts": ["a", 3]})] == [
+        "images[0]"]  # a list that is not all text is not a text
+
+
+def test_a_text_over_the_data_limit_is_refused() -> None:
+    [ref] = outputs({"text": "x" * 50}, max_data_bytes=40)
+    assert (ref.error, ref.data) == ("text: text holds 50 bytes, over the 40 limit", None)
+
+
+@pytest.mark.parametrize("placeholder", ["[data-uri omitted]", "[base64 omitted]", " [data-uri omitted] "])
+def test_the_backends_omitted_data_placeholder_is_a_permanent_refusal(placeholder: str) -> None:
+    refs = outputs({"images": [{"url": placeholder, "content_type": "image/png"}, placeholder],
+                    "video": {"url": placeholder}})
+    shown = placeholder.strip()
+    assert [(ref.error, ref.url, ref.data) for ref in refs] == [
+        (f"images[0]: the backend omitted this output's data ({shown}); it cannot be fetched", None, None),
+        (f"images[1]: the backend omitted this output's data ({shown}); it cannot be fetched", None, None),
+        (f"video: the backend omitted this output's data ({shown}); it cannot be fetched", None, None),
+    ]
+
+
+def asset(output: Any) -> AssetChoice:
+    job = Job.from_document(document(output=output))
+    return choose_asset(job, extract_outputs(job))
+
+
+URL = {"url": "https://x/file"}
+
+
+@pytest.mark.parametrize(
+    ("output", "expected"),
+    [
+        # extractOutput's order (packages/desktop-ui/src/app/media/media-store.js): images first...
+        ({"video": URL, "images": [URL, URL], "text": "t"}, AssetChoice("image", (0, 1))),
+        ([URL, URL], AssetChoice("image", (0, 1))),  # a bare list is the images
+        ({"images": URL}, AssetChoice("image", (0,))),
+        ({"images": [{"url": ""}, URL]}, AssetChoice("image", (0, 1))),  # one URL makes it images: all of them
+        # ... then video, audio_file, audio, text, model_mesh, each only with a truthy URL ...
+        ({"images": [], "audio": URL, "video": URL}, AssetChoice("video", (1,))),
+        ({"images": [{"url": ""}], "video": URL}, AssetChoice("video", (1,))),
+        ({"audio": URL, "audio_file": URL}, AssetChoice("audio", (1,))),
+        ({"audio": URL, "video": {"url": ""}}, AssetChoice("audio", (0,))),
+        ({"audio": {"url": "https://x/a", "mimeType": "audio/wav"}, "promptLabel": "p", "textParts": ["la"]},
+         AssetChoice("audio", (0,))),
+        ({"model_mesh": URL, "text": "a poem"}, AssetChoice("text", (1,), text="a poem")),
+        ({"text": ""}, AssetChoice("text", (0,), text="")),
+        ({"model_mesh": URL, "zip": URL}, AssetChoice("download", (0,), label="Download 3D model")),
+        # ... then the first object with a URL in the document's own order ...
+        ({"zeta": URL, "alpha": URL}, AssetChoice("download", (1,), label="Download result")),
+        ({"alpha": {"url": None}, "zeta": URL}, AssetChoice("download", (1,), label="Download result")),
+        ({"video": [URL], "result": URL}, AssetChoice("download", (0,), label="Download result")),
+        # ... and, where the desktop would show nothing, the first file of a list.
+        ({"videos": [URL, URL]}, AssetChoice("download", (0,), label="Download result")),
+        ({"images": [{}], "seed": 3}, AssetChoice("download", (0,), label="Download result")),
+    ],
+)
+def test_the_asset_is_chosen_in_the_desktops_order(output: Any, expected: AssetChoice) -> None:
+    assert asset(output) == expected
+
+
+def test_a_job_with_only_texts_the_sidebar_cannot_show_is_refused() -> None:
+    with pytest.raises(JobRejected) as refused:
+        asset({"textParts": ["words"]})
+    assert refused.value.reason == "job output names nothing the sidebar can show"
+
+
 def test_declared_numbers_are_informational_and_only_kept_when_sane() -> None:
     [ref] = outputs({"images": [{"url": "https://x/a", "width": True, "height": 512.0, "file_size": -1}]})
     assert (ref.declared_width, ref.declared_height, ref.declared_size) == (None, 512, None)
@@ -358,8 +439,9 @@ def test_declared_numbers_are_informational_and_only_kept_when_sane() -> None:
         ({"status": "running", "completedAt": None}, "job status is 'running'; only succeeded jobs are materialized"),
         ({"output": None}, "job output is missing, not an object"),
         ({"output": "https://x/a.png"}, "job output is a str, not an object"),
-        ({"output": {"text": "just words", "images": []}}, "job output names no files"),
-        ({"output": {}}, "job output names no files"),
+        ({"output": {"caption": "just words", "images": []}}, "job output names no files and no text"),
+        ({"output": {}}, "job output names no files and no text"),
+        ({"output": {"textParts": []}}, "job output names no files and no text"),
     ],
 )
 def test_jobs_without_files_to_materialize_are_refused(overrides: dict[str, Any], expected: str) -> None:
