@@ -17,9 +17,13 @@ from typing import Any
 
 import pytest
 
+from materializer.devbackend.control import DevBackend
 from materializer.jobs import AssetChoice, Job, choose_asset, extract_outputs
 from materializer.ledger import Ledger, OutputFile
 from materializer.payloads import failed_payload, friendly_image_failure, materialized_payload, media_asset
+
+from helpers import async_wait_until, ledger_events, running_daemon
+from test_daemon_pipeline import FAST
 
 # -- the desktop's rules, mirrored ----------------------------------------------------------------------------
 
@@ -275,3 +279,22 @@ def test_an_unknown_job_is_noted_once_with_its_status(tmp_path: Path) -> None:
     assert (event.type, event.payload) == ("media.failed", {
         "jobId": "job_u", "capability": "icon", "status": "unknown", "message": "Image generation failed",
         "code": None, "detail": None})
+
+
+async def test_failed_and_unknown_jobs_from_the_feed_each_get_one_notice(backend: DevBackend, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    [unknown] = backend.create_jobs(status="unknown", capability="text_to_image", prompt="lost upstream")
+    [video] = backend.create_jobs(status="failed", capability="text_to_video", message="GPU lost.", code="gpu")
+    [icon] = backend.create_jobs(status="failed", capability="icon", message="Rate limit exceeded", code="x")
+    async with running_daemon(root, backend, **FAST):
+        notices = await async_wait_until(
+            lambda: (found := ledger_events(root, "media.failed")) and len(found) == 3 and found, 10,
+            what="three media.failed notices")
+    assert {event.payload["jobId"]: event.payload for event in notices} == {
+        unknown: {"jobId": unknown, "capability": "text_to_image", "status": "unknown",
+                  "message": "Image generation failed", "code": None, "detail": None},
+        video: {"jobId": video, "capability": "text_to_video", "status": "failed",
+                "message": "Your text to video job failed: GPU lost.", "code": "gpu", "detail": "GPU lost."},
+        icon: {"jobId": icon, "capability": "icon", "status": "failed", "message": "Image service is busy",
+               "code": "x", "detail": "Rate limit exceeded"},
+    }
