@@ -1,9 +1,15 @@
-"""The local backend's HTTP surface: media API, /api/query, files and HTTP faults."""
+"""The local backend's HTTP surface: media API, /api/query, stored documents, files and HTTP faults.
+
+Rules that mirror a real system name its source file.
+"""
 
 from __future__ import annotations
 
 import base64
 import io
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -137,7 +143,7 @@ def test_http_query_shapes_and_owner_scoping(backend: DevBackend) -> None:
     other = backend.mint_token("intruder", 60)
 
     mine = backend.query("media_jobs:getByJobId", {"jobId": job_id})
-    assert mine.status_code == 200 and mine.json()["status"] == "success"
+    assert mine.status_code == 200 and mine.json() == {"status": "success", "value": mine.json()["value"]}
     assert mine.json()["value"]["jobId"] == job_id
     assert backend.query("media_jobs:getByJobId", {"jobId": job_id}, other).json()["value"] is None
     assert backend.query("media_jobs:listSucceededSince", {"since": 0}, other).json()["value"] == []
@@ -145,49 +151,157 @@ def test_http_query_shapes_and_owner_scoping(backend: DevBackend) -> None:
     anonymous = httpx.post(f"{backend.url}/api/query", json={"path": "media_jobs:listSucceededSince",
                                                               "args": {"since": 0}, "format": "convex_encoded_json"})
     assert anonymous.status_code == 200 and anonymous.json()["value"] == []
-
-    throws = backend.query("media_jobs:listSucceededSince", {"since": "yesterday"})
-    assert throws.status_code == 560
-    assert throws.json()["status"] == "error" and "ArgumentValidationError" in throws.json()["errorMessage"]
-    missing = backend.query("media_jobs:nope", {})
-    assert missing.status_code == 560 and "Could not find public function" in missing.json()["errorMessage"]
     refused = backend.query("media_jobs:listSucceededSince", {"since": 0}, "garbage")
-    assert refused.status_code == 401
+    assert refused.status_code == 401 and set(refused.json()) == {"code", "message"}
 
 
-def test_list_queries_order_limit_and_failed(backend: DevBackend) -> None:
+@pytest.mark.parametrize(("path", "args", "message"), [
+    ("media_jobs:listSucceededSince", {"since": "yesterday"},
+     'ArgumentValidationError: Value does not match validator.\nPath: .since\nValue: "yesterday"\n'
+     "Validator: v.number()"),
+    ("media_jobs:listSucceededSince", {"since": 0, "cursor": None},
+     "ArgumentValidationError: Object contains extra field `cursor` that is not in the validator."),
+    ("media_jobs:listFailedSince", {}, "ArgumentValidationError: Object is missing the required field `since`."),
+    ("media_jobs:getByJobId", {"jobId": "x", "includeLogs": True},
+     "ArgumentValidationError: Object contains extra field `includeLogs`"),
+    ("media_jobs:listSucceededSince", {"since": 0, "limit": 2.5},
+     "Uncaught TypeError: Arg 1 `n` to `take` must be a non-negative integer"),
+    ("media_jobs:nope", {}, "Could not find public function for 'media_jobs:nope'."),
+    ("media_jobs.js:nope", {}, "Could not find public function for 'media_jobs:nope'."),
+    ("media_jobs:listSucceededPage", {"paginationOpts": {"numItems": 5, "cursor": None}},
+     "Could not find public function for 'media_jobs:listSucceededPage'."),
+])
+def test_function_errors_are_http_200_error_answers(backend: DevBackend, path: str, args: dict[str, Any],
+                                                    message: str) -> None:
+    """crates/local_backend/src/public_api.rs public_query_post: the function's failure rides in a 200 answer;
+    crates/udf/src/validation.rs words a missing function; UdfResponse leaves out empty logLines."""
+    answer = backend.query(path, args)
+    assert answer.status_code == 200
+    assert set(answer.json()) == {"status", "errorMessage"} and answer.json()["status"] == "error"
+    assert answer.json()["errorMessage"].startswith(message)
+
+
+def test_list_queries_order_limit_and_failed_and_unknown(backend: DevBackend) -> None:
+    """backend/convex/media_jobs.ts listSucceededSince: newest first, Math.max(1, Math.min(limit ?? 50, 200));
+    listFailedSince (packages/contracts/convex-api.ts) the same over failed and unknown jobs."""
     ids = backend.create_jobs(count=230, share_files=True, completedAt=1_000_000, completedAtStep=10)
-    failed = backend.create_jobs(count=3, status="failed", completedAt=2_000_000)
+    failed = backend.create_jobs(count=3, status="failed", completedAt=2_000_000, completedAtStep=10)
+    unknown = backend.create_jobs(count=2, status="unknown", completedAt=2_000_005, completedAtStep=10)
     newest = backend.query("media_jobs:listSucceededSince", {"since": 0}).json()["value"]
     assert [doc["jobId"] for doc in newest] == ids[::-1][:50]
     clamped = backend.query("media_jobs:listSucceededSince", {"since": 0, "limit": 1000}).json()["value"]
     assert len(clamped) == 200
     assert len(backend.query("media_jobs:listSucceededSince", {"since": 0, "limit": 0}).json()["value"]) == 1
+    assert len(backend.query("media_jobs:listSucceededSince", {"since": 0, "limit": 7.0}).json()["value"]) == 7
     since = backend.query("media_jobs:listSucceededSince", {"since": 1_000_000 + 2200}).json()["value"]
     assert [doc["jobId"] for doc in since] == ids[220:][::-1]
     failures = backend.query("media_jobs:listFailedSince", {"since": 0}).json()["value"]
-    assert {doc["jobId"] for doc in failures} == set(failed)
-    assert all(doc["error"]["message"] for doc in failures)
+    # completedAt: failed 2_000_000, _010, _020; unknown 2_000_005, _015 -> interleaved, newest first
+    assert [doc["jobId"] for doc in failures] == [failed[2], unknown[1], failed[1], unknown[0], failed[0]]
+    assert [doc["status"] for doc in failures] == ["failed", "unknown", "failed", "unknown", "failed"]
+    assert all(doc["error"]["message"] for doc in failures if doc["status"] == "failed")
+    assert all("error" not in doc for doc in failures if doc["status"] == "unknown")
+    two = backend.query("media_jobs:listFailedSince", {"since": 0, "limit": 2}).json()["value"]
+    assert [doc["jobId"] for doc in two] == [failed[2], unknown[1]]
 
 
-def test_page_query_walks_every_job_oldest_first(backend: DevBackend) -> None:
-    ids = backend.create_jobs(count=125, share_files=True, completedAt=5_000, completedAtStep=0.5)
+def test_logs_only_where_the_real_queries_return_them(backend: DevBackend) -> None:
+    """backend/convex/media_jobs.ts: getByJobId always hydrates logs; the list queries only with includeLogs."""
+    logs = [{"message": "step 1"}]
+    [job_id] = backend.create_jobs(doc={"logs": logs})
+    [quiet] = backend.create_jobs(doc={"logs": []})
+    assert backend.query("media_jobs:getByJobId", {"jobId": job_id}).json()["value"]["logs"] == logs
+    assert "logs" not in backend.query("media_jobs:getByJobId", {"jobId": quiet}).json()["value"]
+    listed = {doc["jobId"]: doc for doc in backend.query("media_jobs:listSucceededSince", {"since": 0}).json()["value"]}
+    assert "logs" not in listed[job_id]
+    with_logs = backend.query("media_jobs:listSucceededSince", {"since": 0, "includeLogs": True}).json()["value"]
+    assert {doc["jobId"]: doc.get("logs") for doc in with_logs} == {job_id: logs, quiet: None}
+
+
+@pytest.fixture
+def paged(tmp_path: Path) -> Iterator[DevBackend]:
+    with DevBackend.start(tmp_path / "paged", extra_args=["--job-delay", "0.01"], extensions=["page-query"]) as b:
+        yield b
+
+
+def test_page_query_is_an_extension_that_walks_every_job_oldest_first(paged: DevBackend) -> None:
+    """Not on the real backend (packages/contracts/convex-api.ts lists three queries): only with --extension."""
+    ids = paged.create_jobs(count=125, share_files=True, completedAt=5_000, completedAtStep=0.5)
     seen: list[str] = []
     cursor = None
     while True:
-        result = backend.query("media_jobs:listSucceededPage",
-                               {"since": 0, "paginationOpts": {"numItems": 40, "cursor": cursor}}).json()["value"]
+        result = paged.query("media_jobs:listSucceededPage",
+                             {"since": 0, "paginationOpts": {"numItems": 40, "cursor": cursor}}).json()["value"]
         seen += [doc["jobId"] for doc in result["page"]]
         cursor = result["continueCursor"]
         if result["isDone"]:
             break
     assert seen == ids
-    later = backend.create_jobs(count=2, share_files=True, completedAt=9_000)
-    result = backend.query("media_jobs:listSucceededPage",
-                           {"paginationOpts": {"numItems": 40, "cursor": cursor}}).json()["value"]
+    later = paged.create_jobs(count=2, share_files=True, completedAt=9_000)
+    result = paged.query("media_jobs:listSucceededPage",
+                         {"paginationOpts": {"numItems": 40, "cursor": cursor}}).json()["value"]
     assert [doc["jobId"] for doc in result["page"]] == later and result["isDone"]
-    bad = backend.query("media_jobs:listSucceededPage", {"paginationOpts": {"numItems": 5, "cursor": "%%%"}})
-    assert bad.status_code == 560
+    bad = paged.query("media_jobs:listSucceededPage", {"paginationOpts": {"numItems": 5, "cursor": "%%%"}})
+    assert bad.status_code == 200 and bad.json()["errorMessage"].startswith("Uncaught Error: invalid pagination")
+
+
+def test_job_ids_are_uuids_unless_a_test_names_them(backend: DevBackend) -> None:
+    """backend/convex/http_routes/media.ts: jobId = crypto.randomUUID()."""
+    generated = backend.generate({"capability": "icon"}).json()["jobId"]
+    created = backend.create_jobs(count=3)
+    for job_id in (generated, *created):
+        assert str(uuid.UUID(job_id)) == job_id and uuid.UUID(job_id).version == 4
+    assert backend.create_jobs(doc={"jobId": "../../etc/passwd"}) == ["../../etc/passwd"]
+
+
+def test_outputs_are_stored_through_the_sanitizer(backend: DevBackend) -> None:
+    """backend/convex/media_jobs.ts sanitizeJsonValue / redactLargeString, as markGenerated stores outputs."""
+    pixel = base64.b64encode(b"\x89PNG" + bytes(64)).decode()
+    deep: Any = "bottom"
+    for _ in range(7):
+        deep = [deep]
+    provider = {
+        "images": [{"url": f"  data:image/png;base64,{pixel}", "content_type": " image/png "},
+                   {"url": f"DATA:Image/PNG;BASE64,{pixel}"},
+                   {"url": "data:image/png,not-base64"}],
+        "blob": "QUJD" * 600,
+        "short": "QUJD" * 10,
+        "deep": deep,
+        "n": 3, "ok": True, "none": None,
+    }
+    [job_id] = backend.create_jobs(output=provider)
+    stored = backend.query("media_jobs:getByJobId", {"jobId": job_id}).json()["value"]["output"]
+    assert stored["images"] == [{"url": "[data-uri omitted]", "content_type": "image/png"},
+                                {"url": "[data-uri omitted]"}, {"url": "data:image/png,not-base64"}]
+    assert stored["blob"] == "[base64 omitted]" and stored["short"] == "QUJD" * 10
+    assert stored["deep"] == [[[[[[]]]]]]  # the container six levels down is emptied
+    assert (stored["n"], stored["ok"], stored["none"]) == (3, True, None)
+
+
+def test_generated_requests_are_summarized_as_the_backend_stores_them(backend: DevBackend) -> None:
+    """backend/convex/media_jobs.ts summarizeMediaRequestForStorage and toSourceSummary."""
+    source = png_data_uri()
+    edit = backend.generate({"capability": "image_edit", "source": source,
+                             "input": {"num_images": 1, "note": "  padded  "}}).json()["jobId"]
+    stored = backend.wait_for_job(edit)["request"]
+    assert stored == {"source": {"kind": "data_uri", "mimeType": "image/png"},
+                      "input": {"num_images": 1, "note": "padded"}}  # no empty prompt, no bytes
+    inline = backend.generate({"capability": "image_edit", "prompt": "p",
+                               "source": {"base64": source.split(",", 1)[1], "mimeType": " image/png "}})
+    assert backend.wait_for_job(inline.json()["jobId"])["request"]["source"] == {"kind": "base64_object",
+                                                                                 "mimeType": "image/png"}
+
+
+def test_unknown_jobs_from_the_fail_jobs_fault(backend: DevBackend) -> None:
+    """An ``unknown`` job (listed by listFailedSince) can come out of the media API too."""
+    backend.set_faults([{"kind": "fail_jobs", "status": "unknown", "times": 1}])
+    doc = backend.wait_for_job(backend.generate({"capability": "icon"}).json()["jobId"])
+    assert doc["status"] == "unknown" and "error" not in doc and "output" not in doc
+    listed = backend.query("media_jobs:listFailedSince", {"since": 0}).json()["value"]
+    assert [job["jobId"] for job in listed] == [doc["jobId"]]
+    bad = httpx.post(f"{backend.url}/_dev/faults", json={"rules": [{"kind": "fail_jobs", "status": "lost"}]},
+                     headers={"X-Dev-Admin-Key": backend.admin_key})
+    assert bad.status_code == 400
 
 
 def test_files_have_length_etag_and_ranges(backend: DevBackend) -> None:
@@ -214,13 +328,18 @@ def test_files_have_length_etag_and_ranges(backend: DevBackend) -> None:
     assert httpx.get(f"{backend.url}/files/nope.png").status_code == 404
 
 
-def test_data_uri_output_mode(backend: DevBackend) -> None:
+def test_data_uri_output_mode_is_a_fault_that_bypasses_the_sanitizer(backend: DevBackend) -> None:
+    """Off by default, outputs are URLs; the fault stores data: URIs that sanitizeJsonValue would have replaced."""
+    default = backend.wait_for_job(backend.generate({"capability": "icon"}).json()["jobId"])
+    assert default["output"]["images"][0]["url"].startswith(f"{backend.url}/files/")
     backend.set_faults([], output_mode="data_uri")
     doc = backend.wait_for_job(backend.generate({"capability": "icon", "input": {"output_format": "png"}})
-                       .json()["jobId"])
+                               .json()["jobId"])
     url = doc["output"]["images"][0]["url"]
     assert url.startswith("data:image/png;base64,")
     assert decode(base64.b64decode(url.split(",", 1)[1])).format == "PNG"
+    [raw] = backend.create_jobs(output={"images": [{"url": url}]})
+    assert backend.query("media_jobs:getByJobId", {"jobId": raw}).json()["value"]["output"]["images"][0]["url"] == url
 
 
 def test_http_faults(backend: DevBackend) -> None:

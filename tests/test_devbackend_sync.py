@@ -1,13 +1,19 @@
-"""The local backend's Convex sync protocol, judged by the official client and by raw frames."""
+"""The local backend's Convex sync protocol, judged by the official client and by raw frames.
+
+Each rule names the get-convex/convex-backend file it mirrors.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from convex import ConvexClient
 from websockets.exceptions import ConnectionClosed
@@ -16,6 +22,9 @@ from websockets.sync.client import ClientConnection, connect
 from materializer.convex.values import decode_ts, encode_ts
 from materializer.devbackend.control import DevBackend
 from materializer.devbackend.oracle import OfficialSubscription
+from materializer.jwt import unverified_claims
+
+from helpers import async_wait_until, wait_until
 
 
 def ids(value: list[dict[str, Any]]) -> set[str]:
@@ -65,8 +74,9 @@ def test_official_client_subscription_survives_a_backend_restart(backend: DevBac
 class Raw:
     """A hand-driven sync socket."""
 
-    def __init__(self, backend: DevBackend, path: str = "/api/sync") -> None:
-        self._connection = connect(backend.url.replace("http://", "ws://") + path)
+    def __init__(self, backend: DevBackend, path: str = "/api/sync", headers: dict[str, str] | None = None) -> None:
+        self._connection = connect(backend.url.replace("http://", "ws://") + path, additional_headers=headers,
+                                   max_size=None)
         self.ws: ClientConnection = self._connection.__enter__()
 
     def send(self, message: dict[str, Any] | str) -> None:
@@ -96,12 +106,30 @@ class Raw:
             if message["type"] == "Transition" and message["endVersion"]["querySet"] >= query_set:
                 return message
 
-    def closed(self, timeout: float = 10.0) -> bool:
+    def close_code(self, timeout: float = 10.0) -> int | None:
+        """Read until the server closes; the code of its close frame (1005: a frame without a code)."""
         try:
             while True:
                 self.ws.recv(timeout=timeout)
-        except ConnectionClosed:
-            return True
+        except ConnectionClosed as closed:
+            return None if closed.rcvd is None else closed.rcvd.code
+
+    def transition_or_chunks(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The next transition that applied a query set, and the chunks it came in (none if it came whole)."""
+        while True:
+            message = self.recv()
+            parts = []
+            while message["type"] == "TransitionChunk":
+                parts.append(message)
+                if len(parts) == message["totalParts"]:
+                    message = json.loads("".join(p["chunk"] for p in parts))
+                    break
+                message = self.recv()
+            if message["type"] == "Transition" and message["endVersion"]["querySet"] >= 1:
+                return message, parts
+
+
+NO_STATUS = 1005  # what a client reports for a close frame that carries no code
 
 
 @pytest.fixture
@@ -143,25 +171,59 @@ def test_transitions_chain_versions_and_timestamps(backend: DevBackend, raw: Raw
     assert "ArgumentValidationError" in by_type["QueryFailed"]["errorMessage"]
 
 
-def test_refused_token_gets_auth_error_and_close(backend: DevBackend, raw: Raw) -> None:
+def test_refused_token_gets_auth_error_and_a_close_without_code(backend: DevBackend, raw: Raw) -> None:
+    """crates/local_backend/src/subs/mod.rs: AuthUpdateFailed -> AuthError (attempted), then Close(None)."""
     raw.connect()
     raw.authenticate("not.a.token")
     error = raw.recv()
     assert error == {"type": "AuthError", "error": error["error"], "baseVersion": 0, "authUpdateAttempted": True}
     assert "Could not verify token" in error["error"]
-    assert raw.closed()
+    assert raw.close_code() == NO_STATUS
 
 
-def test_token_expiry_mid_session_gets_auth_error(backend: DevBackend, raw: Raw) -> None:
+def test_already_expired_token_is_refused_when_it_is_presented(backend: DevBackend, raw: Raw) -> None:
+    """crates/sync/src/worker.rs Authenticate: fetch_identity refuses it -> AuthError with authUpdateAttempted."""
     raw.connect()
-    raw.authenticate(backend.mint_token("demo-user", 2.0))
+    raw.authenticate(backend.mint_token("demo-user", -5))
+    error = raw.recv()
+    assert error["type"] == "AuthError" and error["authUpdateAttempted"] is True and error["baseVersion"] == 0
+    assert raw.close_code() == NO_STATUS
+
+
+def expire_mid_session(backend: DevBackend, raw: Raw, owner: str = "demo-user") -> None:
+    """Authenticate with a one-second token, subscribe, and wait until the token is past its ``exp``."""
+    token = backend.mint_token(owner, 1)
+    raw.connect()
+    raw.authenticate(token)
     raw.add(0, "media_jobs:listSucceededSince", {"since": 0})
-    message = raw.recv(timeout=15)
-    while message["type"] == "Transition":
-        message = raw.recv(timeout=15)
-    assert message["type"] == "AuthError" and message["error"] == "Token expired"
-    assert message["authUpdateAttempted"] is False and message["baseVersion"] == 1
-    assert raw.closed()
+    raw.transition_at(1)
+    exp = unverified_claims(token)["exp"]
+    wait_until(lambda: time.time() > exp + 0.05, what="the token's exp")
+
+
+def test_token_expiry_is_noticed_lazily_at_the_next_rerun(backend: DevBackend, raw: Raw) -> None:
+    """crates/sync/src/state.rs identity(): "TokenExpired" is checked when queries re-run, not on a timer."""
+    expire_mid_session(backend, raw)
+    with pytest.raises(TimeoutError):
+        raw.recv(timeout=0.5)  # nothing re-ran, so nothing noticed
+    backend.create_jobs(count=1, share_files=True)  # a write in the session's read set re-runs its query
+    error = raw.recv()
+    assert error == {"type": "AuthError", "error": "Convex token identity expired", "baseVersion": 1,
+                     "authUpdateAttempted": False}
+    assert raw.close_code() == NO_STATUS
+
+
+def test_writes_outside_the_read_set_do_not_rerun_and_a_query_change_does(backend: DevBackend, raw: Raw) -> None:
+    """crates/sync/src/worker.rs: only an invalidated query or a ModifyQuerySet schedules the re-run that checks."""
+    expire_mid_session(backend, raw)
+    backend.create_jobs(count=1, share_files=True, owner="someone-else")
+    with pytest.raises(TimeoutError):
+        raw.recv(timeout=0.5)
+    raw.add(1, "media_jobs:listFailedSince", {"since": 0}, base=1)
+    error = raw.recv()
+    assert error["type"] == "AuthError" and error["error"] == "Convex token identity expired"
+    assert error["authUpdateAttempted"] is False
+    assert raw.close_code() == NO_STATUS
 
 
 def test_unauthenticated_list_is_empty_not_an_error(backend: DevBackend, raw: Raw) -> None:
@@ -175,32 +237,72 @@ def test_unauthenticated_list_is_empty_not_an_error(backend: DevBackend, raw: Ra
     ]
 
 
-def test_large_transitions_are_chunked_only_for_versioned_clients(tmp_path: Any) -> None:
-    with DevBackend.start(tmp_path / "b", extra_args=["--chunk-size", "2000"]) as backend:
-        backend.create_jobs(count=30, share_files=True)
-        for path, chunked in (("/api/1.45.0/sync", True), ("/api/sync", False)):
-            raw = Raw(backend, path)
-            raw.connect()
-            raw.authenticate(backend.token)
-            raw.add(0, "media_jobs:listSucceededSince", {"since": 0})
-            first = raw.recv()
-            while first["type"] == "Transition" and first["endVersion"]["querySet"] == 0:
-                first = raw.recv()  # the identity change alone, before the query set arrived
-            if not chunked:
-                assert first["type"] == "Transition" and len(first["modifications"][0]["value"]) == 30
-                raw.ws.close()
-                continue
-            parts = [first]
-            assert first["type"] == "TransitionChunk" and first["partNumber"] == 0
-            while len(parts) < first["totalParts"]:
-                parts.append(raw.recv())
-            assert [p["partNumber"] for p in parts] == list(range(first["totalParts"]))
-            assert {p["transitionId"] for p in parts} == {first["transitionId"]}
-            assert all(len(p["chunk"]) <= 2000 for p in parts)
-            transition = json.loads("".join(p["chunk"] for p in parts))
-            assert transition["type"] == "Transition"
-            assert len(transition["modifications"][0]["value"]) == 30
-            raw.ws.close()
+CHUNKY = ["--chunk-threshold", "2000", "--chunk-size", "700"]
+
+
+@pytest.fixture
+def chunky(tmp_path: Path) -> Iterator[DevBackend]:
+    """A backend that splits transitions over 2,000 bytes into parts of 700 (the real rule's sizes, shrunk)."""
+    with DevBackend.start(tmp_path / "chunky", extra_args=CHUNKY) as backend:
+        backend.create_jobs(count=30, share_files=True, prompt="un café \U0001f642 bien chaud")
+        yield backend
+
+
+def subscribed(backend: DevBackend, path: str, headers: dict[str, str] | None = None) -> Raw:
+    raw = Raw(backend, path, headers)
+    raw.connect()
+    raw.authenticate(backend.token)
+    raw.add(0, "media_jobs:listSucceededSince", {"since": 0})
+    return raw
+
+
+@pytest.mark.parametrize(("path", "headers"), [
+    ("/api/1.45.0/sync", None),
+    ("/api/1.28.0/sync", None),
+    ("/api/sync", {"Convex-Client": "npm-1.45.0"}),
+])
+def test_npm_clients_from_1_28_get_large_transitions_in_utf8_safe_chunks(
+    chunky: DevBackend, path: str, headers: dict[str, str] | None
+) -> None:
+    """crates/local_backend/src/subs/mod.rs maybe_split_transition and MIN_NPM_VERSION_FOR_TRANSITION_CHUNKS."""
+    raw = subscribed(chunky, path, headers)
+    transition, parts = raw.transition_or_chunks()
+    assert len(parts) > 1
+    assert [p["partNumber"] for p in parts] == list(range(len(parts)))
+    assert {p["totalParts"] for p in parts} == {len(parts)}
+    text = "".join(p["chunk"] for p in parts)
+    assert {p["transitionId"] for p in parts} == {str(len(text.encode()))}  # the JSON's length in bytes
+    assert all(len(p["chunk"].encode()) <= 700 for p in parts)
+    assert len(transition["modifications"][0]["value"]) == 30
+    raw.ws.close()
+
+
+@pytest.mark.parametrize(("path", "headers"), [
+    ("/api/1.27.9/sync", None),
+    ("/api/1.28.0-alpha.1/sync", None),
+    ("/api/sync", {"Convex-Client": "python-convex-0.8.1"}),
+    ("/api/sync", {"Convex-Client": "rust-0.5.0"}),
+    ("/api/sync", {"Convex-Client": "stella-materializer-0.1.0"}),
+    ("/api/1.45.0/sync", {"Convex-Client": "stella-materializer-0.1.0"}),  # the header wins over the path
+    ("/api/sync", None),
+])
+def test_other_clients_always_get_whole_transitions(
+    chunky: DevBackend, path: str, headers: dict[str, str] | None
+) -> None:
+    """crates/local_backend/src/subs/mod.rs new_sync_worker_config: supports_transition_chunks only for npm."""
+    raw = subscribed(chunky, path, headers)
+    transition, parts = raw.transition_or_chunks()
+    assert parts == [] and len(transition["modifications"][0]["value"]) == 30
+    raw.ws.close()
+
+
+def test_small_transitions_stay_whole_for_npm_clients(backend: DevBackend) -> None:
+    """crates/local_backend/src/subs/mod.rs: only a transition over MAX_MESSAGE_SIZE (5,000,000) is split."""
+    backend.create_jobs(count=30, share_files=True)
+    raw = subscribed(backend, "/api/1.45.0/sync")
+    transition, parts = raw.transition_or_chunks()
+    assert parts == [] and len(transition["modifications"][0]["value"]) == 30
+    raw.ws.close()
 
 
 CONNECT = {"type": "Connect", "sessionId": str(uuid.uuid4()), "connectionCount": 0, "lastCloseReason": None}
@@ -243,19 +345,32 @@ CONNECT = {"type": "Connect", "sessionId": str(uuid.uuid4()), "connectionCount":
 )
 def test_malformed_client_messages_get_fatal_error(raw: Raw, before: list[dict[str, Any]],
                                                    message: dict[str, Any] | str, named: str) -> None:
+    """crates/local_backend/src/subs/mod.rs: a BadRequest ends with FatalError and a close frame with no code."""
     for earlier in before:
         raw.send(earlier)
     raw.send(message)
     fatal = raw.recv()
     assert fatal["type"] == "FatalError"
     assert named in fatal["error"]
-    assert raw.closed()
+    assert raw.close_code() == NO_STATUS
 
 
 def test_binary_frames_are_refused(raw: Raw) -> None:
+    """crates/local_backend/src/subs/mod.rs receive_messages: only text frames carry messages."""
     raw.ws.send(b"\x00\x01")
     fatal = raw.recv()
     assert fatal["type"] == "FatalError" and "binary" in fatal["error"]
+    assert raw.close_code() == NO_STATUS
+
+
+def test_a_timestamp_from_the_future_is_an_internal_error(backend: DevBackend, raw: Raw) -> None:
+    """crates/sync/src/worker.rs Connect: maxObservedTimestamp ahead of the latest ts bails (1011, no message)."""
+    ahead = encode_ts(backend.stats()["ts"] + 10**12)
+    raw.send({**CONNECT, "maxObservedTimestamp": ahead})
+    with pytest.raises(ConnectionClosed) as closed:
+        raw.recv()
+    assert closed.value.rcvd is not None
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1011, "InternalServerError")
 
 
 def test_drop_and_overload_faults(backend: DevBackend, raw: Raw) -> None:
@@ -263,7 +378,7 @@ def test_drop_and_overload_faults(backend: DevBackend, raw: Raw) -> None:
     raw.add(0, "media_jobs:listSucceededSince", {"since": 0})
     raw.recv()
     assert backend.drop_connections() == 1
-    assert raw.closed()
+    assert raw.close_code() is None  # cut, no close frame at all
     backend.set_faults([{"kind": "refuse_sync", "reason": "TooManyConcurrentRequests", "times": 1}])
     refused = Raw(backend)
     with pytest.raises(ConnectionClosed) as closed:
@@ -282,3 +397,62 @@ def test_withheld_transitions_arrive_when_released(backend: DevBackend, raw: Raw
         raw.recv(timeout=0.5)
     backend.clear_faults()
     assert ids(raw.recv()["modifications"][0]["value"]) == {job}
+
+
+def test_sync_ping_comes_after_a_quiet_period_not_on_a_fixed_tick(tmp_path: Path) -> None:
+    """crates/sync/src/worker.rs HEARTBEAT_INTERVAL: the Ping timer restarts whenever the worker sends anything."""
+    interval = 1.0
+    with DevBackend.start(tmp_path / "b", extra_args=["--ping-interval", str(interval)]) as backend:
+        raw = Raw(backend)
+        raw.connect()
+        raw.authenticate(backend.token)
+        raw.add(0, "media_jobs:listSucceededSince", {"since": 0})
+        arrivals: list[tuple[float, str]] = []
+
+        def receive() -> str:
+            kind = json.loads(raw.ws.recv(timeout=10))["type"]
+            arrivals.append((time.monotonic(), kind))
+            return kind
+
+        burst_end = time.monotonic() + 3 * interval
+        while time.monotonic() < burst_end:  # keep transitions coming faster than the interval
+            if receive() == "Transition":
+                backend.create_jobs(count=1, share_files=True)
+        while receive() != "Ping":
+            pass
+        gaps = [(kind, later - earlier) for (earlier, _), (later, kind) in zip(arrivals, arrivals[1:])]
+        # During the burst no gap reached the interval, so a fixed tick would have pinged inside it.
+        assert [kind for kind, _ in gaps[:-1]] == ["Transition"] * (len(gaps) - 1)
+        assert max(gap for _, gap in gaps[:-1]) < interval
+        assert gaps[-1][1] >= interval * 0.9
+        raw.ws.close()
+
+
+async def test_websocket_pings_and_the_client_timeout(tmp_path: Path) -> None:
+    """crates/local_backend/src/subs/mod.rs: ping frames on a tick (the first at once); a silent client is
+    dropped with 1000 ClientDisconnected once CLIENT_TIMEOUT has passed, one that answers is kept."""
+    args = ["--ws-ping-interval", "0.2", "--client-timeout", "1.0"]
+    with DevBackend.start(tmp_path / "b", extra_args=args) as backend:
+        url = backend.url + "/api/sync"
+        async with aiohttp.ClientSession() as http:
+            silent = await http.ws_connect(url, autoping=False, autoclose=False)
+            started = time.monotonic()
+            first = await silent.receive(timeout=10)
+            assert first.type is aiohttp.WSMsgType.PING and time.monotonic() - started < 0.2
+            pings = 1
+            while (message := await silent.receive(timeout=10)).type is aiohttp.WSMsgType.PING:
+                pings += 1
+            assert message.type is aiohttp.WSMsgType.CLOSE
+            assert (message.data, message.extra) == (1000, "ClientDisconnected")
+            assert time.monotonic() - started >= 1.0 and pings >= 4
+            await silent.close()
+
+            answering = await http.ws_connect(url, autoping=True)
+            kept_until = time.monotonic() + 2.5
+            async def stays_open() -> bool:
+                with pytest.raises(asyncio.TimeoutError):
+                    await answering.receive(timeout=0.1)  # pings are answered inside; nothing else arrives
+                return time.monotonic() > kept_until
+            await async_wait_until(stays_open, timeout=10, what="2.5 s on an answering socket")
+            assert not answering.closed
+            await answering.close()

@@ -1,16 +1,29 @@
-"""The local backend's HTTP surface: one origin for the media API, Convex sync, ``/api/query`` and files.
+"""The local backend's HTTP surface: one origin for the media API, Convex sync, ``/api/query``, auth and files.
 
 Routes:
-  ``POST /api/media/v1/generate``      the public media API
+  ``POST /api/media/v1/generate``        the public media API (202 with a UUID ``jobId``)
   ``GET  /api/sync``, ``/api/{v}/sync``  Convex sync WebSocket
-  ``POST /api/query``                  Convex one-shot HTTP query
-  ``GET  /files/{name}``               output files (Content-Length, ETag, Range)
-  ``/_dev/...``                        control API for tests, demo and benchmarks
-                                       (needs the ``X-Dev-Admin-Key`` from the data folder)
+  ``POST /api/query``                    Convex one-shot HTTP query (HTTP 200 also when the function fails)
+  ``GET  /api/auth/convex/token``        a fresh user token ``{token}`` for the dev session (Better Auth's
+                                         Convex plugin endpoint; the session cookie, or the admin key)
+  ``GET  /files/{name}``                 output files, standing in for the provider's CDN
+                                         (Content-Length, ETag, Range)
+  ``/_dev/...``                          control API for tests, demo and benchmarks
+                                         (needs the ``X-Dev-Admin-Key`` from the data folder)
+
+Every ``/api/`` route first applies Convex's client-version rule
+(:mod:`materializer.devbackend.clients`), as ``client_version_state_middleware``
+does for every route of a deployment (get-convex/convex-backend
+``crates/common/src/http/mod.rs``): refused clients get ``400
+ClientVersionUnsupported`` (a WebSocket upgrade never happens), and clients
+near or past the end of support get ``x-convex-deprecation-state`` and
+``x-convex-deprecation-message`` headers. Errors outside function results
+are ``{"code", "message"}`` JSON, as ``HttpError::into_response`` writes them.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import hashlib
@@ -22,7 +35,6 @@ import signal
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +42,15 @@ from aiohttp import web
 
 from materializer.convex.values import from_convex_json, to_convex_json
 from materializer.devbackend.auth import Authority, TokenError
+from materializer.devbackend.clients import ClientVersion, ClientVersionError, State, client_version_of
 from materializer.devbackend.db import JobTable
 from materializer.devbackend.faults import HTTP_KINDS, Faults
-from materializer.devbackend.functions import FunctionError, run_query
+from materializer.devbackend.functions import FunctionError, Functions
 from materializer.devbackend.media import MAX_BODY_BYTES, BadRequest, MediaService
+from materializer.devbackend.options import BackendOptions, options_from_args
 from materializer.devbackend.sync import SyncSession
 
-__all__ = ["Backend", "BackendOptions", "serve"]
+__all__ = ["ADMIN_HEADER", "Backend", "SESSION_COOKIE", "TOKEN_PATH", "serve"]
 
 log = logging.getLogger("materializer.devbackend")
 
@@ -51,20 +65,23 @@ AUTH_REQUIRED_BODY = {
     "docsUrl": "https://stella.sh/docs/media",
 }
 ADMIN_HEADER = "X-Dev-Admin-Key"
-_VERSIONED_SYNC = re.compile(r"^/api/([^/]+)/sync$")
+#: Better Auth's Convex plugin route under ``/api/auth`` (``authFetch("/convex/token")`` in ruuxi/stella-v2
+#: ``packages/desktop/electron/services/auth-service.ts``).
+TOKEN_PATH = "/api/auth/convex/token"
+#: Better Auth's default session cookie (no ``cookiePrefix`` in ``backend/convex/auth.ts``; plain http).
+SESSION_COOKIE = "better-auth.session_token"
+#: The ``Convex-Client`` header and the deprecation headers (``crates/convex/sync_types/src/headers.rs``).
+CLIENT_HEADER = "Convex-Client"
+DEPRECATION_STATE_HEADER = "x-convex-deprecation-state"
+DEPRECATION_MESSAGE_HEADER = "x-convex-deprecation-message"
+_CLIENT = "convex_client"  # request key: the ClientVersion the middleware identified
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}$")
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
-@dataclass
-class BackendOptions:
-    data_dir: Path
-    user: str = "demo-user"
-    token_ttl: float = 86400.0
-    job_delay: float = 0.05
-    ping_interval: float = 15.0
-    chunk_size: int = 256 * 1024
-    data_uri_outputs: bool = False
+def _error(status: int, code: str, message: str) -> web.Response:
+    """An error outside a function's result, shaped as ``HttpError::into_response`` writes it."""
+    return web.json_response({"code": code, "message": message}, status=status)
 
 
 class Backend:
@@ -78,6 +95,7 @@ class Backend:
         self.files_dir = files_dir
         self.authority = Authority(options.data_dir)
         self.table = JobTable(options.data_dir / "jobs.sqlite3")
+        self.functions = Functions(options.extensions)
         self.faults = Faults()
         if options.data_uri_outputs:
             self.faults.output_mode = "data_uri"
@@ -85,8 +103,6 @@ class Backend:
         self.media = MediaService(self.table, files_dir, self.faults, options.job_delay)
         self.sessions: set[SyncSession] = set()
         self.sync_connections = 0
-        self.ping_interval = options.ping_interval
-        self.chunk_size = options.chunk_size
 
     def faults_changed(self) -> asyncio.Event:
         return self._faults_changed
@@ -96,26 +112,33 @@ class Backend:
         event, self._faults_changed = self._faults_changed, asyncio.Event()
         event.set()
 
-    def owner_from_header(self, request: web.Request) -> str | None:
-        """The user of a ``Bearer`` token; None when absent; raises TokenError when refused."""
+    @staticmethod
+    def bearer_token(request: web.Request) -> str | None:
+        """The ``Bearer`` token; None when there is no Authorization header; raises TokenError when malformed."""
         header = request.headers.get("Authorization")
         if header is None:
             return None
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise TokenError("Authorization header must be 'Bearer <token>'")
-        return self.authority.subject_of(token.strip())
+        return token.strip()
+
+    def owner_of(self, token: str | None) -> str | None:
+        """The user of a token (None for no token); raises TokenError when refused."""
+        return None if token is None else self.authority.verify(token)[0]
 
     # -- application ---------------------------------------------------------------
 
     def application(self) -> web.Application:
-        app = web.Application(middlewares=[self._fault_middleware], client_max_size=1024**2)
+        app = web.Application(middlewares=[self._client_version_middleware, self._fault_middleware],
+                              client_max_size=1024**2)
         app.add_routes(
             [
                 web.post("/api/media/v1/generate", self.generate),
                 web.get("/api/sync", self.sync),
-                web.get("/api/{version}/sync", self.sync),
+                web.get("/api/{client_version}/sync", self.sync),
                 web.post("/api/query", self.query),
+                web.get(TOKEN_PATH, self.convex_token),
                 web.get("/files/{name}", self.file),
                 web.post("/_dev/token", self._admin(self.dev_token)),
                 web.get("/_dev/faults", self._admin(self.dev_faults)),
@@ -125,6 +148,7 @@ class Backend:
                 web.get("/_dev/stats", self._admin(self.dev_stats)),
             ]
         )
+        app.on_response_prepare.append(self._deprecation_headers)
         app.on_shutdown.append(self._on_shutdown)
         return app
 
@@ -132,6 +156,35 @@ class Backend:
         for session in list(self.sessions):
             await session.close()
         await self.media.aclose()
+
+    @web.middleware
+    async def _client_version_middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """``client_version_state_middleware`` for the deployment's routes (``/files`` is the CDN's, ``/_dev`` ours)."""
+        if not request.path.startswith("/api/"):
+            return await handler(request)
+        try:
+            client = client_version_of(request.headers.get(CLIENT_HEADER), request.match_info.get("client_version"),
+                                       request.path)
+        except ClientVersionError as exc:
+            return _error(400, "InvalidClientVersion", str(exc))
+        request[_CLIENT] = client
+        state, message = client.state()
+        if state is State.UNSUPPORTED:
+            log.info("refused client %s", client)
+            return _error(400, "ClientVersionUnsupported", message)
+        return await handler(request)
+
+    async def _deprecation_headers(self, request: web.Request, response: web.StreamResponse) -> None:
+        """The middleware's headers for Unsupported and UpgradeRequired clients, on every answer (101 included)."""
+        client: ClientVersion | None = request.get(_CLIENT)
+        if client is None:
+            return
+        state, message = client.state()
+        if state is not State.SUPPORTED:
+            response.headers[DEPRECATION_STATE_HEADER] = state.value
+            response.headers[DEPRECATION_MESSAGE_HEADER] = message
 
     @web.middleware
     async def _fault_middleware(
@@ -154,7 +207,7 @@ class Backend:
 
     async def generate(self, request: web.Request) -> web.Response:
         try:
-            owner = self.owner_from_header(request)
+            owner = self.owner_of(self.bearer_token(request))
         except TokenError:
             owner = None
         if owner is None:
@@ -175,10 +228,12 @@ class Backend:
     # -- Convex --------------------------------------------------------------------------------
 
     async def sync(self, request: web.Request) -> web.StreamResponse:
-        ws = web.WebSocketResponse(max_msg_size=8 * 1024 * 1024, autoping=True)
+        # The session answers pings and close frames itself: it tracks when the client was last heard
+        # from, and it must be able to close without a status code.
+        ws = web.WebSocketResponse(max_msg_size=8 * 1024 * 1024, autoping=False, autoclose=False)
         await ws.prepare(request)
         self.sync_connections += 1
-        session = SyncSession(self, request, ws, chunking=bool(_VERSIONED_SYNC.match(request.path)))
+        session = SyncSession(self, request, ws, request[_CLIENT])
         self.sessions.add(session)
         try:
             await session.run()
@@ -187,29 +242,62 @@ class Backend:
         return ws
 
     async def query(self, request: web.Request) -> web.Response:
+        """``public_query_post`` (``crates/local_backend/src/public_api.rs``).
+
+        A function that threw, that does not exist or whose arguments were
+        refused is an HTTP 200 ``status: "error"`` answer; ``logLines`` is
+        left out when empty, as ``UdfResponse`` serializes it.
+        """
         try:
-            owner = self.owner_from_header(request)
+            token = self.bearer_token(request)
         except TokenError as exc:
-            return web.json_response({"code": "Unauthenticated", "message": f"Could not verify token: {exc}"},
-                                     status=401)
+            return _error(401, "Unauthenticated", str(exc))
         try:
             body = json.loads(await request.read())
         except (UnicodeDecodeError, json.JSONDecodeError):
-            return web.json_response({"code": "BadJsonBody", "message": "request body is not JSON"}, status=400)
+            return _error(400, "BadJsonBody", "request body is not JSON")
         if not isinstance(body, dict) or not isinstance(body.get("path"), str):
-            return web.json_response({"code": "BadJsonBody", "message": "body needs a string `path`"}, status=400)
+            return _error(400, "BadJsonBody", "body needs a string `path`")
         if body.get("format", "convex_encoded_json") not in ("convex_encoded_json", "json"):
-            return web.json_response({"code": "BadJsonBody", "message": "unsupported `format`"}, status=400)
+            return _error(400, "BadJsonBody", "unsupported `format`")
         args = body.get("args", {})
         if isinstance(args, list) and len(args) == 1:
             args = args[0]
         try:
-            value = run_query(self.table, owner, body["path"], from_convex_json(args))
-        except FunctionError as exc:
-            return web.json_response({"status": "error", "errorMessage": str(exc), "logLines": []}, status=560)
+            decoded = from_convex_json(args)
         except ValueError as exc:
-            return web.json_response({"code": "BadJsonBody", "message": f"args: {exc}"}, status=400)
-        return web.json_response({"status": "success", "value": to_convex_json(value), "logLines": []})
+            return _error(400, "BadJsonBody", f"args: {exc}")
+        try:
+            owner = self.owner_of(token)
+        except TokenError as exc:
+            return _error(401, "Unauthenticated", f"Could not verify token: {exc}")
+        try:
+            value = self.functions.run(self.table, owner, body["path"], decoded)
+        except FunctionError as exc:
+            return web.json_response({"status": "error", "errorMessage": str(exc)})
+        return web.json_response({"status": "success", "value": to_convex_json(value)})
+
+    # -- auth ------------------------------------------------------------------------------------
+
+    def _signed_in(self, request: web.Request) -> bool:
+        """The dev session: its cookie as the desktop sends it, the admin key, or (an extension) a Bearer header."""
+        if request.headers.get(ADMIN_HEADER) == self.authority.admin_key:
+            return True
+        if self.authority.is_session(request.cookies.get(SESSION_COOKIE)):
+            return True
+        scheme, _, secret = request.headers.get("Authorization", "").partition(" ")
+        return ("bearer-session" in self.options.extensions and scheme.lower() == "bearer"
+                and self.authority.is_session(secret.strip()))
+
+    async def convex_token(self, request: web.Request) -> web.Response:
+        """``/convex/token`` of Better Auth's Convex plugin: ``{token}`` for the session, else 401.
+
+        Its ``sessionMiddleware`` throws ``APIError("UNAUTHORIZED")``; the
+        body is what better-call writes for a bare status.
+        """
+        if not self._signed_in(request):
+            return web.json_response({"code": "UNAUTHORIZED"}, status=401)
+        return web.json_response({"token": self.authority.mint(self.options.user, self.options.token_ttl)})
 
     # -- files -----------------------------------------------------------------------------------
 
@@ -312,7 +400,10 @@ class Backend:
         spec = await self._json_body(request)
         if not isinstance(spec, dict):
             return web.json_response({"error": "body must be an object"}, status=400)
-        owner, docs = await asyncio.to_thread(self.media.build_jobs, spec, self.options.user)
+        try:
+            owner, docs = await asyncio.to_thread(self.media.build_jobs, spec, self.options.user)
+        except ValueError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
         self.table.put_many(owner, docs)
         return web.json_response({"jobs": [doc["jobId"] for doc in docs]})
 
@@ -345,7 +436,8 @@ async def serve(options: BackendOptions, host: str, port: int, ready: Callable[[
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    ready({"event": "ready", "url": url, "token": backend.authority.mint(options.user, options.token_ttl)})
+    ready({"event": "ready", "url": url, "token": backend.authority.mint(options.user, options.token_ttl),
+           "token_url": url + TOKEN_PATH, "session_secret_file": str(backend.authority.session_secret_path)})
     try:
         await stop.wait()
     finally:
@@ -353,9 +445,9 @@ async def serve(options: BackendOptions, host: str, port: int, ready: Callable[[
         backend.table.close()
 
 
-def run(host: str, port: int, data_dir: str | None, log_level: str = "warning", **options: Any) -> int:
-    """Entry point of ``materializer dev-backend``."""
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+def run(args: argparse.Namespace) -> int:
+    """Entry point of the ``dev-backend`` command (flags: :func:`materializer.devbackend.options.add_arguments`)."""
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def ready(event: dict[str, Any]) -> None:
@@ -363,7 +455,6 @@ def run(host: str, port: int, data_dir: str | None, log_level: str = "warning", 
         sys.stdout.flush()
 
     with contextlib.ExitStack() as stack:
-        if data_dir is None:
-            data_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="stella-dev-backend-"))
-        asyncio.run(serve(BackendOptions(data_dir=Path(data_dir), **options), host, port, ready))
+        data_dir = args.data or stack.enter_context(tempfile.TemporaryDirectory(prefix="stella-dev-backend-"))
+        asyncio.run(serve(options_from_args(args, Path(data_dir)), args.host, args.port, ready))
     return 0

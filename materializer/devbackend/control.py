@@ -1,8 +1,10 @@
 """Start and drive a local backend in its own process (tests, the demo and benchmarks use this).
 
-The backend runs as a real ``materializer dev-backend`` process; this class
-reads its ready line and talks to its ``/_dev`` control API with the admin
-key it keeps in the data folder.
+The backend runs as a real process (``python -m materializer.devbackend``,
+the same program as ``materializer dev-backend``); this class reads its
+ready line and talks to its ``/_dev`` control API with the admin key it
+keeps in the data folder. Unless told otherwise the backend behaves like
+the real systems: five-minute tokens, no extensions.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from typing import Any
 
 import httpx
 
-from materializer.devbackend.app import ADMIN_HEADER
+from materializer.devbackend.app import ADMIN_HEADER, SESSION_COOKIE, TOKEN_PATH
+from materializer.devbackend.auth import SESSION_SECRET_FILE
 
 __all__ = ["DevBackend", "DevBackendError"]
 
@@ -32,11 +35,14 @@ class DevBackend:
     """A running ``materializer dev-backend`` process."""
 
     def __init__(self, data_dir: Path, port: int = 0, *, extra_args: list[str] | None = None,
-                 token_ttl: float = 86400.0, startup_timeout: float = 30.0) -> None:
+                 token_ttl: float | None = None, extensions: list[str] | None = None,
+                 startup_timeout: float = 30.0) -> None:
+        """``token_ttl`` None keeps the backend's default (300 s); ``extensions`` names ``--extension`` switches."""
         self.data_dir = Path(data_dir)
         self.port = port
         self.extra_args = list(extra_args or [])
         self.token_ttl = token_ttl
+        self.extensions = list(extensions or [])
         self.startup_timeout = startup_timeout
         self.url = ""
         self.token = ""
@@ -59,11 +65,13 @@ class DevBackend:
 
     def launch(self) -> None:
         """Start the process (on the same port and data folder as before, after a stop)."""
-        command = [
-            sys.executable, "-m", "materializer", "dev-backend",
-            "--port", str(self.port), "--data", str(self.data_dir), "--token-ttl", str(self.token_ttl),
-            *self.extra_args,
-        ]
+        command = [sys.executable, "-m", "materializer.devbackend", "--port", str(self.port),
+                   "--data", str(self.data_dir)]
+        if self.token_ttl is not None:
+            command += ["--token-ttl", str(self.token_ttl)]
+        for name in self.extensions:
+            command += ["--extension", name]
+        command += self.extra_args
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
         assert self.process.stdout is not None
         deadline = time.monotonic() + self.startup_timeout
@@ -89,6 +97,24 @@ class DevBackend:
     @property
     def admin_key(self) -> str:
         return (self.data_dir / "admin-key").read_text()
+
+    @property
+    def session_secret_path(self) -> Path:
+        """The file holding the dev session secret (what the desktop's Better Auth cookie stands for)."""
+        return self.data_dir / SESSION_SECRET_FILE
+
+    @property
+    def session_secret(self) -> str:
+        return self.session_secret_path.read_text()
+
+    @property
+    def token_url(self) -> str:
+        """``GET`` here with the session cookie for ``{"token": ...}``, as the desktop app does."""
+        return self.url + TOKEN_PATH
+
+    def session_headers(self) -> dict[str, str]:
+        """The ``Cookie`` header the desktop sends to the token endpoint: its Better Auth session."""
+        return {"Cookie": f"{SESSION_COOKIE}={self.session_secret}"}
 
     def stop(self, sig: int = signal.SIGTERM) -> int | None:
         """Stop the process (SIGTERM by default; SIGKILL for a crash) and return its exit code."""
@@ -123,6 +149,15 @@ class DevBackend:
             raise DevBackendError(f"{method} {path}: HTTP {response.status_code} {response.text[:300]}")
         return response.json()
 
+    def fetch_token(self) -> str:
+        """A fresh token for the signed-in user from ``/api/auth/convex/token``, with the session cookie."""
+        if self._http is None:
+            raise DevBackendError("dev-backend is not running")
+        response = self._http.get(TOKEN_PATH, headers=self.session_headers())
+        if response.status_code != 200:
+            raise DevBackendError(f"GET {TOKEN_PATH}: HTTP {response.status_code} {response.text[:300]}")
+        return response.json()["token"]
+
     def mint_token(self, sub: str = "demo-user", ttl: float = 3600.0) -> str:
         """A token for another user, or a short-lived (even already expired, ttl < 0) one."""
         return self._call("POST", "/_dev/token", {"sub": sub, "ttl": ttl})["token"]
@@ -152,12 +187,12 @@ class DevBackend:
         return self._http.post("/api/media/v1/generate", json=body, headers=headers)
 
     def wait_for_job(self, job_id: str, token: str | None = None, timeout: float = 30.0) -> dict[str, Any]:
-        """Poll ``getByJobId`` until the job has finished (succeeded or failed); return its document."""
+        """Poll ``getByJobId`` until the job has finished (succeeded, failed or unknown); return its document."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             response = self.query("media_jobs:getByJobId", {"jobId": job_id}, token)
             doc = response.json().get("value") if response.status_code == 200 else None
-            if doc is not None and doc["status"] in ("succeeded", "failed"):
+            if doc is not None and doc["status"] in ("succeeded", "failed", "unknown"):
                 return doc
         raise DevBackendError(f"job {job_id} did not finish within {timeout}s")
 

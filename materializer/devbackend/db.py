@@ -1,8 +1,11 @@
 """The local backend's ``media_jobs`` table, in SQLite, with Convex-style timestamps.
 
 Every write advances the database timestamp (nanoseconds, like Convex's
-``ts``) and wakes whoever waits on :meth:`JobTable.changed`, which is how
-sync sessions learn that their subscribed results may have moved.
+``ts``) and wakes whoever waits on :meth:`JobTable.changed`. The table also
+remembers when each owner's jobs last changed (:meth:`JobTable.owner_ts`):
+every public query reads only its viewer's jobs, so a sync session re-runs
+its queries only when that owner's rows moved, as a Convex subscription is
+invalidated only by writes inside its read set.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class JobTable:
         self._db.executescript(_SCHEMA)
         row = self._db.execute("SELECT value FROM meta WHERE key='ts'").fetchone()
         self.ts = int(row[0]) if row else time.time_ns()
+        self._owner_ts: dict[str, int] = {}
         self._changed = asyncio.Event()
 
     def close(self) -> None:
@@ -55,8 +59,13 @@ class JobTable:
         """An event set at the next write; take a fresh one after each wake-up."""
         return self._changed
 
-    def _commit_ts(self) -> None:
+    def owner_ts(self, owner: str) -> int:
+        """The timestamp of the last write to ``owner``'s jobs since this process started (0: none)."""
+        return self._owner_ts.get(owner, 0)
+
+    def _commit_ts(self, owner: str) -> None:
         self.ts = max(time.time_ns(), self.ts + 1)
+        self._owner_ts[owner] = self.ts
         self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('ts', ?)", (str(self.ts),))
         event, self._changed = self._changed, asyncio.Event()
         event.set()
@@ -74,7 +83,7 @@ class JobTable:
             "INSERT OR REPLACE INTO media_jobs (job_id, owner, status, completed_at, doc) VALUES (?, ?, ?, ?, ?)",
             rows,
         )
-        self._commit_ts()
+        self._commit_ts(owner)
         self._db.execute("COMMIT")
 
     # -- reads -----------------------------------------------------------------
@@ -94,12 +103,13 @@ class JobTable:
         ).fetchall()
         return [(owner, json.loads(doc)) for owner, doc in rows]
 
-    def newest_since(self, owner: str, status: str, since: float, limit: int) -> list[dict[str, Any]]:
-        """Jobs with ``status`` and ``completedAt >= since``, newest first."""
+    def newest_since(self, owner: str, statuses: tuple[str, ...], since: float, limit: int) -> list[dict[str, Any]]:
+        """Jobs with one of ``statuses`` and ``completedAt >= since``, newest first, at most ``limit``."""
+        marks = ", ".join("?" * len(statuses))
         rows = self._db.execute(
-            "SELECT doc FROM media_jobs WHERE owner = ? AND status = ? AND completed_at >= ?"
+            f"SELECT doc FROM media_jobs WHERE owner = ? AND status IN ({marks}) AND completed_at >= ?"
             " ORDER BY completed_at DESC, job_id DESC LIMIT ?",
-            (owner, status, since, limit),
+            (owner, *statuses, since, limit),
         ).fetchall()
         return [json.loads(doc) for (doc,) in rows]
 
@@ -108,6 +118,7 @@ class JobTable:
     ) -> tuple[list[dict[str, Any]], bool, str]:
         """One page of succeeded jobs, oldest first by ``completedAt``: (page, is_done, continue_cursor)."""
         after = _decode_cursor(cursor) if cursor else None
+        params: list[Any]
         if after is None:
             where, params = "completed_at >= ?", [since]
         else:

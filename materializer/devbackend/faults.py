@@ -23,11 +23,17 @@ Sync protocol:
   ``refuse_sync``           new sockets are closed at once with ``reason`` (e.g. an overload name)
 
 Jobs:
-  ``fail_jobs``     new jobs fail upstream with ``message`` and ``code``
+  ``fail_jobs``     new jobs end with ``status`` ``failed`` (the default; with ``message`` and ``code``
+                    as its error) or ``unknown`` (no error)
 
-Besides the rules: ``output_mode`` (``url`` or ``data_uri``) chooses how
-image outputs are delivered, and ``POST /_dev/drop-connections`` drops every
-sync socket at once.
+Besides the rules, ``output_mode`` is a fault of its own. ``url`` (the
+default) stores image outputs as the real backend does: URLs, through its
+sanitizer (``sanitizeJsonValue`` in ruuxi/stella-v2
+``backend/convex/media_jobs.ts``, which turns any ``data:...;base64,``
+string into ``[data-uri omitted]``). ``data_uri`` delivers every image as a
+``data:`` URI and bypasses the sanitizer, for clients that must cope with
+the rare job that carries one. ``--data-uri-outputs`` starts the backend
+with it. ``POST /_dev/drop-connections`` drops every sync socket at once.
 """
 
 from __future__ import annotations
@@ -69,6 +75,8 @@ class FaultRule:
             raise ValueError("probability must be between 0 and 1")
         if match is not None and not isinstance(match, str):
             raise ValueError("match must be a string")
+        if kind == "fail_jobs" and spec.get("status", "failed") not in ("failed", "unknown"):
+            raise ValueError("fail_jobs status must be 'failed' or 'unknown'")
         return cls(kind=kind, match=match, times=times, probability=float(probability), params=spec)
 
 

@@ -2,7 +2,8 @@
 
 Jobs go ``queued`` -> ``running`` -> ``succeeded`` (or ``failed``) on their
 own, like the cloud's, and every step is a write to the job table, which the
-sync sessions push to subscribers.
+sync sessions push to subscribers. Ids, request summaries and outputs are
+stored as the real backend stores them (:mod:`materializer.devbackend.stored`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from urllib.parse import urlsplit
 from materializer.devbackend import imaging
 from materializer.devbackend.db import JobTable
 from materializer.devbackend.faults import Faults
+from materializer.devbackend.stored import new_job_id, sanitize_json_value, summarize_request
 
 __all__ = ["BadRequest", "MediaService", "PROFILES"]
 
@@ -44,6 +46,10 @@ LONG_EDGE = {
     ("realtime", "default"): 512,
 }
 MAX_BODY_BYTES = 20 * 1024 * 1024
+#: A finished job's ``status`` -> the provider status stored beside it. ``unknown`` is a status the
+#: reference contract names (``listFailedSince`` returns it with ``failed``); the provider status
+#: shown for it is this backend's choice.
+UPSTREAM_STATUS = {"succeeded": "OK", "failed": "ERROR", "unknown": "UNKNOWN", "canceled": "CANCELED"}
 QUALITIES = {"low", "medium", "high"}
 
 
@@ -70,12 +76,12 @@ def _whole_number(value: Any) -> int | None:
     return int(value)
 
 
-def _decode_data_uri(uri: str) -> tuple[bytes, str]:
+def _decode_data_uri(uri: str) -> bytes:
     header, comma, payload = uri.partition(",")
     if not uri.startswith("data:") or not comma or not header.endswith(";base64"):
         raise BadRequest("source must be a base64 data: URI or {base64, mimeType}")
     try:
-        return base64.b64decode(payload, validate=True), header[5:-7] or "application/octet-stream"
+        return base64.b64decode(payload, validate=True)
     except binascii.Error:
         raise BadRequest("source data URI is not valid base64") from None
 
@@ -134,7 +140,7 @@ class MediaService:
         if quality is not None and quality not in QUALITIES:
             raise BadRequest(f"unknown input.quality {quality!r} (low, medium or high)")
         size = self._parse_size(raw_input.get("image_size"))
-        source, source_summary = self._parse_source(data)
+        source = self._parse_source(data)
         if capability == "image_edit" and source is None:
             raise BadRequest("image_edit requires source or sourceUrl")
         sources = data.get("sources")
@@ -142,15 +148,7 @@ class MediaService:
             not isinstance(sources, dict) or not all(isinstance(v, str) for v in sources.values())
         ):
             raise BadRequest("sources must be an object of data: URIs")
-        summary: dict[str, Any] = {"prompt": prompt}
-        if aspect_ratio is not None:
-            summary["aspectRatio"] = aspect_ratio
-        if source_summary:
-            summary["source"] = source_summary
-        if sources:
-            summary["sources"] = {name: {"kind": "data_uri"} for name in sources}
-        if raw_input:
-            summary["input"] = {k: v for k, v in raw_input.items() if isinstance(v, (str, int, float, bool))}
+        summary = summarize_request(data)
         return GenerateRequest(
             capability, profile, prompt, aspect_ratio, num_images, output_format, size, source, summary
         )
@@ -165,28 +163,27 @@ class MediaService:
                 return width, height
         raise BadRequest("input.image_size must be {width, height} between 16 and 4096")
 
-    def _parse_source(self, data: dict[str, Any]) -> tuple[bytes | None, dict[str, Any] | None]:
+    def _parse_source(self, data: dict[str, Any]) -> bytes | None:
         source, source_url = data.get("source"), data.get("sourceUrl")
         if source is not None:
             if isinstance(source, str):
-                raw, mime = _decode_data_uri(source)
+                raw = _decode_data_uri(source)
             elif isinstance(source, dict) and isinstance(source.get("base64"), str):
                 try:
                     raw = base64.b64decode(source["base64"], validate=True)
                 except binascii.Error:
                     raise BadRequest("source.base64 is not valid base64") from None
-                mime = str(source.get("mimeType", "application/octet-stream"))
             else:
                 raise BadRequest("source must be a data: URI string or {base64, mimeType}")
             self._check_image(raw)
-            return raw, {"kind": "data_uri", "mimeType": mime}
+            return raw
         if source_url is not None:
             if not isinstance(source_url, str) or urlsplit(source_url).scheme not in ("http", "https"):
                 raise BadRequest("sourceUrl must be an http(s) URL")
             raw = self._own_file(source_url)
             self._check_image(raw)
-            return raw, {"kind": "url", "url": source_url}
-        return None, None
+            return raw
+        return None
 
     def _own_file(self, url: str) -> bytes:
         """This backend can fetch only its own files (it has no outside network)."""
@@ -211,10 +208,8 @@ class MediaService:
     def submit(self, owner: str, request: GenerateRequest) -> dict[str, Any]:
         """Store a queued job and start running it; returns the 202 body."""
         now = time.time() * 1000
-        job_id = f"job_{secrets.token_hex(10)}"
+        job_id = new_job_id()
         doc = {
-            "_id": secrets.token_hex(16),
-            "_creationTime": now,
             "jobId": job_id,
             "capability": request.capability,
             "profile": request.profile,
@@ -268,8 +263,9 @@ class MediaService:
         if failure is not None:
             error = {"message": str(failure.params.get("message", "Upstream provider error")),
                      "code": str(failure.params.get("code", "upstream_error"))}
-            self._update(owner, doc, status="failed", upstreamStatus="ERROR", error=error,
-                         completedAt=time.time() * 1000)
+            status = failure.params.get("status", "failed")
+            self._update(owner, doc, status=status, upstreamStatus=UPSTREAM_STATUS[status],
+                         error=error if status == "failed" else None, completedAt=time.time() * 1000)
             return
         try:
             images = await asyncio.to_thread(self._draw, doc["jobId"], request)
@@ -279,8 +275,8 @@ class MediaService:
                          error={"message": f"render failed: {exc}", "code": "internal"},
                          completedAt=time.time() * 1000)
             return
-        self._update(owner, doc, status="succeeded", upstreamStatus="OK", output={"images": images},
-                     completedAt=time.time() * 1000)
+        self._update(owner, doc, status="succeeded", upstreamStatus="OK",
+                     output=self.stored_output({"images": images}), completedAt=time.time() * 1000)
 
     def _update(self, owner: str, doc: dict[str, Any], **fields: Any) -> dict[str, Any]:
         doc = {**doc, **fields, "updatedAt": time.time() * 1000}
@@ -310,6 +306,10 @@ class MediaService:
             outputs.append(self.publish(data, request.output_format, size, index))
         return outputs
 
+    def stored_output(self, output: Any) -> Any:
+        """The output as ``markGenerated`` writes it: sanitized, unless the ``data_uri`` fault bypasses that."""
+        return output if self.faults.output_mode == "data_uri" else sanitize_json_value(output)
+
     def publish(self, data: bytes, output_format: str, size: tuple[int, int], index: int) -> dict[str, Any]:
         """Store image bytes and describe them the way a provider does."""
         _, mime, ext = imaging.FORMATS[output_format]
@@ -325,18 +325,25 @@ class MediaService:
     def build_jobs(self, spec: dict[str, Any], default_owner: str) -> tuple[str, list[dict[str, Any]]]:
         """Finished jobs for the ``/_dev/jobs`` control API (bursts, sizes, hostile fields): (owner, docs).
 
-        Runs in a worker thread (it draws images), so it only builds; the caller stores.
+        Drawn images, and a provider answer given as ``output``, are stored the
+        way the backend stores outputs (:meth:`stored_output`). ``doc`` fields
+        replace the built document's verbatim, as an edit in the dashboard
+        would: that is how tests plant hostile documents (ids included).
+        Raises ValueError for a status the backend does not use. Runs in a
+        worker thread (it draws images), so it only builds; the caller stores.
         """
         owner = spec.get("owner", default_owner)
         count = int(spec.get("count", 1))
         status = spec.get("status", "succeeded")
+        if status not in UPSTREAM_STATUS:
+            raise ValueError(f"unknown status {status!r} (known: {', '.join(UPSTREAM_STATUS)})")
         capability = spec.get("capability", "text_to_image")
         profile = spec.get("profile", PROFILES.get(capability, ((), "default"))[1])
         output_format = spec.get("format", "png")
         width, height = int(spec.get("width", 256)), int(spec.get("height", 256))
         images = int(spec.get("images", 1))
         prompt = spec.get("prompt", "a generated test image")
-        shared: list[dict[str, Any]] | None = None
+        shared: Any = None
         now = time.time() * 1000
         completed_at: Callable[[int], float]
         base = spec.get("completedAt")
@@ -344,23 +351,24 @@ class MediaService:
         completed_at = (lambda i: now + i * step / 1000) if base is None else (lambda i: float(base) + i * step)
         docs = []
         for i in range(count):
-            if status == "succeeded" and (shared is None or not spec.get("share_files", False)):
-                shared = [
+            if "output" in spec:
+                shared = self.stored_output(spec["output"])
+            elif status == "succeeded" and (shared is None or not spec.get("share_files", False)):
+                shared = self.stored_output({"images": [
                     self.publish(imaging.render(f"{prompt} #{i}", width, height, output_format, k,
                                                 noise=bool(spec.get("noise", False))),
                                  output_format, (width, height), k)
                     for k in range(images)
-                ]
+                ]})
             doc: dict[str, Any] = {
-                "_id": secrets.token_hex(16), "_creationTime": now,
-                "jobId": f"job_{secrets.token_hex(10)}", "capability": capability, "profile": profile,
-                "request": {"prompt": prompt}, "status": status,
-                "upstreamStatus": "OK" if status == "succeeded" else "ERROR", "queuePosition": None,
-                "createdAt": now - 1000, "updatedAt": now, "startedAt": now - 500, "completedAt": completed_at(i),
+                "jobId": new_job_id(), "capability": capability, "profile": profile,
+                "request": {"prompt": prompt}, "status": status, "upstreamStatus": UPSTREAM_STATUS[status],
+                "queuePosition": None, "createdAt": now - 1000, "updatedAt": now, "startedAt": now - 500,
+                "completedAt": completed_at(i),
             }
-            if status == "succeeded":
-                doc["output"] = {"images": shared}
-            elif status == "failed":
+            if shared is not None:
+                doc["output"] = shared
+            if status == "failed":
                 doc["error"] = {"message": spec.get("message", "The provider refused the prompt."),
                                 "code": spec.get("code", "content_policy")}
             doc.update(spec.get("doc", {}))

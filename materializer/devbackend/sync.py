@@ -1,11 +1,29 @@
 """The server side of Convex's WebSocket sync protocol, for one socket.
 
 Each session keeps the client's query set, identity and the last values it
-sent. Whenever the client changes its query set or identity, or a job is
-written, the session recomputes its queries and sends one ``Transition``
-from the version the client holds to the current one, carrying only what
-changed. Client messages are checked as strictly as a Convex deployment
-does; any deviation gets a ``FatalError`` naming it and a close.
+sent. When the client changes its query set or identity, or a write touches
+the jobs its queries read, the session re-runs its queries and sends one
+``Transition`` from the version the client holds to the current one,
+carrying only what changed. Client messages are checked as strictly as a
+Convex deployment does; any deviation gets a ``FatalError`` naming it.
+
+What it mirrors (get-convex/convex-backend):
+
+- ``crates/sync/src/worker.rs``: a ``Ping`` after ``HEARTBEAT_INTERVAL``
+  (15 s) in which the worker sent nothing else;
+- ``crates/sync/src/state.rs`` ``identity()``: an expired token is noticed
+  only when the queries are next re-run (or a mutation or action arrives),
+  and answered ``AuthError`` "Convex token identity expired" with
+  ``authUpdateAttempted: false``; there is no timer at ``exp``;
+- ``crates/local_backend/src/subs/mod.rs``: WebSocket ping frames every 5 s
+  (the first at once), a client not heard from for 120 s dropped with
+  ``1000 ClientDisconnected``; ``maybe_split_transition`` (chunks only for
+  npm clients at 1.28.0 or later, only over 5,000,000 bytes, parts cut on
+  UTF-8 boundaries, ``transitionId`` the JSON's byte length); and the final
+  ``AuthError``/``FatalError`` followed by a close frame *without a status
+  code* (``crates/errors`` ``close_frame`` is None for BadRequest,
+  Unauthenticated and AuthUpdateFailed), which a client sees as 1005;
+  errors without metadata close with ``1011 InternalServerError``.
 """
 
 from __future__ import annotations
@@ -15,7 +33,6 @@ import contextlib
 import json
 import logging
 import math
-import secrets
 import time
 import uuid
 from collections.abc import Awaitable
@@ -25,7 +42,8 @@ from aiohttp import WSMsgType, web
 
 from materializer.convex.values import ConvexValueError, decode_ts, encode_ts, from_convex_json, to_convex_json
 from materializer.devbackend.auth import TokenError
-from materializer.devbackend.functions import FunctionError, run_query
+from materializer.devbackend.clients import ClientVersion
+from materializer.devbackend.functions import FunctionError
 
 if TYPE_CHECKING:
     from materializer.devbackend.app import Backend
@@ -33,6 +51,11 @@ if TYPE_CHECKING:
 __all__ = ["SyncSession"]
 
 log = logging.getLogger(__name__)
+
+#: How long a session that sent its close frame waits for the client's before cutting the connection.
+CLOSE_GRACE = 10.0
+TOKEN_EXPIRED = "Convex token identity expired"
+PING = json.dumps({"type": "Ping"})
 
 _ALLOWED_KEYS = {
     "Connect": {"type", "sessionId", "connectionCount", "lastCloseReason", "maxObservedTimestamp", "clientTs"},
@@ -76,25 +99,53 @@ def _one_args_object(args: Any, where: str) -> dict[str, Any]:
         raise ProtocolViolation(f"{where}: `args` is not valid Convex JSON: {exc}") from None
 
 
+class _InternalError(Exception):
+    """A failure without error metadata: the socket closes with 1011, no final message."""
+
+
+class _AuthRefused(Exception):
+    """An ``Authenticate`` whose token was refused (``AuthUpdateFailed``)."""
+
+
+def split_utf8(text: str, size: int) -> list[str]:
+    """``text`` in pieces of at most ``size`` UTF-8 bytes, never cutting a character (``size`` >= 4)."""
+    data = text.encode()
+    pieces = []
+    start = 0
+    while start < len(data):
+        end = min(start + size, len(data))
+        while end < len(data) and (data[end] & 0xC0) == 0x80:  # a continuation byte: back up
+            end -= 1
+        pieces.append(data[start:end].decode())
+        start = end
+    return pieces
+
+
 class SyncSession:
     """One client socket speaking the sync protocol."""
 
-    def __init__(self, backend: Backend, request: web.Request, ws: web.WebSocketResponse, chunking: bool) -> None:
+    def __init__(self, backend: Backend, request: web.Request, ws: web.WebSocketResponse,
+                 client: ClientVersion) -> None:
         self.backend = backend
         self.request = request
         self.ws = ws
-        self.chunking = chunking
+        self.client = client
         self.connected = False
         self.query_set_version = 0
         self.identity_version = 0
         self.owner: str | None = None
+        self.token_exp: float | None = None
         self.client_ts: float | None = None
         self.queries: dict[int, tuple[str, dict[str, Any]]] = {}
         self.sent_results: dict[int, tuple[str, Any]] = {}
         self.sent_version = (0, 0, 0)
-        self.wake = asyncio.Event()
+        self._rerun = asyncio.Event()  # the client changed what the queries depend on
+        self._owner_seen = 0  # the owner's last write covered by the last run
+        self._last_sent = time.monotonic()  # the worker's last message (the Ping heartbeat counts from it)
+        self._last_heard = time.monotonic()  # the client's last frame (the client timeout counts from it)
+        self._ending = False  # the final message and close frame went out
+        self._abort: asyncio.TimerHandle | None = None
         self._send_lock = asyncio.Lock()
-        self._expiry: asyncio.TimerHandle | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- lifecycle ---------------------------------------------------------------
@@ -103,36 +154,55 @@ class SyncSession:
         refusal = self.backend.faults.take({"refuse_sync"}, self.request.path)
         if refusal is not None:
             reason = str(refusal.params.get("reason", "TooManyConcurrentRequests"))
-            await self.ws.close(code=1013, message=reason[:120].encode())
+            await self.ws.close(code=1013, message=reason[:123].encode())  # an Overloaded error: CloseCode::Again
             return
         self._tasks = [
-            asyncio.create_task(self._send_loop()),
-            asyncio.create_task(self._ping_loop()),
+            asyncio.create_task(self._worker()),
+            asyncio.create_task(self._heartbeat()),
+            asyncio.create_task(self._ws_heartbeat()),
         ]
         try:
             async for message in self.ws:
-                if message.type == WSMsgType.TEXT:
-                    self._handle_text(message.data)
-                    self.wake.set()
+                self._last_heard = time.monotonic()
+                if self._ending:
+                    continue  # read on until the client answers the close frame
+                if message.type == WSMsgType.PING:
+                    await self.ws.pong(message.data)
+                elif message.type == WSMsgType.TEXT:
+                    await self._receive(message.data)
                 elif message.type == WSMsgType.BINARY:
-                    raise ProtocolViolation("binary frames are not part of the sync protocol")
-                else:
+                    await self._end({"type": "FatalError", "error": "binary frames are not part of the sync protocol"})
+                elif message.type != WSMsgType.PONG:
                     break
-        except ProtocolViolation as exc:
-            await self.fatal(str(exc))
-        except _AuthRefused as exc:
-            await self._auth_error(str(exc), exc.base_version, attempted=True)
         finally:
             await self.close()
 
+    async def _receive(self, text: str) -> None:
+        """Handle one client message; a refused one ends the session the way the real server does."""
+        try:
+            await self._handle_text(text)
+        except ProtocolViolation as exc:
+            log.info("sync: FatalError: %s", exc)
+            await self._end({"type": "FatalError", "error": str(exc)})
+        except _AuthRefused as exc:
+            await self._end(self._auth_error(str(exc), attempted=True))
+        except _InternalError as exc:
+            log.info("sync: internal error: %s", exc)
+            await self.ws.close(code=1011, message=b"InternalServerError")
+
     async def close(self) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
-        for task in self._tasks:
-            task.cancel()
         current = asyncio.current_task()
+        for task in self._tasks:
+            if task is not current:
+                task.cancel()
         await asyncio.gather(*(t for t in self._tasks if t is not current), return_exceptions=True)
-        if not self.ws.closed:
+        if self._ending:
+            # Our close frame is out; closing the transport keeps aiohttp from sending one with a code.
+            if self._abort is not None:
+                self._abort.cancel()
+            if self.request.transport is not None:
+                self.request.transport.close()
+        elif not self.ws.closed:
             await self.ws.close()
 
     def drop(self) -> None:
@@ -141,22 +211,32 @@ class SyncSession:
         if transport is not None:
             transport.abort()
 
-    async def fatal(self, error: str) -> None:
-        log.info("sync: FatalError: %s", error)
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            await self._send({"type": "FatalError", "error": error})
-        await self.ws.close(code=1011, message=error[:120].encode())
+    def _auth_error(self, error: str, attempted: bool) -> dict[str, Any]:
+        """``AuthError``; its ``baseVersion`` is the identity version of the last transition sent."""
+        return {"type": "AuthError", "error": error, "baseVersion": self.sent_version[1],
+                "authUpdateAttempted": attempted}
 
-    async def _auth_error(self, error: str, base_version: int, attempted: bool) -> None:
+    async def _end(self, final: dict[str, Any]) -> None:
+        """Send ``final`` (AuthError or FatalError), then a close frame with no status code."""
+        if self._ending:
+            return
+        self._ending = True
+        current = asyncio.current_task()
+        for task in self._tasks:
+            if task is not current:
+                task.cancel()
         with contextlib.suppress(ConnectionError, RuntimeError):
-            await self._send(
-                {"type": "AuthError", "error": error, "baseVersion": base_version, "authUpdateAttempted": attempted}
-            )
-        await self.ws.close(code=1000, message=b"AuthError")
+            await self._send(final)
+            async with self._send_lock:
+                await self.ws.send_frame(b"", WSMsgType.CLOSE)
+        self._abort = asyncio.get_running_loop().call_later(CLOSE_GRACE, self.drop)
+
+    def _token_expired(self) -> bool:
+        return self.token_exp is not None and time.time() >= self.token_exp
 
     # -- client messages ------------------------------------------------------------
 
-    def _handle_text(self, text: str) -> None:
+    async def _handle_text(self, text: str) -> None:
         try:
             message = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -174,10 +254,12 @@ class SyncSession:
             raise ProtocolViolation(f"{kind} before Connect")
         if kind == "Authenticate":
             self._on_authenticate(message)
+            self._rerun.set()
         elif kind == "ModifyQuerySet":
             self._on_modify_query_set(message)
+            self._rerun.set()
         elif kind in ("Mutation", "Action"):
-            self._on_function_call(kind, message)
+            await self._on_function_call(kind, message)
         elif not isinstance(message.get("eventType"), str) or "event" not in message:
             raise ProtocolViolation("Event: needs `eventType` (string) and `event`")
 
@@ -197,9 +279,13 @@ class SyncSession:
             raise ProtocolViolation("Connect: `lastCloseReason` must be a string or null")
         if "maxObservedTimestamp" in message and message["maxObservedTimestamp"] is not None:
             try:
-                decode_ts(message["maxObservedTimestamp"])
+                observed = decode_ts(message["maxObservedTimestamp"])
             except ConvexValueError as exc:
                 raise ProtocolViolation(f"Connect: `maxObservedTimestamp`: {exc}") from None
+            if observed > self.backend.table.ts:
+                # The client saw writes this deployment does not have: the worker bails out
+                # without ErrorMetadata (crates/sync/src/worker.rs, Connect).
+                raise _InternalError(f"client observed ts {observed}, ahead of the latest {self.backend.table.ts}")
         client_ts = message.get("clientTs")
         if client_ts is not None:
             if isinstance(client_ts, bool) or not isinstance(client_ts, (int, float)):
@@ -217,34 +303,20 @@ class SyncSession:
         if token_type == "None":
             if "value" in message:
                 raise ProtocolViolation("Authenticate: tokenType None carries no `value`")
-            self.owner = None
-            self._set_expiry(None)
+            self.owner, self.token_exp = None, None
         elif token_type == "User":
             value = message.get("value")
             if not isinstance(value, str):
                 raise ProtocolViolation("Authenticate: `value` must be a string")
             try:
-                self.owner = self.backend.authority.subject_of(value)
-                self._set_expiry(self.backend.authority.expiry_of(value))
+                self.owner, self.token_exp = self.backend.authority.verify(value)
             except TokenError as exc:
-                raise _AuthRefused(f"Could not verify token: {exc}", base_version) from None
+                raise _AuthRefused(f"Could not verify token: {exc}") from None
         elif token_type == "Admin":
-            raise _AuthRefused("Admin keys are not accepted by this deployment", base_version)
+            raise _AuthRefused("Admin keys are not accepted by this deployment")
         else:
             raise ProtocolViolation(f"Authenticate: unknown tokenType {json.dumps(token_type)[:40]}")
         self.identity_version += 1
-
-    def _set_expiry(self, exp: float | None) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
-            self._expiry = None
-        if exp is not None:
-            loop = asyncio.get_running_loop()
-            self._expiry = loop.call_later(max(0.0, exp - time.time()), self._on_token_expired)
-
-    def _on_token_expired(self) -> None:
-        version = self.identity_version
-        self._tasks.append(asyncio.create_task(self._auth_error("Token expired", version, attempted=False)))
 
     def _on_modify_query_set(self, message: dict[str, Any]) -> None:
         base = _field_int(message, "baseVersion", "ModifyQuerySet")
@@ -288,12 +360,15 @@ class SyncSession:
         self.queries = queries
         self.query_set_version = new
 
-    def _on_function_call(self, kind: str, message: dict[str, Any]) -> None:
+    async def _on_function_call(self, kind: str, message: dict[str, Any]) -> None:
         request_id = _field_int(message, "requestId", kind)
         udf_path = message.get("udfPath")
         if not isinstance(udf_path, str) or not udf_path:
             raise ProtocolViolation(f"{kind}: `udfPath` must be a non-empty string")
         _one_args_object(message.get("args"), kind)
+        if self._token_expired():  # a mutation or action revalidates the identity first
+            await self._end(self._auth_error(TOKEN_EXPIRED, attempted=False))
+            return
         response: dict[str, Any] = {
             "type": f"{kind}Response",
             "requestId": request_id,
@@ -303,16 +378,19 @@ class SyncSession:
         }
         if kind == "Mutation":
             response["ts"] = None
-        self._tasks.append(asyncio.create_task(self._send(response)))
+        await self._send(response)
 
     # -- server messages ---------------------------------------------------------------
 
-    async def _send_loop(self) -> None:
+    def _read_set_changed(self) -> bool:
+        """Whether a write touched the jobs this session's queries read (only its owner's)."""
+        return self.owner is not None and self.backend.table.owner_ts(self.owner) > self._owner_seen
+
+    async def _worker(self) -> None:
         faults = self.backend.faults
         changed = self.backend.table.changed()
         while True:
-            await _first_of(self.wake.wait(), changed.wait())
-            self.wake.clear()
+            await _first_of(self._rerun.wait(), changed.wait())
             while faults.active("withhold_transitions") is not None:
                 await self.backend.faults_changed().wait()
             delay = faults.active("delay_transitions")
@@ -321,6 +399,12 @@ class SyncSession:
             # Take the next change event before computing, so a write that lands while this
             # transition is being sent wakes the next pass instead of being missed.
             changed = self.backend.table.changed()
+            if not self._rerun.is_set() and not self._read_set_changed():
+                continue
+            self._rerun.clear()
+            if self._token_expired():
+                await self._end(self._auth_error(TOKEN_EXPIRED, attempted=False))
+                return
             transition = self._next_transition()
             if transition is not None:
                 await self._send_transition(transition)
@@ -328,11 +412,13 @@ class SyncSession:
     def _next_transition(self) -> dict[str, Any] | None:
         """Everything that changed since the last transition, or None when nothing did."""
         table = self.backend.table
+        if self.owner is not None:
+            self._owner_seen = table.owner_ts(self.owner)
         modifications: list[dict[str, Any]] = []
         results: dict[int, tuple[str, Any]] = {}
         for query_id, (udf_path, args) in sorted(self.queries.items()):
             try:
-                result = ("value", to_convex_json(run_query(table, self.owner, udf_path, args)))
+                result = ("value", to_convex_json(self.backend.functions.run(table, self.owner, udf_path, args)))
             except FunctionError as exc:
                 result = ("error", str(exc))
             results[query_id] = result
@@ -365,23 +451,38 @@ class SyncSession:
         return transition
 
     async def _send_transition(self, transition: dict[str, Any]) -> None:
+        """One ``Transition``, or ``TransitionChunk``s for a client that takes them when it is too large."""
         text = json.dumps(transition, separators=(",", ":"))
-        size = self.backend.chunk_size
-        if not self.chunking or len(text) <= size:
+        options = self.backend.options
+        size = len(text.encode())
+        if not self.client.supports_transition_chunks or size <= options.chunk_threshold:
             await self._send_text(text)
             return
-        parts = [text[i : i + size] for i in range(0, len(text), size)]
-        transition_id = secrets.token_hex(8)
+        parts = split_utf8(text, options.chunk_size)
         for number, chunk in enumerate(parts):
-            await self._send(
-                {"type": "TransitionChunk", "chunk": chunk, "partNumber": number, "totalParts": len(parts),
-                 "transitionId": transition_id}
-            )
+            await self._send({"type": "TransitionChunk", "chunk": chunk, "partNumber": number,
+                              "totalParts": len(parts), "transitionId": str(size)})
 
-    async def _ping_loop(self) -> None:
+    async def _heartbeat(self) -> None:
+        """A ``Ping`` once the worker has sent nothing for ``ping_interval`` seconds."""
+        interval = self.backend.options.ping_interval
         while True:
-            await asyncio.sleep(self.backend.ping_interval)
-            await self._send({"type": "Ping"})
+            await asyncio.sleep(max(0.0, self._last_sent + interval - time.monotonic()))
+            async with self._send_lock:  # decided under the lock, so a message just sent restarts the wait
+                if time.monotonic() - self._last_sent >= interval:
+                    await self.ws.send_str(PING)
+                    self._last_sent = time.monotonic()
+
+    async def _ws_heartbeat(self) -> None:
+        """WebSocket pings on a fixed tick; a client silent past the timeout is disconnected."""
+        options = self.backend.options
+        while True:
+            if time.monotonic() - self._last_heard > options.client_timeout:
+                log.info("sync: client silent for %ss, disconnecting", options.client_timeout)
+                await self.ws.close(code=1000, message=b"ClientDisconnected")
+                return
+            await self.ws.ping()
+            await asyncio.sleep(options.ws_ping_interval)
 
     async def _send(self, message: dict[str, Any]) -> None:
         await self._send_text(json.dumps(message, separators=(",", ":")))
@@ -389,12 +490,7 @@ class SyncSession:
     async def _send_text(self, text: str) -> None:
         async with self._send_lock:
             await self.ws.send_str(text)
-
-
-class _AuthRefused(Exception):
-    def __init__(self, message: str, base_version: int) -> None:
-        super().__init__(message)
-        self.base_version = base_version
+            self._last_sent = time.monotonic()
 
 
 async def _first_of(*waits: Awaitable[Any]) -> None:
