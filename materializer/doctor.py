@@ -87,8 +87,11 @@ Status = Literal["ok", "warn", "fail", "skip"]
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SIGN_IN = 0, 1, 2, 3
 #: How long each network step may take (an HTTP answer, the socket's first result).
 DEFAULT_TIMEOUT = 10.0
-#: How far back the list queries look (with ``limit: 1``, only the answer's shape matters).
+#: How far back the list queries look, and how many jobs they may return: only the answer's shape matters.
 LOOKBACK_MS = 3_600_000
+LIST_LIMIT = 1
+#: The ``code`` of a 400 by which a deployment refuses our ``Convex-Client`` (too old, or not parseable).
+REFUSED_CLIENT_CODES = frozenset({"ClientVersionUnsupported", "InvalidClientVersion"})
 #: A certificate this close to expiry is a warning (renewal has probably failed).
 CERT_WARNING_SECONDS = 14 * 86_400
 #: The server's message for a function that does not exist (the page query, on the real backend).
@@ -221,12 +224,13 @@ def _json_object(body: bytes) -> dict[str, Any]:
 def client_version_verdict(status: int, headers: Mapping[str, str], body: bytes) -> Check:
     """What the deployment's client-version middleware says about ``CLIENT_ID``.
 
-    ``400 ClientVersionUnsupported`` (body ``{code, message}``) is a refusal; the deprecation
+    ``400 ClientVersionUnsupported`` (body ``{code, message}``) is a refusal, as is
+    ``InvalidClientVersion`` (a version it cannot parse); the deprecation
     headers are a warning; anything else means it let us through. ``headers`` must be
     case-insensitive (httpx's are).
     """
     payload = _json_object(body)
-    if status == 400 and payload.get("code") == "ClientVersionUnsupported":
+    if status == 400 and payload.get("code") in REFUSED_CLIENT_CODES:
         message = payload.get("message")
         said = message if isinstance(message, str) and message else "no message"
         return Check("client_version", "fail", f"the deployment refuses {CLIENT_ID}: {said}")
@@ -409,7 +413,7 @@ def exit_code(checks: Sequence[Check]) -> int:
 
 
 def render_text(checks: Sequence[Check]) -> str:
-    """One aligned line per check: ``ok    reachable       http://… answered HTTP 200 in 3 ms``."""
+    """One aligned line per check: ``ok    reachable:      http://… answered HTTP 200 in 3 ms``."""
     width = max((len(check.name) for check in checks), default=0) + 2
     return "".join(f"{_LABELS[check.status]:<6}{check.name + ':':<{width}}{redact(check.detail)}\n"
                    for check in checks)
@@ -552,15 +556,16 @@ async def _server_checks(url: str, http: ConvexHttpClient, provider: TokenProvid
     if lookup is None or refusal is not None:
         lookup = await _query(http, JOB_QUERY, {"jobId": str(uuid.uuid4())}, accepted)
     since = time.time() * 1000 - LOOKBACK_MS
-    list_args = {"since": since, "limit": 1}
+    list_args = {"since": since, "limit": LIST_LIMIT}
     checks = [lookup_verdict(lookup)]
     for name, path, statuses in (("list_succeeded_since", SUCCEEDED_QUERY, {"succeeded"}),
                                  ("list_failed_since", FAILED_QUERY, {"failed", "unknown"})):
-        checks.append(list_verdict(name, path, await _query(http, path, list_args, accepted), frozenset(statuses), 1))
+        outcome = await _query(http, path, list_args, accepted)
+        checks.append(list_verdict(name, path, outcome, frozenset(statuses), LIST_LIMIT))
     page_args = {"since": since, "paginationOpts": {"numItems": 1, "cursor": None}}
     checks.append(page_verdict(await _query(http, PAGE_QUERY, page_args, accepted)))
     sync = await _sync_outcome(url, provider if accepted is not None else None, list_args, timeout)
-    checks.append(sync_verdict(sync, timeout, 1))
+    checks.append(sync_verdict(sync, timeout, LIST_LIMIT))
     if accepted is None:
         checks = [_without_token(check) for check in checks]
     return [token_check, *checks]
@@ -569,7 +574,7 @@ async def _server_checks(url: str, http: ConvexHttpClient, provider: TokenProvid
 def _without_token(check: Check) -> Check:
     """Say so on a check that passed without a token: it proves the deployment, not the sign-in."""
     if check.status in ("ok", "warn"):
-        return Check(check.name, check.status, f"{check.detail} (without a token)")
+        return Check(check.name, check.status, f"{check.detail}; checked without a token")
     return check
 
 

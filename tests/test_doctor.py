@@ -78,6 +78,8 @@ def test_client_version_refused_deprecated_or_supported() -> None:
     assert deprecated.status == "warn" and "Deprecated" in deprecated.detail and "30 days" in deprecated.detail
     assert client_version_verdict(200, httpx.Headers(), b"{}") == Check("client_version", "ok",
                                                                         f"{CLIENT_ID} supported")
+    unparseable = json.dumps({"code": "InvalidClientVersion", "message": "Invalid client version"}).encode()
+    assert client_version_verdict(400, httpx.Headers(), unparseable).status == "fail"
     other_400 = client_version_verdict(400, httpx.Headers(), b'{"code": "BadJsonBody", "message": "no"}')
     assert other_400.status == "ok"
     assert client_version_verdict(400, httpx.Headers(), b"<html>").status == "ok"
@@ -277,6 +279,13 @@ def test_good_backend_every_check_ok(backend: DevBackend, tmp_path: Path) -> Non
     assert len(starts) == 1
 
 
+def test_page_query_present(paging_backend: DevBackend, tmp_path: Path) -> None:
+    result = doctor("--convex-url", paging_backend.url, "--token-file", str(token_file(tmp_path, paging_backend.token)),
+                    "--root", str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert lines(result)["page_query"] == ("ok", "present: media_jobs:listSucceededPage (gap-free catch-up available)")
+
+
 def test_json_report_and_no_token_in_any_output(backend: DevBackend, tmp_path: Path) -> None:
     state = tmp_path / "desktop-state"
     result = doctor("--json", "--log-level", "debug", "--convex-url", backend.url, "--root", str(tmp_path),
@@ -318,7 +327,7 @@ def test_expired_refused_or_missing_token_means_sign_in(backend: DevBackend, tmp
         assert token not in result.stdout + result.stderr
         # The rest of the deployment is fine, and says it was checked without the token.
         for name in NAMES[4:9]:
-            assert checks[name][0] == "ok" and checks[name][1].endswith("(without a token)"), result.stdout
+            assert checks[name][0] == "ok" and checks[name][1].endswith("; checked without a token"), result.stdout
     missing = doctor("--convex-url", backend.url, "--root", str(tmp_path), "--json")
     assert missing.returncode == 3
     token_check = json.loads(missing.stdout)["checks"][3]
@@ -347,10 +356,9 @@ class FakeDeployment:
         app.router.add_route("*", "/{tail:.*}", self._handler)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self._ssl)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"{'https' if self._ssl else 'http'}://127.0.0.1:{port}"
+        listener = socket.create_server(("127.0.0.1", 0))
+        await web.SockSite(self._runner, listener, ssl_context=self._ssl).start()
+        self.url = f"{'https' if self._ssl else 'http'}://127.0.0.1:{listener.getsockname()[1]}"
 
     def __exit__(self, *_exc: object) -> None:
         assert self._runner is not None
