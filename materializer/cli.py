@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from materializer import __version__
+from materializer.devbackend import options as devbackend_options
 
 __all__ = ["main"]
 
@@ -28,6 +29,7 @@ def _settings(args: argparse.Namespace) -> tuple[Any, dict[str, Any]] | None:
 
     overrides = {
         "daemon.root": getattr(args, "root", None),
+        "daemon.state_dir": getattr(args, "state_dir", None),
         "daemon.convex_url": getattr(args, "convex_url", None),
         "auth.token_file": getattr(args, "token_file", None),
         "auth.token_fd": getattr(args, "token_fd", None),
@@ -97,12 +99,12 @@ def _status(args: argparse.Namespace) -> int:
     loaded = _settings(args)
     if loaded is None:
         return EXIT_USAGE
-    print_status(collect_status(loaded[0].daemon.root), args.json, sys.stdout)
+    daemon = loaded[0].daemon
+    print_status(collect_status(daemon.root, daemon.layout), args.json, sys.stdout)
     return 0
 
 
 def _watch(args: argparse.Namespace) -> int:
-    from materializer.display import display_socket_path
     from materializer.watch import run_watch
 
     loaded = _settings(args)
@@ -112,7 +114,7 @@ def _watch(args: argparse.Namespace) -> int:
         print("materializer watch: --since must not be negative", file=sys.stderr)
         return EXIT_USAGE
     try:
-        return asyncio.run(run_watch(display_socket_path(loaded[0].daemon.root), args.since, args.json, sys.stdout))
+        return asyncio.run(run_watch(loaded[0].daemon.layout.display_socket, args.since, args.json, sys.stdout))
     except (KeyboardInterrupt, BrokenPipeError):
         return 0
 
@@ -146,6 +148,19 @@ def _query(args: argparse.Namespace) -> int:
         return 0 if args.watch else 130
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from materializer.doctor import run_doctor
+    from materializer.logs import setup_logging
+
+    loaded = _settings(args)
+    if loaded is None:
+        return EXIT_USAGE
+    settings = loaded[0]
+    # The checks report what goes wrong; the clients' own log lines would only repeat it.
+    setup_logging("critical" if args.log_level is None else settings.log.level, settings.log.format)
+    return run_doctor(settings, as_json=args.json)
+
+
 def _dev_backend(args: argparse.Namespace) -> int:
     try:
         from materializer.devbackend.app import run
@@ -153,9 +168,7 @@ def _dev_backend(args: argparse.Namespace) -> int:
         print(f"materializer dev-backend needs the backend extra: pip install 'stella-materializer[backend]' ({exc})",
               file=sys.stderr)
         return EXIT_USAGE
-    return run(args.host, args.port, args.data, user=args.user, token_ttl=args.token_ttl, job_delay=args.job_delay,
-               ping_interval=args.ping_interval, chunk_size=args.chunk_size,
-               data_uri_outputs=args.data_uri_outputs, log_level=args.log_level)
+    return run(args)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -168,6 +181,9 @@ def _common(parser: argparse.ArgumentParser, *, daemon: bool = True) -> None:
     parser.add_argument("--config", type=Path, metavar="FILE",
                         help="configuration file (default $XDG_CONFIG_HOME/stella-materializer/config.toml)")
     parser.add_argument("--root", type=Path, metavar="DIR", help="Stella root (default ~/.stella)")
+    parser.add_argument("--state-dir", type=Path, metavar="DIR",
+                        help="Stella state folder; outputs go to DIR/media/outputs (default $STELLA_DATA_DIR, "
+                        "else ROOT/state)")
     if daemon:
         parser.add_argument("--convex-url", metavar="URL", help="the Stella backend's deployment URL")
         parser.add_argument("--token-file", type=Path, metavar="FILE", help="read the session token from FILE")
@@ -233,33 +249,26 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--watch", action="store_true", help="subscribe and print every new result")
     query.set_defaults(handler=_query)
 
+    doctor = commands.add_parser(
+        "doctor", help="check the deployment, the token and the outputs folder, one line per check",
+        description="Check a setup the way a person debugging it would: the deployment answers, accepts this "
+        "client, TLS, the token, the three media queries, the optional page query, the sync socket and the "
+        "outputs folder. One line per check (ok, WARN, FAIL, skip), or one JSON object with --json. Exit 0 all "
+        "good (warnings allowed), 1 a check failed, 2 usage or configuration, 3 sign-in needed.",
+    )
+    _common(doctor)
+    doctor.add_argument("--json", action="store_true", help='print {"ok", "checks": [{"name", "status", "detail"}]}')
+    doctor.set_defaults(handler=_doctor)
+
     demo = commands.add_parser("demo", help="run the local backend and the materializer end to end",
                                description="Start the local backend and the materializer, submit jobs of every "
                                "capability, and show the files that land on disk.")
     demo.add_argument("--root", type=Path, help="materializer root (default: a new temporary folder, kept)")
     demo.set_defaults(handler=_demo)
 
-    backend = commands.add_parser(
-        "dev-backend", help="run the local Stella-compatible backend (media API, Convex sync, files)",
-        description="Run the local Stella-compatible backend. Prints one JSON ready line, then serves until "
-        "SIGINT/SIGTERM.",
-    )
-    backend.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    backend.add_argument("--port", type=int, default=0, help="port to listen on; 0 picks a free one (default 0)")
-    backend.add_argument("--data", metavar="DIR", help="keep jobs, files and keys here (default: a temporary folder)")
-    backend.add_argument("--token-ttl", type=float, default=86400.0, metavar="SECONDS",
-                         help="lifetime of the printed demo token (default 86400)")
-    backend.add_argument("--user", default="demo-user", help="subject of the printed demo token (default demo-user)")
-    backend.add_argument("--job-delay", type=float, default=0.05, metavar="SECONDS",
-                         help="time a job spends queued and then running (default 0.05)")
-    backend.add_argument("--ping-interval", type=float, default=15.0, metavar="SECONDS",
-                         help="how often sync sockets get a Ping (default 15)")
-    backend.add_argument("--chunk-size", type=int, default=256 * 1024, metavar="CHARS",
-                         help="transitions longer than this go out as TransitionChunks to versioned clients")
-    backend.add_argument("--data-uri-outputs", action="store_true",
-                         help="deliver image outputs as data: URIs instead of URLs")
-    backend.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
-                         help="how much the backend logs to stderr (default warning)")
+    backend = commands.add_parser("dev-backend", help=devbackend_options.HELP,
+                                  description=devbackend_options.DESCRIPTION)
+    devbackend_options.add_arguments(backend)
     backend.set_defaults(handler=_dev_backend)
     return parser
 

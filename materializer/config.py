@@ -44,6 +44,8 @@ import watchfiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
+from materializer.layout import Layout, resolve_state_dir
+
 __all__ = [
     "ENV_PREFIX",
     "LIVE_KEYS",
@@ -100,6 +102,7 @@ class DaemonSettings(_Section):
     """What the daemon follows, where it writes, and how hard it tries."""
 
     root: Path = Field(default=Path("~/.stella"), validate_default=True)
+    state_dir: Path | None = None
     convex_url: str | None = None
     lookback_hours: float = Field(default=24.0, ge=0)
     subscription_limit: int = Field(default=200, ge=1, le=200)
@@ -113,7 +116,7 @@ class DaemonSettings(_Section):
     inactivity_timeout_seconds: float = Field(default=60.0, gt=0)
     parent_pid: int | None = Field(default=None, ge=1)
 
-    _expand_root = field_validator("root")(_expand)
+    _expand_root = field_validator("root", "state_dir")(_expand)
 
     @field_validator("convex_url")
     @classmethod
@@ -140,6 +143,11 @@ class DaemonSettings(_Section):
         if base is not None and value < base:
             raise ValueError(f"must be at least daemon.retry_base_seconds ({base:g})")
         return value
+
+    @property
+    def layout(self) -> Layout:
+        """Where the daemon keeps its files (``state_dir``, else ``STELLA_DATA_DIR``, else ``<root>/state``)."""
+        return Layout(resolve_state_dir(self.root, self.state_dir))
 
     def require_convex_url(self) -> str:
         """The deployment URL, for the commands that talk to the backend."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import fcntl
 import logging
 import math
@@ -34,40 +35,35 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from materializer import jobs as jobs_module
+from materializer.config import Settings
 from materializer.convex.http import ConvexAuthError, ConvexFunctionError, ConvexHttpClient, ConvexHttpError
 from materializer.convex.protocol import QueryFailure, QueryValue
-from materializer.config import Settings
 from materializer.convex.transport import ConnectionState, Subscription, SyncClient
-from materializer.fetch import FetchError, Fetcher
+from materializer.feed import Coverage, Gap, unreported_part
+from materializer.fetch import Fetcher, FetchError
 from materializer.gallery import MANIFEST_NAME, render_manifest
-from materializer.images import ImageInfo, ImageLimits, ImageRejected, validate_image
-from materializer.jobs import JobRejected, OutputRef, extract_outputs
-from materializer.ledger import Event, GalleryEntry, Ledger, OutputFile, ledger_path
+from materializer.images import ImageLimits, ImageRejected, validate_image
+from materializer.jobs import JobRejected, OutputRef, choose_asset, extract_outputs
+from materializer.layout import Layout, resolve_state_dir
+from materializer.ledger import Event, GalleryEntry, Ledger, OutputFile
+from materializer.media_files import SNIFF_BYTES, MediaRejected, looks_like_image, needs_whole_file, output_type
+from materializer.payloads import failed_payload, materialized_payload, media_asset
+from materializer.queries import FAILED_QUERY, SUCCEEDED_QUERY, succeeded_pages
 from materializer.store import OutputStore, PartialFile, StorageError
 from materializer.tokens import TokenProvider
 
-__all__ = ["AUTH_ACTION", "AlreadyRunning", "DaemonOptions", "Materializer", "outputs_dir", "state_dir"]
+__all__ = ["AUTH_ACTION", "AlreadyRunning", "DaemonOptions", "Materializer"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DAEMON_LEASE_PREFIX = "daemon:"
-SUCCEEDED_QUERY = "media_jobs:listSucceededSince"
-FAILED_QUERY = "media_jobs:listFailedSince"
-PAGE_QUERY = "media_jobs:listSucceededPage"
 #: Shown to the person, verbatim, when the token is refused (the media API's ``action`` text).
 AUTH_ACTION = (
     "Ask the user to open the Stella desktop app and finish signing in (Settings \u2192 Account, or the "
     "welcome screen on first launch). Once they're signed in, retry the same request \u2014 no payload "
     "changes needed."
 )
-#: Extensions for non-image outputs, from their declared MIME type; anything else is ``.bin``.
-DOWNLOAD_EXTENSIONS = {
-    "video/mp4": "mp4", "video/webm": "webm", "video/quicktime": "mov", "audio/mpeg": "mp3",
-    "audio/wav": "wav", "audio/x-wav": "wav", "audio/ogg": "ogg", "audio/flac": "flac", "audio/mp4": "m4a",
-    "model/gltf-binary": "glb", "model/gltf+json": "gltf", "model/obj": "obj", "application/octet-stream": "bin",
-}
-
 
 #: The least time between two rewrites of gallery.json (each reads, renders and fsyncs up to
 #: ``gallery_size`` jobs): a burst rewrites it a few times a second instead of once per job.
@@ -77,17 +73,12 @@ GALLERY_MIN_INTERVAL = 0.25
 #: fraction (1/n) of its limit from its window: well before the window fills up, not on every job.
 NARROW_FRACTION = 16
 
+#: How many reported gaps the ledger keeps for ``status`` (the event log keeps every one).
+MAX_GAPS_KEPT = 20
+
 #: DaemonOptions fields a configuration reload applies at once (fetch limits too, see apply_live).
 LIVE_OPTIONS = ("max_attempts", "retry_base_seconds", "retry_max_seconds", "gallery_size", "cursor_overlap_ms",
                 "image_limits")
-
-
-def state_dir(root: Path) -> Path:
-    return root / "state" / "media"
-
-
-def outputs_dir(root: Path) -> Path:
-    return state_dir(root) / "outputs"
 
 
 @dataclass
@@ -96,6 +87,8 @@ class DaemonOptions:
 
     root: Path
     convex_url: str
+    #: The Stella state folder; None: ``STELLA_DATA_DIR``, else ``<root>/state`` (see :mod:`materializer.layout`).
+    state_dir: Path | None = None
     lookback_hours: float = 24.0
     subscription_limit: int = 200
     cursor_overlap_ms: float = 2000.0
@@ -111,12 +104,16 @@ class DaemonOptions:
     read_timeout: float = 30.0
     total_timeout: float = 300.0
     image_limits: ImageLimits = field(default_factory=ImageLimits)
+    layout: Layout = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.layout = Layout(resolve_state_dir(self.root, self.state_dir))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DaemonOptions:
         d, f = settings.daemon, settings.fetch
         return cls(
-            root=d.root, convex_url=d.require_convex_url(), lookback_hours=d.lookback_hours,
+            root=d.root, convex_url=d.require_convex_url(), state_dir=d.state_dir, lookback_hours=d.lookback_hours,
             subscription_limit=d.subscription_limit, cursor_overlap_ms=d.cursor_overlap_ms,
             max_attempts=d.max_attempts, retry_base_seconds=d.retry_base_seconds,
             retry_max_seconds=d.retry_max_seconds, download_concurrency=d.download_concurrency,
@@ -155,11 +152,20 @@ class _Retry(Exception):
         self.retry_after = retry_after
 
 
-class InstanceLock:
-    """One daemon per root: an advisory lock on ``materializer.lock`` holding the owner's pid."""
+@dataclass(frozen=True)
+class _Materialized:
+    """A job whose asset is committed: every file kept, its sidebar payload, and the extra outputs not kept."""
 
-    def __init__(self, root: Path) -> None:
-        self.path = state_dir(root) / "materializer.lock"
+    files: list[OutputFile]
+    payload: dict[str, Any]
+    missing: list[str]
+
+
+class InstanceLock:
+    """One daemon per state folder: an advisory lock on ``materializer.lock`` holding the owner's pid."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.path = layout.lock
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -181,9 +187,9 @@ class InstanceLock:
             self._fd = None
 
     @staticmethod
-    def holder(root: Path) -> int | None:
-        """The pid of the running daemon for ``root``, or None when none runs."""
-        path = state_dir(root) / "materializer.lock"
+    def holder(layout: Layout) -> int | None:
+        """The pid of the running daemon for this state folder, or None when none runs."""
+        path = layout.lock
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
@@ -207,10 +213,10 @@ class Materializer:
         self.options = options
         self.tokens = token_provider
         self.owner = f"{lease_prefix}{os.getpid()}:{secrets.token_hex(4)}"
-        root = options.root
-        state_dir(root).mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.ledger = Ledger(ledger_path(root))
-        self.store = OutputStore(outputs_dir(root))
+        layout = options.layout
+        layout.media.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.ledger = Ledger(layout.ledger)
+        self.store = OutputStore(layout.outputs)
         self.outputs_base = self.store.path.resolve()  # for the sidebar's absolute paths (resolving costs lstats)
         self.fetcher = self._make_fetcher()
         self._retired_fetchers: list[Fetcher] = []
@@ -225,13 +231,16 @@ class Materializer:
         self._gallery_dirty = asyncio.Event()
         self._stopping = asyncio.Event()
         self._announced_seq = 0
-        self._covered: tuple[float, float] | None = None
+        self._coverage = Coverage()
+        self._open_gap: Gap | None = None
+        """A gap that a passing fault kept from being closed; tried again with the next answer."""
+        self._page_query: bool | None = None
+        """Whether the backend has the page query, learned once per connection (None: not yet asked)."""
         self._last_answer: dict[str, Any] = {}
         self._succeeded: Subscription | None = None
         self._subscribed_since = -math.inf
         self._window: list[float] = []
         """``completedAt`` of the jobs in the succeeded subscription's latest answer."""
-        self._reported_gaps: set[tuple[float, float]] = set()
         self._rng = random.Random()
         self.client: SyncClient | None = None
         self.materialized_count = 0
@@ -283,7 +292,7 @@ class Materializer:
 
     async def run(self, on_ready: Callable[[], None] | None = None) -> None:
         """Run until :meth:`stop`. Holds the root's instance lock for its whole life."""
-        lock = InstanceLock(self.options.root)
+        lock = InstanceLock(self.options.layout)
         lock.acquire()
         try:
             await self._run(on_ready)
@@ -307,7 +316,7 @@ class Materializer:
         await self.db(self.ledger.set_state, "daemon", {"pid": os.getpid(), "started_at": time.time()})
         if self._display_factory is not None:
             # The announcer below follows the ledger, so the server need not poll it too.
-            self.display = self._display_factory(state_dir(self.options.root) / "display.sock", self.ledger,
+            self.display = self._display_factory(self.options.layout.display_socket, self.ledger,
                                                  poll_interval=None, executor=self._db_executor)
             await self.display.start()
         self.client = SyncClient(self.options.convex_url, self.tokens,
@@ -372,11 +381,11 @@ class Materializer:
             new = await self.observe(fresh) if fresh else []
             self._last_answer = {d["jobId"]: d for d in docs if isinstance(d, dict) and isinstance(d.get("jobId"), str)}
             completed = [d["completedAt"] for d in docs if isinstance(d, dict) and _is_number(d.get("completedAt"))]
-            covered_from = since
-            if len(docs) >= int(result.args.get("limit", 50)) and completed and min(completed) > since:
-                covered_from = await self._close_gap(since, min(completed))
-            if completed:
-                self._covered = (covered_from, _vouched_until(completed))
+            vouched = _vouched_until(completed) if completed else since
+            verdict = self._coverage.answer(since, int(result.args.get("limit", 50)), len(docs), completed, vouched)
+            gap = verdict.gap or self._open_gap
+            if gap is not None:
+                await self._close_gap(gap)
             self._succeeded, self._window = subscription, completed
             self._subscribed_since = max(self._subscribed_since, since)
             if not new:  # new jobs hold the cursor back: it moves when they are materialized
@@ -393,7 +402,7 @@ class Materializer:
                             len(answer) - len(docs), FAILED_QUERY)
             for doc in docs:
                 try:
-                    event = await self.db(self.ledger.note_failed_job, doc, _failed_payload(doc))
+                    event = await self.db(self.ledger.note_failed_job, doc, failed_payload(doc))
                 except ValueError as exc:
                     log.warning("ignoring a failed-job document the ledger cannot keep: %s", exc)
                     continue
@@ -426,40 +435,57 @@ class Materializer:
             self._work.set()
         return new
 
-    async def _close_gap(self, since: float, oldest_seen: float) -> float:
-        """Fetch every job in ``[since, oldest_seen)`` with the page query; return the covered start."""
-        log.info("the subscription window is full: catching up on jobs from %.0f to %.0f", since, oldest_seen)
-        http = ConvexHttpClient(self.options.convex_url)
-        cursor: str | None = None
-        cursors_seen: set[Any] = set()
-        try:
-            while True:
-                token = await self.tokens.get() if self.tokens is not None else None
-                page = await http.query(PAGE_QUERY, {"since": since,
-                                                     "paginationOpts": {"numItems": 200, "cursor": cursor}}, token)
-                if not isinstance(page, dict) or not isinstance(page.get("page"), list):
-                    raise ConvexHttpError(f"{PAGE_QUERY} answered {type(page).__name__}, not a page of jobs")
-                docs = page["page"]
-                await self.observe(docs)
-                cursor = page.get("continueCursor")
-                if not page.get("isDone") and (not isinstance(cursor, str) or cursor in cursors_seen):
-                    raise ConvexHttpError(f"{PAGE_QUERY} does not move on (its continueCursor repeats or is missing)")
-                cursors_seen.add(cursor)
-                last = docs[-1].get("completedAt") if docs and isinstance(docs[-1], dict) else None
-                if page.get("isDone") or not docs or (_is_number(last) and last >= oldest_seen):
-                    return since
-        except ConvexFunctionError as exc:
-            reason = f"the backend has no gap-free page query ({exc.error_message.splitlines()[0]})"
-        except (ConvexAuthError, ConvexHttpError, OSError) as exc:
-            reason = f"catching up failed: {exc}"
-        finally:
-            await http.aclose()
-        gap = (since, oldest_seen)
-        if gap not in self._reported_gaps:
-            self._reported_gaps.add(gap)
-            log.error("jobs completed between %.0f and %.0f may be missing: %s", since, oldest_seen, reason)
-            await self._state_event({"state": "gap", "fromMs": since, "untilMs": oldest_seen, "reason": reason})
-        return oldest_seen
+    async def _close_gap(self, gap: Gap) -> None:
+        """List the gap's jobs with the page query where the backend has one; else report it and give it up.
+
+        A gap that cannot be closed is reported once (log, ``status``, the sidebar's ``gap`` state)
+        and then counted as covered, so the cursor moves on: no public query could ever list
+        those jobs. A passing fault leaves it open, to be tried again with the next answer.
+        """
+        self._open_gap = None
+        reason = "the backend has no page query"
+        if self._page_query is not False:
+            log.info("the subscription window is full: catching up on jobs from %.0f to %.0f", gap.from_ms,
+                     gap.until_ms)
+            try:
+                async with ConvexHttpClient(self.options.convex_url) as http:
+                    async for page in succeeded_pages(http, self._token, gap.from_ms, gap.until_ms):
+                        await self.observe(page)
+            except ConvexFunctionError as exc:
+                self._page_query = False
+                reason = f"the backend has no gap-free page query ({exc.error_message.splitlines()[0][:200]})"
+            except (ConvexAuthError, ConvexHttpError, OSError) as exc:
+                log.warning("catching up on jobs from %.0f to %.0f failed (%s); trying again with the next answer",
+                            gap.from_ms, gap.until_ms, exc)
+                self._open_gap = gap
+                return
+            else:
+                self._page_query = True
+                self._coverage.close(gap)
+                return
+        await self._report_gap(gap, reason)
+        self._coverage.close(gap)
+
+    async def _report_gap(self, found: Gap, reason: str) -> None:
+        kept = await self.db(self.ledger.get_state, "gaps", [])
+        gaps = [g for g in kept if isinstance(g, dict)] if isinstance(kept, list) else []
+        # A report also vouches for what its answer listed (up to coveredUntilMs): after a restart
+        # the window may come back full over that stretch again, which is no new gap.
+        gap = unreported_part(found, [(g["fromMs"], g["coveredUntilMs"]) for g in gaps
+                                      if _is_number(g.get("fromMs")) and _is_number(g.get("coveredUntilMs"))])
+        if gap is None:
+            return
+        covered = self._coverage.range
+        report = {"fromMs": gap.from_ms, "untilMs": gap.until_ms, "jobsAtLeast": gap.jobs_at_least,
+                  "reason": reason, "coveredUntilMs": covered[1] if covered else gap.until_ms, "at": time.time()}
+        log.error("jobs completed from %s until %s may be missing: at least %d jobs completed since then and the "
+                  "backend lists only the newest %d; %s", _iso_ms(gap.from_ms), _iso_ms(gap.until_ms),
+                  gap.jobs_at_least, gap.jobs_at_least, reason)
+        await self.db(self.ledger.set_state, "gaps", [*gaps[-(MAX_GAPS_KEPT - 1):], report])
+        await self._state_event({"state": "gap", **{k: v for k, v in report.items() if k not in ("at", "coveredUntilMs")}})
+
+    async def _token(self) -> str | None:
+        return await self.tokens.get() if self.tokens is not None else None
 
     async def _advance_cursor(self) -> None:
         """Move the ledger's cursor; narrow the succeeded subscription to it once that drops many jobs.
@@ -468,9 +494,10 @@ class Materializer:
         cursor only when a good part of its window (1/NARROW_FRACTION of the limit) would leave it,
         not after every job.
         """
-        if self._covered is None:
+        covered = self._coverage.range
+        if covered is None:
             return
-        new = await self.db(self.ledger.advance_cursor, *self._covered, overlap_ms=self.options.cursor_overlap_ms)
+        new = await self.db(self.ledger.advance_cursor, *covered, overlap_ms=self.options.cursor_overlap_ms)
         limit = self.options.subscription_limit
         if self._succeeded is None or new <= self._subscribed_since:
             return
@@ -516,7 +543,7 @@ class Materializer:
     async def attempt(self, job_id: str, doc: dict[str, Any], attempts: int) -> Attempt:
         """Try to materialize a job this process has claimed, and record the outcome in the ledger."""
         try:
-            files, job = await self.materialize_job(doc)
+            done = await self.materialize_job(doc)
         except _Permanent as exc:
             return await self._give_up(job_id, str(exc))
         except Exception as exc:  # a bug or an unforeseen fault: counted like a failed download, never a hot loop
@@ -529,7 +556,7 @@ class Materializer:
             log.info("job %s will be retried in %.1fs: %s", job_id, delay, exc)
             await self.db(self.ledger.record_failure, job_id, str(exc), time.time() + delay, owner=self.owner)
             return Attempt("retry", str(exc))
-        event = await self.db(self.ledger.mark_materialized, job_id, files, _materialized_payload(job, files, self))
+        event = await self.db(self.ledger.mark_materialized, job_id, done.files, done.payload, done.missing)
         if event is not None:
             self.materialized_count += 1
             if self.display is not None:
@@ -551,24 +578,47 @@ class Materializer:
             delay = max(delay, min(retry_after, self.options.retry_max_seconds))
         return delay
 
-    async def materialize_job(self, doc: dict[str, Any]) -> tuple[list[OutputFile], jobs_module.Job]:
-        """Commit every output of a job; raise _Permanent or _Retry when that cannot be done now."""
+    async def materialize_job(self, doc: dict[str, Any]) -> _Materialized:
+        """Commit a job's asset and what extra files can be; raise _Permanent or _Retry when the asset cannot be.
+
+        The asset (what the sidebar shows) is all-or-nothing: the job is announced only once every one of
+        its files is committed. Every other output is an extra file, tried in the same attempt; one that
+        cannot be kept is recorded with its reason and does not hold the announcement back.
+        """
         try:
             job = jobs_module.Job.from_document(doc)
             refs = extract_outputs(job, max_data_bytes=self.options.fetch_max_bytes)
+            choice = choose_asset(job, refs)
         except JobRejected as exc:
             raise _Permanent(str(exc)) from None
-        refused = [ref for ref in refs if ref.error]
+        refused = [refs[index].error for index in choice.indices if refs[index].error]
         if refused:
-            raise _Permanent(refused[0].error)  # already names its output ("images[1]: ...")
-        results = await asyncio.gather(*(self._materialize_output(ref) for ref in refs), return_exceptions=True)
-        for result in results:
+            raise _Permanent(refused[0])  # already names its output ("images[1]: ...")
+        wanted = [ref for ref in refs if ref.error is None]
+        outcomes = await asyncio.gather(*(self._materialize_output(ref) for ref in wanted), return_exceptions=True)
+        results: dict[int, OutputFile | BaseException] = dict(zip((ref.index for ref in wanted), outcomes, strict=True))
+        asset = [results[index] for index in choice.indices]
+        for result in asset:
             if isinstance(result, _Permanent):
                 raise result
-        for result in results:
+        for result in asset:
             if isinstance(result, BaseException):
                 raise result
-        return [r for r in results if isinstance(r, OutputFile)], job
+        missing: list[str] = []
+        for ref in refs:
+            outcome = results.get(ref.index)
+            if isinstance(outcome, OutputFile):
+                continue
+            if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
+                raise outcome  # a cancellation
+            if isinstance(outcome, Exception) and not isinstance(outcome, (_Permanent, _Retry)):
+                log.error("job %s: unexpected error on %s", _printable(job.job_id), ref.where, exc_info=outcome)
+            reason = _not_kept(ref, outcome)
+            log.warning("job %s: extra output not kept: %s", _printable(job.job_id), _printable(reason))
+            missing.append(reason)
+        files = {index: result for index, result in results.items() if isinstance(result, OutputFile)}
+        payload = materialized_payload(job, media_asset(choice, files, self.outputs_base))
+        return _Materialized(sorted(files.values(), key=lambda f: f.index), payload, missing)
 
     async def _materialize_output(self, ref: OutputRef) -> OutputFile:
         async with self._slots:
@@ -582,13 +632,12 @@ class Materializer:
                 if exc.retryable:
                     raise _Retry(f"{ref.where}: {exc.reason}") from None
                 raise _Permanent(f"{ref.where}: {exc.reason}") from None
-            except ImageRejected as exc:
+            except (ImageRejected, MediaRejected) as exc:
                 # A CDN can serve an error page or a broken body once: try again, then give up.
                 raise _Retry(f"{ref.where}: {exc}") from None
 
     async def _output(self, ref: OutputRef) -> OutputFile:
-        is_image = ref.media_kind == "image"
-        if is_image:
+        if ref.media_kind == "image":
             existing = await asyncio.to_thread(self.store.existing, ref.stem)
             if existing is not None:
                 try:
@@ -604,19 +653,24 @@ class Materializer:
             else:
                 assert ref.url is not None
                 fetched_sha = (await self.fetcher.fetch(ref.url, partial)).sha256
-            if is_image:
-                info, path = await asyncio.to_thread(self._validate_and_commit, partial, ref.stem)
-                return _output_file(ref.index, path.name, info.mime, info.width, info.height, info.bytes, info.sha256)
-            ext = DOWNLOAD_EXTENSIONS.get((ref.declared_mime or "").split(";")[0].strip().lower(), "bin")
-            size = await asyncio.to_thread(lambda: os.fstat(partial.fileno()).st_size)
-            path = await asyncio.to_thread(self.store.commit, partial, f"{ref.stem}.{ext}")
-            return _output_file(ref.index, path.name, ref.declared_mime or "application/octet-stream", None, None,
-                                size, fetched_sha or _sha256_file(path))
+            return await asyncio.to_thread(self._validate_and_commit, partial, ref, fetched_sha)
 
-    def _validate_and_commit(self, partial: PartialFile, stem: str) -> tuple[ImageInfo, Path]:
-        """Validate a downloaded image and commit it under the name its bytes decide (one worker-thread trip)."""
-        info = validate_image(partial, self.options.image_limits)
-        return info, self.store.commit(partial, f"{stem}.{info.ext}")
+    def _validate_and_commit(self, partial: PartialFile, ref: OutputRef, fetched_sha: str | None) -> OutputFile:
+        """Decide what a written output is from its bytes and commit it under that name (one worker-thread trip).
+
+        Image bytes, whatever the output claimed, are validated and named as images: an image extension
+        in the outputs folder always means a validated image. Anything else is named by media_files.
+        """
+        head = os.pread(partial.fileno(), SNIFF_BYTES, 0)
+        if ref.media_kind == "image" or (ref.media_kind != "text" and looks_like_image(head)):
+            info = validate_image(partial, self.options.image_limits)
+            path = self.store.commit(partial, f"{ref.stem}.{info.ext}")
+            return _output_file(ref.index, path.name, info.mime, info.width, info.height, info.bytes, info.sha256)
+        size = os.fstat(partial.fileno()).st_size
+        data = os.pread(partial.fileno(), size, 0) if needs_whole_file(head) else head
+        kind = output_type(data, media_kind=ref.media_kind, url=ref.url, declared_mime=ref.declared_mime)
+        path = self.store.commit(partial, f"{ref.stem}.{kind.ext}")
+        return _output_file(ref.index, path.name, kind.mime, None, None, size, fetched_sha or _sha256_file(path))
 
     # -- sidebar, gallery, state -------------------------------------------------------------------
 
@@ -667,11 +721,15 @@ class Materializer:
         assert self.client is not None
         async for change in self.client.state_changes():
             payload: dict[str, Any] = {"state": change.state.value}
+            if change.detail:
+                payload["detail"] = change.detail
             if change.state is ConnectionState.AUTH_REQUIRED:
                 payload["action"] = AUTH_ACTION
-                payload["detail"] = change.detail
                 log.error("sign-in needed: %s", change.detail or "the token was refused")
+            elif change.state is ConnectionState.TOKEN_NEEDED:
+                log.warning("waiting for a fresh token: %s", change.detail or "the token source has none")
             elif change.state is ConnectionState.CONNECTED:
+                self._page_query = None  # a new connection may be to a redeployed backend: ask again
                 log.info("connected to %s", self.options.convex_url)
             elif change.state is ConnectionState.DISCONNECTED:
                 log.info("disconnected: %s", change.detail or "")
@@ -683,7 +741,7 @@ class Materializer:
             await self._state_event(payload)
 
 
-# -- payloads ---------------------------------------------------------------------------------------------
+# -- helpers ----------------------------------------------------------------------------------------------
 
 
 def _is_number(value: Any) -> bool:
@@ -718,8 +776,26 @@ def _same_doc(answer: dict[str, Any], doc: Any) -> bool:
     return isinstance(job_id, str) and answer.get(job_id) == doc
 
 
+def _iso_ms(ms: float) -> str:
+    """A Unix-milliseconds moment as local ISO time, for log lines a person reads."""
+    try:
+        return datetime.datetime.fromtimestamp(ms / 1000).astimezone().isoformat(timespec="milliseconds")
+    except (OverflowError, OSError, ValueError):
+        return f"{ms:.0f} ms"
+
+
 def _printable(text: str) -> str:
     return text.encode("unicode_escape").decode("ascii")[:200]
+
+
+def _not_kept(ref: OutputRef, result: BaseException | None) -> str:
+    """Why an extra output was not kept: its refusal (never fetched), or how its attempt ended."""
+    if result is None:
+        assert ref.error is not None
+        return ref.error
+    if isinstance(result, (_Permanent, _Retry)):
+        return str(result)  # already names its output
+    return f"{ref.where}: unexpected error: {type(result).__name__}: {result}"
 
 
 def _output_file(index: int, name: str, mime: str, width: int | None, height: int | None, size: int,
@@ -736,30 +812,3 @@ def _sha256_file(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _materialized_payload(job: jobs_module.Job, files: list[OutputFile], daemon: Materializer) -> dict[str, Any]:
-    base = daemon.outputs_base
-    kinds = {f.mime_type.split("/")[0] for f in files}
-    return {
-        "kind": "media",
-        "asset": {"kind": "image" if kinds == {"image"} else "file",
-                  "filePaths": [str(base / f.path) for f in sorted(files, key=lambda f: f.index)]},
-        "jobId": job.job_id,
-        "capability": job.capability,
-        "prompt": job.prompt,
-        "createdAt": job.created_at,
-    }
-
-
-def _failed_payload(doc: dict[str, Any]) -> dict[str, Any]:
-    error = doc.get("error") if isinstance(doc.get("error"), dict) else {}
-    message = error.get("message") if isinstance(error.get("message"), str) else None
-    capability = doc.get("capability") if isinstance(doc.get("capability"), str) else "media"
-    return {
-        "jobId": doc.get("jobId"),
-        "capability": capability,
-        "message": f"Your {capability.replace('_', ' ')} job failed: {message or 'the provider gave no reason.'}",
-        "code": error.get("code") if isinstance(error.get("code"), str) else None,
-    }
-

@@ -78,7 +78,6 @@ __all__ = [
     "DisplayServer",
     "DisplaySocketError",
     "DisplaySocketInUseError",
-    "display_socket_path",
     "encode_event",
 ]
 
@@ -107,11 +106,6 @@ class DisplaySocketError(Exception):
 
 class DisplaySocketInUseError(DisplaySocketError):
     """Another live process is answering on the sidebar socket."""
-
-
-def display_socket_path(root: Path) -> Path:
-    """Where the sidebar socket of a Stella root lives."""
-    return root / "state" / "media" / "display.sock"
 
 
 def encode_event(event: Event) -> bytes:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["AnswerVerdict", "Coverage", "Gap"]
+__all__ = ["AnswerVerdict", "Coverage", "Gap", "unreported_part"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,3 +96,20 @@ class Coverage:
             start = min(start, before[0])
         self.range, self._before_gap = (start, self.range[1]), None
         return self.range
+
+
+def unreported_part(gap: Gap, reported: list[tuple[float, float]]) -> Gap | None:
+    """What of ``gap`` no earlier report covers, or None when it was all reported already.
+
+    ``reported`` holds, per earlier report, the range it gave up together with what its answer
+    listed. The cursor stays a little behind the newest finished job (its overlap against clock
+    skew), so after a restart a window can come back full over such a range: the same jobs, not a
+    new gap. Ranges that overlap the start of the gap move its start up.
+    """
+    start = gap.from_ms
+    for from_ms, until_ms in sorted(reported):
+        if from_ms <= start < until_ms:
+            start = until_ms
+    if start >= gap.until_ms:
+        return None
+    return Gap(start, gap.until_ms, gap.jobs_at_least)

@@ -71,7 +71,6 @@ __all__ = [
     "OutputFile",
     "QuarantinedJob",
     "UnknownJobError",
-    "ledger_path",
 ]
 
 DEFAULT_EVENT_CAP = 100_000
@@ -105,11 +104,6 @@ class LedgerBusyError(LedgerError):
 
 class UnknownJobError(LedgerError):
     """The job was never observed by this ledger."""
-
-
-def ledger_path(root: Path) -> Path:
-    """Where the ledger of a Stella root lives."""
-    return root / "state" / "media" / "materializer.db"
 
 
 @dataclass(frozen=True, slots=True)
@@ -642,7 +636,8 @@ class Ledger:
         return requeued
 
     def mark_materialized(
-        self, job_id: str, files: Sequence[OutputFile], event_payload: Mapping[str, Any]
+        self, job_id: str, files: Sequence[OutputFile], event_payload: Mapping[str, Any],
+        missing: Sequence[str] = (),
     ) -> Event | None:
         """Record all of a job's committed files and announce it, in one transaction.
 
@@ -651,9 +646,14 @@ class Ledger:
         job was already materialized (by this or another process): each job is
         announced exactly once, whatever crashes or replays happen. A
         quarantined job may still be materialized (a replay that succeeded).
+
+        ``missing`` names the extra outputs (not the announced asset) that could
+        not be kept, one reason each; they become the job's ``last_error``, so
+        the job's record says what it lacks.
         """
         checked = _check_files(files)
         payload = _payload_json(event_payload)
+        note = f"materialized without {len(missing)} extra output(s): {'; '.join(missing)}" if missing else None
         with self._write() as conn:
             row = conn.execute("SELECT status FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
             if row is None:
@@ -670,8 +670,8 @@ class Ledger:
             event = self._append_event(conn, "media.materialized", job_id, payload)
             conn.execute(
                 "UPDATE jobs SET status = 'materialized', materialized_at = ?, event_seq = ?,"
-                " lease_owner = NULL, lease_expires_at = NULL WHERE job_id = ?",
-                (event.created_at, event.seq, job_id),
+                " last_error = coalesce(?, last_error), lease_owner = NULL, lease_expires_at = NULL WHERE job_id = ?",
+                (event.created_at, event.seq, None if note is None else _text(note), job_id),
             )
         return event
 

@@ -50,10 +50,18 @@ _JOURNAL_PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNI
 _RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
 
 
+#: The shortest text :func:`register_secret` takes as a secret.
+MIN_SECRET_CHARS = 8
+
+
 def register_secret(secret: str) -> None:
-    """Redact ``secret`` (exactly, wherever it appears) from every log line from now on."""
+    """Redact ``secret`` (exactly, wherever it appears) from every log line from now on.
+
+    Text shorter than :data:`MIN_SECRET_CHARS` is no credential (a JWT is hundreds of characters),
+    and redacting it everywhere would garble every line that happens to contain it.
+    """
     global _secrets, _secrets_pattern
-    if not secret.strip():
+    if len(secret.strip()) < MIN_SECRET_CHARS:
         return
     with _secrets_lock:
         kept = tuple(s for s in _secrets if s != secret)[-(_MAX_SECRETS - 1):] + (secret,)

@@ -145,4 +145,4 @@ async def _stop_with_parent(pid: int, daemon: Materializer) -> None:
 
 def _status_text(payload: dict[str, Any]) -> str:
     state = str(payload.get("state", ""))
-    return "sign-in needed" if state == "auth_required" else state
+    return {"auth_required": "sign-in needed", "token_needed": "waiting for a fresh token"}.get(state, state)

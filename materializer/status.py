@@ -8,17 +8,19 @@ import os
 from pathlib import Path
 from typing import Any, TextIO
 
-from materializer.daemon import InstanceLock, outputs_dir
-from materializer.ledger import Ledger, LedgerError, ledger_path
+from materializer.daemon import InstanceLock
+from materializer.layout import Layout
+from materializer.ledger import Ledger, LedgerError
 
 __all__ = ["collect_status", "print_status"]
 
 
-def collect_status(root: Path) -> dict[str, Any]:
+def collect_status(root: Path, layout: Layout) -> dict[str, Any]:
     """The status as one JSON-ready object."""
-    pid = InstanceLock.holder(root)
-    report: dict[str, Any] = {"root": str(root), "running": pid is not None, "pid": pid if pid and pid > 0 else None}
-    path = ledger_path(root)
+    pid = InstanceLock.holder(layout)
+    report: dict[str, Any] = {"root": str(root), "stateDir": str(layout.state), "running": pid is not None,
+                              "pid": pid if pid and pid > 0 else None}
+    path = layout.ledger
     if not path.exists():
         report["ledger"] = None
         return report
@@ -44,7 +46,7 @@ def collect_status(root: Path) -> dict[str, Any]:
         },
         quarantined=[{"jobId": q.job_id, "reason": q.reason, "attempts": q.attempts} for q in status.quarantined],
         gaps=status.state.get("gaps") or [],
-        outputs=str(outputs_dir(root)),
+        outputs=str(layout.outputs),
         ledger={"path": str(path), "schemaVersion": status.schema_version, "bytes": os.path.getsize(path)},
     )
     return report

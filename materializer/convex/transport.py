@@ -267,7 +267,8 @@ class SyncClient:
 
     Use ``async with SyncClient(url, provider) as client`` (or :meth:`start`
     and :meth:`close`), then :meth:`subscribe`. ``token_provider=None`` means
-    no identity at all. ``connection_attempts`` counts the sockets tried.
+    no identity at all. ``connection_attempts`` counts the sockets tried,
+    ``reauthentications`` the fresh tokens sent on live sockets.
     """
 
     def __init__(
@@ -295,7 +296,7 @@ class SyncClient:
         self._force_refresh = False
         self._token_in_use: str | None = None  # the token the current socket authenticated with last
         self._expired_token: str | None = None  # the last token that ran out on a socket
-        self._token_seen: tuple[str, float] | None = None  # the latest token and when it first came
+        self._token_seen: dict[str, float] = {}  # when each recent token first came (the last few)
         self._clock_skew_ms: float | None = None
         self._upgrade_refusal: str | None = None
         self._state = ConnectionState.DISCONNECTED
@@ -305,6 +306,7 @@ class SyncClient:
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self.connection_attempts = 0
+        self.reauthentications = 0
 
     def __repr__(self) -> str:
         return f"SyncClient(url={self.url!r}, state={self._state.value})"
@@ -467,9 +469,12 @@ class SyncClient:
         return token
 
     def _timing(self, token: str) -> TokenTiming | None:
-        if self._token_seen is None or self._token_seen[0] != token:
-            self._token_seen = (token, time.time())
-        return token_timing(token, received_at=self._token_seen[1], clock_skew_ms=self._clock_skew_ms)
+        received_at = self._token_seen.get(token)
+        if received_at is None:
+            received_at = self._token_seen[token] = time.time()
+            while len(self._token_seen) > 4:
+                del self._token_seen[next(iter(self._token_seen))]
+        return token_timing(token, received_at=received_at, clock_skew_ms=self._clock_skew_ms)
 
     def _is_expired(self, token: str) -> bool:
         if token == self._expired_token:
@@ -652,5 +657,6 @@ class SyncClient:
             seen = await self._provider.get(force_refresh=not changed)
             if seen is not None and seen != in_use and not self._is_expired(seen):
                 in_use = self._token_in_use = seen
+                self.reauthentications += 1
                 log.info("convex sync: re-authenticating with a %s token", "changed" if changed else "refreshed")
                 self._send(self._core.set_auth(in_use))

@@ -135,7 +135,7 @@ class SyncSession:
         self.identity_version = 0
         self.owner: str | None = None
         self.token_exp: float | None = None
-        self.client_ts: float | None = None
+        self.client_clock_skew: int | None = None
         self.queries: dict[int, tuple[str, dict[str, Any]]] = {}
         self.sent_results: dict[int, tuple[str, Any]] = {}
         self.sent_version = (0, 0, 0)
@@ -290,7 +290,9 @@ class SyncSession:
         if client_ts is not None:
             if isinstance(client_ts, bool) or not isinstance(client_ts, (int, float)):
                 raise ProtocolViolation("Connect: `clientTs` must be a number")
-            self.client_ts = float(client_ts) or None
+            # Once, from the Connect: clientTs minus the server's clock as it receives it
+            # (crates/sync/src/worker.rs, ClientMessage::Connect), sent with every Transition.
+            self.client_clock_skew = int(client_ts - time.time() * 1000)
         self.connected = True
 
     def _on_authenticate(self, message: dict[str, Any]) -> None:
@@ -446,8 +448,8 @@ class SyncSession:
             "modifications": modifications,
             "serverTs": end[2],
         }
-        if self.client_ts is not None:
-            transition["clientClockSkew"] = int(self.client_ts - time.time() * 1000)
+        if self.client_clock_skew is not None:
+            transition["clientClockSkew"] = self.client_clock_skew
         return transition
 
     async def _send_transition(self, transition: dict[str, Any]) -> None:
