@@ -1,26 +1,41 @@
 """``materializer demo``: the whole product on one machine, in well under a minute.
 
-Starts the local backend (a real process), runs the daemon against it, submits
-jobs of every capability through the public media API, waits until every one
-is materialized, and prints what landed on disk.
+Starts the local backend (a real process, with only the real backend's three
+queries), runs the daemon against it, submits jobs of every capability
+through the public media API, waits until every one is materialized, and
+prints what landed on disk.
+
+Tokens rotate as they do for real, only faster: the backend's tokens live
+:data:`DEMO_TOKEN_TTL` seconds (the real ones five minutes), and the demo
+plays the desktop app that launched the daemon, fetching a fresh token from
+the backend's ``/api/auth/convex/token`` with its session cookie and handing
+it over a pipe, the daemon's ``--token-fd`` channel. The realtime frames are
+spread over several token lifetimes, so the run shows the daemon keeping one
+socket alive on tokens that each expire mid-run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from materializer.daemon import DaemonOptions, Materializer, outputs_dir
+from materializer.daemon import DaemonOptions, Materializer
 from materializer.gallery import MANIFEST_NAME
-from materializer.tokens import StaticTokenProvider
+from materializer.tokens import FdTokenProvider
 
 __all__ = ["run_demo"]
 
 DEMO_TIMEOUT = 120.0
+#: Seconds each demo token lives (the real ones: 300). The app hands a new one every half lifetime.
+DEMO_TOKEN_TTL = 4.0
+#: Realtime frames, one per second: the run spans several token lifetimes.
+REALTIME_FRAMES = 10
 
 
 def run_demo(root: Path | None) -> int:
@@ -34,23 +49,48 @@ def run_demo(root: Path | None) -> int:
     root = (root or Path(tempfile.mkdtemp(prefix="stella-materializer-demo-"))).expanduser().resolve()
     with tempfile.TemporaryDirectory(prefix="stella-demo-backend-") as scratch:
         print("starting the local Stella backend ...")
-        with DevBackend.start(Path(scratch)) as backend:
-            print(f"  backend at {backend.url}")
+        with DevBackend.start(Path(scratch), token_ttl=DEMO_TOKEN_TTL) as backend:
+            print(f"  backend at {backend.url} (only the real queries; tokens live {DEMO_TOKEN_TTL:g} s)")
             return asyncio.run(_demo(backend, root))
+
+
+class _LaunchingApp:
+    """What the desktop app does for a daemon it launched: fresh tokens down a pipe, before each expires."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        self.read_end, self._write_end = os.pipe()
+        self.handed = 0
+
+    async def hand_tokens(self) -> None:
+        while True:
+            token = await asyncio.to_thread(self.backend.fetch_token)  # /api/auth/convex/token, session cookie
+            os.write(self._write_end, f"{token}\n".encode())
+            self.handed += 1
+            await asyncio.sleep(DEMO_TOKEN_TTL / 2)
+
+    def close(self) -> None:
+        for fd in (self.read_end, self._write_end):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 async def _demo(backend: Any, root: Path) -> int:
     from materializer.display import DisplayServer
 
-    daemon = Materializer(DaemonOptions(root=root, convex_url=backend.url), StaticTokenProvider(backend.token),
-                          display_factory=DisplayServer)
+    app = _LaunchingApp(backend)
+    handing = asyncio.create_task(app.hand_tokens())
+    provider = FdTokenProvider(app.read_end)
+    # The demo's own state folder, whatever STELLA_DATA_DIR says: it must not write into a real one.
+    daemon = Materializer(DaemonOptions(root=root, convex_url=backend.url, state_dir=root / "state"),
+                          provider, display_factory=DisplayServer)
     ready = asyncio.Event()
     running = asyncio.create_task(daemon.run(on_ready=ready.set))
     await ready.wait()
-    print(f"materializer running, root {root}")
+    print(f"materializer running, root {root}, tokens over a pipe (--token-fd)")
     started = time.monotonic()
     try:
-        job_ids = await asyncio.to_thread(_submit_all, backend)
+        job_ids = await _submit_all(backend)
         print(f"submitted {len(job_ids)} jobs; waiting for them to land ...")
         deadline = time.monotonic() + DEMO_TIMEOUT
         while True:
@@ -61,14 +101,21 @@ async def _demo(backend: Any, root: Path) -> int:
                 break
             await asyncio.sleep(0.05)
         outcome = await daemon.db(_report, daemon, job_ids)
+        client = daemon.client
+        sockets, reauthentications = (client.connection_attempts, client.reauthentications) if client else (0, 0)
     finally:
         daemon.stop()
         await running
         await daemon.aclose()
+        handing.cancel()
+        await provider.aclose()
+        app.close()
     rows, problems = outcome
     _print_table(rows)
-    print(f"\ngallery manifest: {outputs_dir(root) / MANIFEST_NAME}")
+    print(f"\ngallery manifest: {daemon.options.layout.outputs / MANIFEST_NAME}")
     print(f"{len(rows)} files from {len(job_ids)} jobs in {time.monotonic() - started:.1f}s")
+    print(f"tokens: {app.handed} handed over the pipe, each living {DEMO_TOKEN_TTL:g} s; the daemon "
+          f"re-authenticated {reauthentications} time(s) on {sockets} socket(s)")
     if problems:
         print("\nnot materialized:", file=sys.stderr)
         for job_id, reason in problems:
@@ -77,24 +124,30 @@ async def _demo(backend: Any, root: Path) -> int:
     return 0
 
 
-def _submit_all(backend: Any) -> list[str]:
-    def submit(body: dict[str, Any]) -> dict[str, Any]:
-        response = backend.generate(body)
+async def _submit_all(backend: Any) -> list[str]:
+    def submit(body: dict[str, Any]) -> str:
+        # Like any client of the media API: a fresh session token for each call (they live seconds here).
+        response = backend.generate(body, token=backend.fetch_token())
         if response.status_code != 202:
             raise RuntimeError(f"generate refused {body['capability']}: HTTP {response.status_code} {response.text}")
-        return response.json()
+        return str(response.json()["jobId"])
 
     ids = [
-        submit({"capability": "text_to_image", "profile": "best", "prompt": "a lighthouse at dusk, oil painting",
-                "input": {"num_images": 4}})["jobId"],
-        submit({"capability": "text_to_image", "profile": "fast", "prompt": "a paper boat on a pond",
-                "aspectRatio": "16:9", "input": {"output_format": "jpeg"}})["jobId"],
-        submit({"capability": "icon", "prompt": "a friendly rocket", "input": {"output_format": "webp"}})["jobId"],
+        await asyncio.to_thread(submit, {"capability": "text_to_image", "profile": "best",
+                                         "prompt": "a lighthouse at dusk, oil painting", "input": {"num_images": 4}}),
+        await asyncio.to_thread(submit, {"capability": "text_to_image", "profile": "fast",
+                                         "prompt": "a paper boat on a pond", "aspectRatio": "16:9",
+                                         "input": {"output_format": "jpeg"}}),
+        await asyncio.to_thread(submit, {"capability": "icon", "prompt": "a friendly rocket",
+                                         "input": {"output_format": "webp"}}),
     ]
-    source = backend.wait_for_job(ids[0])
+    source = await asyncio.to_thread(backend.wait_for_job, ids[0], backend.fetch_token())
     edit_of = source["output"]["images"][0]["url"]
-    ids.append(submit({"capability": "image_edit", "prompt": "make it winter", "sourceUrl": edit_of})["jobId"])
-    ids += [submit({"capability": "realtime", "prompt": f"sketch frame {i}"})["jobId"] for i in range(10)]
+    ids.append(await asyncio.to_thread(submit, {"capability": "image_edit", "prompt": "make it winter",
+                                                "sourceUrl": edit_of}))
+    for frame in range(REALTIME_FRAMES):
+        ids.append(await asyncio.to_thread(submit, {"capability": "realtime", "prompt": f"sketch frame {frame}"}))
+        await asyncio.sleep(1.0)  # a person drawing: one frame a second, across several token lifetimes
     return ids
 
 
@@ -105,7 +158,7 @@ def _statuses(daemon: Materializer, job_ids: list[str]) -> dict[str, str | None]
 def _report(daemon: Materializer, job_ids: list[str]) -> tuple[list[tuple[str, ...]], list[tuple[str, str]]]:
     rows: list[tuple[str, ...]] = []
     problems: list[tuple[str, str]] = []
-    base = outputs_dir(daemon.options.root)
+    base = daemon.options.layout.outputs
     for job_id in job_ids:
         job = daemon.ledger.job(job_id)
         if job is None or job.status != "materialized":
