@@ -31,7 +31,8 @@ from PIL import Image
 
 from materializer.convex.http import ConvexHttpClient
 from materializer.devbackend.control import DevBackend
-from materializer.display import display_socket_path
+from materializer.layout import STATE_DIR_ENV, default_layout
+from materializer.queries import succeeded_pages
 
 __all__ = [
     "BenchResult",
@@ -130,9 +131,18 @@ def distribution(values: list[float]) -> dict[str, float]:
 # -- the backend ---------------------------------------------------------------------------------
 
 
+#: Benchmarks hold one token for their whole run, which can outlast the real five minutes.
+BENCH_TOKEN_TTL = 6 * 3600.0
+
+
 def backend_for(folder: Path) -> DevBackend:
-    """A local backend in ``folder`` whose jobs finish as soon as they are drawn (no job delay)."""
-    return DevBackend.start(folder / "backend", extra_args=["--job-delay", "0"])
+    """A local backend in ``folder`` whose jobs finish as soon as they are drawn (no job delay).
+
+    With the page query, so that replaying thousands of jobs measures materializing them, not the
+    real backend's 200-job window (which the tests cover).
+    """
+    return DevBackend.start(folder / "backend", extra_args=["--job-delay", "0"], extensions=["page-query"],
+                            token_ttl=BENCH_TOKEN_TTL)
 
 
 @contextlib.contextmanager
@@ -145,25 +155,23 @@ def scratch_backend(name: str) -> Iterator[tuple[Path, DevBackend]]:
 async def succeeded_docs(backend: DevBackend, since_ms: float) -> dict[str, dict[str, Any]]:
     """Every succeeded job completed after ``since_ms``, by job id (the gap-free page query)."""
     docs: dict[str, dict[str, Any]] = {}
-    cursor: str | None = None
+
+    async def token() -> str:
+        return backend.token
+
     async with ConvexHttpClient(backend.url) as http:
-        while True:
-            page = await http.query("media_jobs:listSucceededPage",
-                                    {"since": since_ms, "paginationOpts": {"numItems": 200, "cursor": cursor}},
-                                    backend.token)
-            docs.update((doc["jobId"], doc) for doc in page["page"])
-            if page["isDone"] or not page["page"]:
-                return docs
-            cursor = page["continueCursor"]
+        async for page in succeeded_pages(http, token, since_ms):
+            docs.update((doc["jobId"], doc) for doc in page)
+    return docs
 
 
 # -- the daemon as a process ---------------------------------------------------------------------
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """The environment without the caller's materializer settings or token (they would skew a run)."""
+    """The environment without the caller's materializer settings, token or Stella folder (they would skew a run)."""
     env = {key: value for key, value in os.environ.items()
-           if not key.startswith("MATERIALIZER_") and key != "STELLA_TOKEN"}
+           if not key.startswith("MATERIALIZER_") and key not in ("STELLA_TOKEN", STATE_DIR_ENV)}
     return {**env, **extra}
 
 
@@ -260,7 +268,7 @@ class Sidebar:
     async def connect(cls, root: Path, since: int = 0, timeout: float = 30.0,
                       daemon: DaemonProcess | None = None) -> Sidebar:
         """Connect as soon as the daemon has bound its socket (failing if ``daemon`` exits first); say hello."""
-        path = display_socket_path(root)
+        path = default_layout(root).display_socket
         deadline = time.monotonic() + timeout
         while True:
             try:

@@ -28,9 +28,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchkit import BenchResult, DaemonProcess, Metric, Sidebar, scratch_backend, cpu_seconds
-from materializer.daemon import DaemonOptions, outputs_dir
-from materializer.ledger import Ledger, ledger_path
+from materializer.daemon import DaemonOptions
+from materializer.layout import default_layout
+from materializer.ledger import Ledger
+
+from benchkit import BenchResult, DaemonProcess, Metric, Sidebar, cpu_seconds, scratch_backend
 
 NAME = "scale"
 GOAL_RATIO = 1.2
@@ -106,7 +108,7 @@ def prefill(root: Path, count: int) -> int:
     earlier measurements stored on the same backend.
     """
     now = time.time()
-    path = ledger_path(root)
+    path = default_layout(root).ledger
     path.parent.mkdir(parents=True, exist_ok=True)
     with Ledger(path) as ledger:
         docs = [_history_doc(i, now) for i in range(count)]
@@ -114,7 +116,7 @@ def prefill(root: Path, count: int) -> int:
             ledger.observe_jobs(docs[start:start + _OBSERVE_CHUNK])
         for feed in ("succeeded", "failed"):
             ledger.ensure_cursor(now * 1000, feed)  # type: ignore[arg-type]
-    base = outputs_dir(root).resolve()
+    base = default_layout(root).outputs.resolve()
     conn = sqlite3.connect(path, isolation_level=None)
     try:
         conn.execute("BEGIN IMMEDIATE")

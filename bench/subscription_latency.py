@@ -110,7 +110,7 @@ async def measure(jobs: int = 200, warmup: int = 10) -> dict[str, Any]:
     from materializer.devbackend.control import DevBackend
 
     with tempfile.TemporaryDirectory() as folder:
-        backend = DevBackend.start(Path(folder) / "backend", extra_args=["--job-delay", "0.01"])
+        backend = DevBackend.start(Path(folder) / "backend", extra_args=["--job-delay", "0.01"], token_ttl=6 * 3600.0)
         try:
             return await _measure(backend, jobs, warmup)
         finally:

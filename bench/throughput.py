@@ -24,10 +24,12 @@ from typing import Any
 import httpx
 from PIL import Image
 
-from benchkit import BenchResult, Metric, scratch_backend, succeeded_docs
-from materializer.daemon import DaemonOptions, outputs_dir
+from materializer.daemon import DaemonOptions
+from materializer.layout import default_layout
 from materializer.replay import replay
 from materializer.tokens import StaticTokenProvider
+
+from benchkit import BenchResult, Metric, scratch_backend, succeeded_docs
 
 NAME = "throughput"
 GOAL_FRACTION = 0.85
@@ -51,7 +53,8 @@ async def _run(folder: Path, backend: Any, jobs: int) -> BenchResult:
 
     floor_runs = [await _floor(urls)]
 
-    options = DaemonOptions(root=folder / "root", convex_url=backend.url)
+    root = folder / "root"
+    options = DaemonOptions(root=root, convex_url=backend.url, state_dir=default_layout(root).state)
     started_wall, started = time.time(), time.perf_counter()
     code, summary = await replay(options, StaticTokenProvider(backend.token), since=since_ms, until=None,
                                  job_ids=[], dry_run=False, out=io.StringIO())
@@ -61,7 +64,8 @@ async def _run(folder: Path, backend: Any, jobs: int) -> BenchResult:
                            f"(exit {code}; failed: {summary.failed[:3]})")
     floor_runs.append(await _floor(urls))
     floor_seconds = min(floor_runs)  # the faster of a run before and one after ours: the floor's noise is ours to bear
-    files = [path.stat() for path in outputs_dir(options.root).glob("job_*")]
+    files = [path.stat() for job_id in summary.materialized
+             for path in default_layout(options.root).outputs.glob(f"{job_id}_*")]
     total_bytes = sum(stat.st_size for stat in files)
     megabytes = total_bytes / 1e6
     jobs_metric = Metric("jobs_per_s", "jobs/s", jobs / ours_seconds, jobs / floor_seconds)

@@ -14,9 +14,10 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from materializer.daemon import DaemonOptions, Materializer, outputs_dir
+from materializer.daemon import DaemonOptions, Materializer
 from materializer.devbackend.control import DevBackend
-from materializer.ledger import Ledger, ledger_path
+from materializer.layout import default_layout
+from materializer.ledger import Ledger
 from materializer.tokens import StaticTokenProvider
 
 T = TypeVar("T")
@@ -49,30 +50,30 @@ async def async_wait_until(predicate: Callable[[], Any], timeout: float = 30.0, 
 
 def output_files(root: Path) -> list[str]:
     """Visible files in the outputs folder (not the manifest)."""
-    folder = outputs_dir(root)
+    folder = default_layout(root).outputs
     if not folder.exists():
         return []
     return sorted(p.name for p in folder.iterdir() if p.name != "gallery.json" and not p.name.startswith("."))
 
 
 def partial_files(root: Path) -> list[str]:
-    folder = outputs_dir(root)
+    folder = default_layout(root).outputs
     return sorted(p.name for p in folder.iterdir() if p.name.startswith(".partial")) if folder.exists() else []
 
 
 def gallery(root: Path) -> dict[str, Any]:
-    return json.loads((outputs_dir(root) / "gallery.json").read_text())
+    return json.loads((default_layout(root).outputs / "gallery.json").read_text())
 
 
 def ledger_jobs(root: Path) -> dict[str, str]:
     """job id -> status, read from the ledger file."""
-    with Ledger(ledger_path(root)) as ledger:
+    with Ledger(default_layout(root).ledger) as ledger:
         conn = ledger._conn
         return dict(conn.execute("SELECT job_id, status FROM jobs").fetchall())
 
 
 def ledger_events(root: Path, type_: str | None = None) -> list[Any]:
-    with Ledger(ledger_path(root)) as ledger:
+    with Ledger(default_layout(root).ledger) as ledger:
         events = ledger.events_after(0, 100_000).events
     return [e for e in events if type_ is None or e.type == type_]
 

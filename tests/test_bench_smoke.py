@@ -27,9 +27,11 @@ import run  # noqa: E402
 import scale  # noqa: E402
 import subscription  # noqa: E402
 import throughput  # noqa: E402
-from benchkit import BenchResult, percentile  # noqa: E402
 
-from materializer.ledger import Ledger, ledger_path  # noqa: E402
+from materializer.layout import default_layout
+from materializer.ledger import Ledger  # noqa: E402
+
+from benchkit import BenchResult, percentile  # noqa: E402
 
 #: name -> (the benchmark, the smallest arguments that still exercise all of it)
 TINY: dict[str, tuple[Callable[..., Awaitable[BenchResult]], dict[str, Any]]] = {
@@ -84,7 +86,7 @@ async def test_latency_and_realtime_time_every_job_they_submit() -> None:
 def test_prefilled_history_is_a_consistent_ledger(tmp_path: Path) -> None:
     last_seq = scale.prefill(tmp_path / "root", 120)
 
-    with Ledger(ledger_path(tmp_path / "root")) as ledger:
+    with Ledger(default_layout(tmp_path / "root").ledger) as ledger:
         assert ledger.check_integrity() == []
         status = ledger.status()
         assert status.counts == {"pending": 0, "materialized": 120, "quarantined": 0}

@@ -79,12 +79,13 @@ from materializer.convex.protocol import (
     TransitionApplied,
 )
 from materializer.convex.values import Int64, encode_ts
-from materializer.daemon import Attempt, DaemonOptions, Materializer, outputs_dir
+from materializer.daemon import Attempt, DaemonOptions, Materializer
 from materializer.devbackend.app import ADMIN_HEADER
 from materializer.devbackend.control import DevBackend
 from materializer.images import validate_image
 from materializer.jobs import Job, JobRejected, extract_outputs, safe_job_id
-from materializer.ledger import Ledger, ledger_path
+from materializer.layout import default_layout
+from materializer.ledger import Ledger
 from materializer.store import PARTIAL_PREFIX
 from materializer.tokens import StaticTokenProvider
 
@@ -92,6 +93,16 @@ from helpers import DaemonProcess, partial_files, wait_until
 from hostile_server import Close, Frame, HostileConvex, SocketState
 
 chaos = pytest.mark.chaos
+
+
+@pytest.fixture
+def backend(tmp_path: Path) -> Iterator[DevBackend]:
+    """The chaos runs' backend: one token for a run that outlasts the real five minutes, and the page
+    query, since bursts of hundreds of jobs land on a stopped daemon (without it the oldest are a
+    reported gap, which tests/test_daemon_feed.py covers; here the count of lost jobs must be zero)."""
+    with DevBackend.start(tmp_path / "backend", extra_args=["--job-delay", "0.01"], extensions=["page-query"],
+                          token_ttl=6 * 3600.0) as running:
+        yield running
 
 
 # -- knobs and the report ------------------------------------------------------------------------------
@@ -210,7 +221,7 @@ class LedgerProbe:
     """Read-only looks at a live daemon's ledger, cheap enough to poll."""
 
     def __init__(self, root: Path) -> None:
-        self.path = ledger_path(root)
+        self.path = default_layout(root).ledger
         self._conn: sqlite3.Connection | None = None
 
     def _connection(self) -> sqlite3.Connection | None:
@@ -284,15 +295,15 @@ def lingering_partials(root: Path, grace: float = 10.0) -> int:
 
 
 def integrity_problems(root: Path) -> list[str]:
-    if not ledger_path(root).exists():
+    if not default_layout(root).ledger.exists():
         return []
-    with Ledger(ledger_path(root)) as ledger:
-        return ledger.check_integrity(outputs_dir(root))
+    with Ledger(default_layout(root).ledger) as ledger:
+        return ledger.check_integrity(default_layout(root).outputs)
 
 
 def manifest_figures(root: Path) -> tuple[int, int, list[str]]:
     """(parse failures, duplicated entries, listed job ids) of ``gallery.json``; a missing one parses."""
-    path = outputs_dir(root) / "gallery.json"
+    path = default_layout(root).outputs / "gallery.json"
     if not path.exists():
         return 0, 0, []
     try:
@@ -376,7 +387,7 @@ class KillRun:
         self.counts["ledger_inconsistencies"] += len(integrity_problems(self.root))
         self.counts["files_outside_outputs"] += len(
             stray_paths(self.base, {"backend", "chaos.toml", "root.token", "root.log"}))
-        folder = outputs_dir(self.root)
+        folder = default_layout(self.root).outputs
         partials = partial_files(self.root)
         self.info["kills_with_downloads_in_flight"] += bool(partials) and not final
         if final:
@@ -404,7 +415,7 @@ class KillRun:
         self.counts["lost_jobs"] += sum(statuses.get(job_id) != "materialized" for job_id in self.images)
         announced = probe.announcements()
         self.counts["missing_announcements"] += sum(announced[job_id] == 0 for job_id in self.images)
-        names = {path.name for path in outputs_dir(self.root).iterdir()} - {"gallery.json"}
+        names = {path.name for path in default_layout(self.root).outputs.iterdir()} - {"gallery.json"}
         self.counts["missing_files"] += sum(
             not any(f"{job_id}_{index}.{ext}" in names for ext in ("png", "jpg", "webp"))
             for job_id, images in self.images.items() for index in range(images))
@@ -760,7 +771,7 @@ def run_fault_scenario(backend: DevBackend, base: Path, scenario: FaultScenario,
         failures = Counter(job for (job,) in probe.rows("SELECT job_id FROM events WHERE type = 'media.failed'"))
         counts["missing_failure_announcements"] += sum(failures[job_id] == 0 for job_id in run.failed_ids)
         counts["duplicate_failure_announcements"] += sum(n - 1 for n in failures.values() if n > 1)
-        folder = outputs_dir(root)
+        folder = default_layout(root).outputs
         for job_id, digests in backend_sources(backend, run.job_ids).items():
             for index, digest in enumerate(digests):
                 path = folder / f"{job_id}_{index}.png"
@@ -993,7 +1004,7 @@ def _plant_symlink(ctx: Hostile, root: Path, job_id: str) -> None:
     outside = ctx.base / "outside"
     outside.mkdir()
     (outside / "target.png").write_bytes(b"precious")
-    folder = outputs_dir(root)
+    folder = default_layout(root).outputs
     folder.mkdir(parents=True, mode=0o700)
     (folder / f"{job_id}_0.png").symlink_to(outside / "target.png")
 
@@ -1368,7 +1379,7 @@ def _recorded_reason(case: HostileCase, probe: LedgerProbe, root: Path, log: Pat
         job = poll(lambda: (row := probe.job(job_id)) and row[0] != "pending" and row)
         if not job or job[0] != "materialized":
             return (job[1] if job else None), False
-        with Ledger(ledger_path(root)) as ledger:
+        with Ledger(default_layout(root).ledger) as ledger:
             return ", ".join(f.mime_type for f in ledger.outputs(job_id)), True
     line = poll(lambda: _log_line(log, case.reason))
     if case.outcome == "ignored":
@@ -1435,7 +1446,7 @@ def run_hostile_case(case: HostileCase, base: Path, backend: DevBackend | None) 
         with contextlib.suppress(BlockingIOError):
             listener.accept()
             counts["forbidden_connections"] += 1
-    folder = outputs_dir(root)
+    folder = default_layout(root).outputs
     present = {path.name for path in folder.iterdir()} - {"gallery.json"} if folder.exists() else set()
     counts["unexpected_outputs"] += len(present - expected_outputs - served_outputs) + len(expected_outputs - present)
     counts["files_outside_outputs"] += len(stray_paths(base, HOSTILE_TOP_LEVEL))
@@ -1758,7 +1769,7 @@ def test_fuzz_observe_and_materialize(backend: DevBackend, tmp_path: Path) -> No
     root = tmp_path / "root"
     options = DaemonOptions(root=root, convex_url=backend.url, max_attempts=2, retry_base_seconds=0.001,
                             retry_max_seconds=0.01, read_timeout=2.0, total_timeout=5.0, fetch_max_bytes=1 << 20)
-    folder = outputs_dir(root)
+    folder = default_layout(root).outputs
     checked: set[str] = set()
     with asyncio.Runner() as runner:
 

@@ -10,17 +10,18 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from materializer.daemon import AUTH_ACTION, outputs_dir
+from materializer.daemon import AUTH_ACTION
 from materializer.devbackend.control import DevBackend
 
 from helpers import DaemonProcess, gallery, ledger_events, ledger_jobs, output_files, wait_until
 
-COMMANDS = ["run", "replay", "status", "watch", "query", "demo", "dev-backend"]
+COMMANDS = ["run", "replay", "status", "watch", "query", "doctor", "demo", "dev-backend"]
 
 
 def materializer(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -207,17 +208,28 @@ def test_token_file_rotation_and_redaction(backend: DevBackend, tmp_path: Path) 
     daemon = DaemonProcess(root, backend)
     expired = backend.mint_token("demo-user", -10)
     daemon.token_file.write_text(expired)
+    live = backend.token
+    forged = live[:-8] + ("A" * 8 if not live.endswith("A" * 8) else "B" * 8)  # live claims, a failing signature
+
+    def status() -> dict[str, Any]:
+        return json.loads(materializer("status", "--json", "--root", str(root)).stdout)
+
     with daemon:
-        wait_until(lambda: json.loads(materializer("status", "--json", "--root", str(root)).stdout)
-                   .get("connection") == "auth_required", what="auth_required")
-        report = json.loads(materializer("status", "--json", "--root", str(root)).stdout)
-        assert report["action"] == AUTH_ACTION
+        # An expired token opens no socket: the daemon says it needs a fresh one.
+        wait_until(lambda: status().get("connection") == "token_needed", what="token_needed")
+        report = status()
+        assert "expired" in report["detail"] and report["action"] is None
+        # A token the server refuses is a sign-in problem, with the action text for the person.
+        daemon.token_file.write_text(forged)
+        wait_until(lambda: status().get("connection") == "auth_required", what="auth_required")
+        assert status()["action"] == AUTH_ACTION
         job = backend.create_jobs(count=1, share_files=True)[0]
         daemon.token_file.write_text(backend.token)
         wait_until(lambda: ledger_jobs(root).get(job) == "materialized", what="the job after the new token")
     log = daemon.log.read_text()
-    assert expired not in log and backend.token not in log
-    assert [e.payload["state"] for e in ledger_events(root, "materializer.state")].count("auth_required") >= 1
+    assert expired not in log and forged not in log and backend.token not in log
+    states = [e.payload["state"] for e in ledger_events(root, "materializer.state")]
+    assert states.count("token_needed") >= 1 and states.count("auth_required") >= 1
 
 
 def test_token_command(backend: DevBackend, tmp_path: Path) -> None:
@@ -238,6 +250,46 @@ def test_token_command(backend: DevBackend, tmp_path: Path) -> None:
             process.send_signal(signal.SIGTERM)
             _, err = process.communicate(timeout=30)
     assert process.returncode == 0 and backend.token not in err
+
+
+def test_token_fd_rotation_keeps_the_daemon_going_across_token_lifetimes(tmp_path: Path) -> None:
+    """Launched as the desktop launches it: tokens down an inherited pipe (``--token-fd``), each living 3 s
+    (real ones: 5 minutes, ruuxi/stella-v2 backend/convex/auth.ts), fetched from the backend's token
+    endpoint with the session cookie as the app fetches them (packages/desktop/electron/services/auth-service.ts)."""
+    root = tmp_path / "root"
+    read_end, write_end = os.pipe()
+    with DevBackend.start(tmp_path / "backend", token_ttl=3, extra_args=["--job-delay", "0.01"]) as backend:
+        handed: list[str] = []
+
+        def hand_a_token() -> None:
+            handed.append(backend.fetch_token())
+            os.write(write_end, f"{handed[-1]}\n".encode())
+
+        hand_a_token()
+        command = [sys.executable, "-m", "materializer", "run", "--root", str(root), "--convex-url", backend.url,
+                   "--token-fd", str(read_end)]
+        with subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True, pass_fds=[read_end]) as process:
+            os.close(read_end)
+            try:
+                jobs: list[str] = []
+                started = time.monotonic()
+                # Jobs keep coming while three lifetimes' worth of tokens go by; the app hands a new
+                # token every second, as the desktop does well before expiry.
+                while time.monotonic() - started < 9:
+                    hand_a_token()
+                    jobs += backend.create_jobs(count=1, share_files=True)
+                    wait_until(lambda: ledger_jobs(root).get(jobs[-1]) == "materialized"
+                               if (root / "state").exists() else False, what="the job")
+                    time.sleep(max(0.0, started + len(jobs) - time.monotonic()))  # the app's cadence, not a wait
+                assert all(ledger_jobs(root).get(job) == "materialized" for job in jobs)
+                assert backend.stats()["sync_connections"] == 1  # refreshed on the live socket, never closed
+            finally:
+                process.send_signal(signal.SIGTERM)
+                _, err = process.communicate(timeout=30)
+                os.close(write_end)
+    assert process.returncode == 0
+    assert not any(token in err for token in handed)
 
 
 def test_config_reload_on_sighup_and_file_change(backend: DevBackend, tmp_path: Path) -> None:

@@ -224,15 +224,18 @@ async def test_unsubscribe_and_close_end_iteration(backend: DevBackend) -> None:
         client.subscribe(LIST, ALL)
 
 
-async def test_large_results_arrive_in_chunks_and_match_http(tmp_path: Path) -> None:
-    with DevBackend.start(tmp_path / "chunky", extra_args=["--job-delay", "0.01", "--chunk-size", "300"]) as backend:
+async def test_large_results_arrive_whole_to_our_client_and_match_http(tmp_path: Path) -> None:
+    """A deployment chunks transitions only for npm clients at 1.28.0 or later (convex-backend
+    crates/local_backend/src/subs/mod.rs, maybe_split_transition): ours names itself otherwise."""
+    extra = ["--job-delay", "0.01", "--chunk-threshold", "300", "--chunk-size", "300"]
+    with DevBackend.start(tmp_path / "chunky", extra_args=extra) as backend:
         await create_jobs(backend, count=5, images=2)
         async with client_for(backend) as client:
             collector = Collector(client.subscribe(LIST, ALL))
-            await eventually(lambda: len(collector.values) == 1, "the chunked result")
+            await eventually(lambda: len(collector.values) == 1, "the large result")
             expected = (await asyncio.to_thread(backend.query, LIST, ALL)).json()["value"]
             assert collector.values == [expected]
-            assert len(json.dumps(expected)) > 5 * 300  # it really was chunked
+            assert len(json.dumps(expected)) > 5 * 300  # over the threshold, yet whole
             assert client.connection_attempts == 1
 
 
@@ -476,6 +479,22 @@ def transition_frame(start: int, end: int, value: Any, identity: int = 0) -> str
         "endVersion": {"querySet": end, "identity": identity, "ts": encode_ts(end)},
         "modifications": [{"type": "QueryUpdated", "queryId": 0, "value": value, "logLines": [], "journal": None}],
     })
+
+
+async def test_a_transition_in_chunks_is_reassembled_on_a_real_socket(
+    scripted_server: tuple[str, list[list[dict[str, Any]]], list[Any]],
+) -> None:
+    """Chunks are the npm client's (they never reach ours from a real deployment), but a client that
+    gets them anyway assembles them rather than dropping the socket."""
+    url, _, scripts = scripted_server
+    text = transition_frame(0, 1, {"big": "x" * 1000})
+    pieces = [text[i:i + 300] for i in range(0, len(text), 300)]
+    scripts.append([json.dumps({"type": "TransitionChunk", "chunk": piece, "partNumber": n,
+                                "totalParts": len(pieces), "transitionId": "t1"}) for n, piece in enumerate(pieces)])
+    async with SyncClient(url, None, backoff=FAST) as client:
+        result = await asyncio.wait_for(anext(client.subscribe("m:f", {})), DEADLINE)
+        assert isinstance(result, QueryValue) and result.value == {"big": "x" * 1000}
+        assert client.connection_attempts == 1
 
 
 async def test_hostile_frames_and_fatal_errors_lead_to_a_reconnect_never_a_crash(

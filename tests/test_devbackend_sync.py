@@ -171,6 +171,21 @@ def test_transitions_chain_versions_and_timestamps(backend: DevBackend, raw: Raw
     assert "ArgumentValidationError" in by_type["QueryFailed"]["errorMessage"]
 
 
+def test_client_clock_skew_is_measured_once_at_connect(backend: DevBackend, raw: Raw) -> None:
+    """crates/sync/src/worker.rs, ClientMessage::Connect: clientClockSkew = clientTs - the server's clock at
+    Connect, computed once and sent with every Transition (not recomputed as the session ages)."""
+    raw.send({"type": "Connect", "sessionId": str(uuid.uuid4()), "connectionCount": 0, "lastCloseReason": None,
+              "clientTs": time.time() * 1000 - 60_000})  # a client clock a minute behind
+    raw.authenticate(backend.token)
+    raw.add(0, "media_jobs:listSucceededSince", {"since": 0})
+    first = raw.transition_at(1)
+    backend.create_jobs(count=1)
+    second = raw.recv()
+    assert second["type"] == "Transition"
+    assert -61_000 < first["clientClockSkew"] < -59_000
+    assert second["clientClockSkew"] == first["clientClockSkew"]
+
+
 def test_refused_token_gets_auth_error_and_a_close_without_code(backend: DevBackend, raw: Raw) -> None:
     """crates/local_backend/src/subs/mod.rs: AuthUpdateFailed -> AuthError (attempted), then Close(None)."""
     raw.connect()

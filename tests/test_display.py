@@ -22,9 +22,9 @@ from materializer.display import (
     DisplayServer,
     DisplaySocketError,
     DisplaySocketInUseError,
-    display_socket_path,
     encode_event,
 )
+from materializer.layout import default_layout
 from materializer.ledger import Event, Ledger
 from materializer.watch import format_event, run_watch
 
@@ -49,7 +49,7 @@ def ledger(short_dir: Path) -> Iterator[Ledger]:
 
 @pytest.fixture
 def sock_path(short_dir: Path) -> Path:
-    return display_socket_path(short_dir)
+    return default_layout(short_dir).display_socket
 
 
 

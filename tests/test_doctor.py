@@ -457,7 +457,7 @@ async def test_silent_server_times_out(tmp_path: Path) -> None:
         silent.listen(8)
         url = f"http://127.0.0.1:{silent.getsockname()[1]}"
         settings = Settings.model_validate({"daemon": {"root": tmp_path, "convex_url": url}})
-        checks = await run_checks(settings, url, StaticTokenProvider("t"), timeout=0.5)
+        checks = await run_checks(settings, url, StaticTokenProvider("not-a-real-token"), timeout=0.5)
     assert checks[0] == Check("reachable", "fail", f"127.0.0.1:{url.rsplit(':', 1)[1]} accepted the connection "
                                                    "but sent no answer within 0.5 s")
     assert [check.status for check in checks[4:9]] == ["skip"] * 5

@@ -10,7 +10,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from materializer.feed import Coverage, Gap
+from materializer.feed import Coverage, Gap, unreported_part
 
 
 def answer(coverage: Coverage, since: float, limit: int, completed: list[float]):
@@ -97,3 +97,12 @@ def test_every_job_in_the_covered_range_was_listed_or_lies_in_a_reported_gap(
     for t in existing:
         if lo <= t <= hi and t not in listed:
             assert any(g.from_ms <= t < g.until_ms for g in gaps), (t, coverage.range, gaps)
+
+
+def test_a_gap_reported_before_is_not_reported_again_and_an_overlap_only_for_its_new_part() -> None:
+    gap = Gap(100, 300, 20)
+    assert unreported_part(gap, [(100, 300)]) is None
+    assert unreported_part(gap, [(50, 350)]) is None
+    assert unreported_part(gap, [(100, 200)]) == Gap(200, 300, 20)
+    assert unreported_part(gap, [(150, 200)]) == gap  # a report inside the gap does not cover its start
+    assert unreported_part(gap, [(100, 150), (150, 250)]) == Gap(250, 300, 20)

@@ -21,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from materializer.layout import default_layout
 from materializer.ledger import (
     SCHEMA_VERSION,
     Ledger,
@@ -29,7 +30,6 @@ from materializer.ledger import (
     LedgerOpenError,
     OutputFile,
     UnknownJobError,
-    ledger_path,
 )
 
 T0 = 1_800_000_000.0  # the fake clock's start, Unix seconds
@@ -52,7 +52,7 @@ def clock() -> Clock:
 
 @pytest.fixture
 def db(tmp_path: Path) -> Path:
-    return ledger_path(tmp_path / "root")
+    return default_layout(tmp_path / "root").ledger
 
 
 @pytest.fixture
