@@ -18,16 +18,16 @@ all of its outputs are committed.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime
 import fcntl
 import logging
-import math
 import os
 import random
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +39,20 @@ from materializer.config import Settings
 from materializer.convex.http import ConvexAuthError, ConvexFunctionError, ConvexHttpClient, ConvexHttpError
 from materializer.convex.protocol import QueryFailure, QueryValue
 from materializer.convex.transport import ConnectionState, Subscription, SyncClient
-from materializer.feed import Coverage, Gap, unreported_part
+from materializer.feed import (
+    AdvanceCursor,
+    Decision,
+    FailedFeed,
+    FillGap,
+    Gap,
+    GapOutcome,
+    Narrow,
+    NoteFailed,
+    Observe,
+    ReportGap,
+    SucceededFeed,
+    is_finite_number,
+)
 from materializer.fetch import Fetcher, FetchError
 from materializer.gallery import MANIFEST_NAME, render_manifest
 from materializer.images import ImageLimits, ImageRejected, validate_image
@@ -68,10 +81,6 @@ AUTH_ACTION = (
 #: The least time between two rewrites of gallery.json (each reads, renders and fsyncs up to
 #: ``gallery_size`` jobs): a burst rewrites it a few times a second instead of once per job.
 GALLERY_MIN_INTERVAL = 0.25
-
-#: The succeeded subscription moves its ``since`` up to the cursor once that would drop this
-#: fraction (1/n) of its limit from its window: well before the window fills up, not on every job.
-NARROW_FRACTION = 16
 
 #: How many reported gaps the ledger keeps for ``status`` (the event log keeps every one).
 MAX_GAPS_KEPT = 20
@@ -231,16 +240,9 @@ class Materializer:
         self._gallery_dirty = asyncio.Event()
         self._stopping = asyncio.Event()
         self._announced_seq = 0
-        self._coverage = Coverage()
-        self._open_gap: Gap | None = None
-        """A gap that a passing fault kept from being closed; tried again with the next answer."""
-        self._page_query: bool | None = None
-        """Whether the backend has the page query, learned once per connection (None: not yet asked)."""
-        self._last_answer: dict[str, Any] = {}
-        self._succeeded: Subscription | None = None
-        self._subscribed_since = -math.inf
-        self._window: list[float] = []
-        """``completedAt`` of the jobs in the succeeded subscription's latest answer."""
+        self._feed = SucceededFeed(options.subscription_limit)
+        self._failed_feed = FailedFeed(options.subscription_limit, options.cursor_overlap_ms)
+        self._subscriptions: dict[str, Subscription] = {}
         self._rng = random.Random()
         self.client: SyncClient | None = None
         self.materialized_count = 0
@@ -323,8 +325,13 @@ class Materializer:
                                  inactivity_timeout=self.options.inactivity_timeout)
         self.client.start()
         limit = self.options.subscription_limit
+        kept = await self.db(self.ledger.get_state, "gaps", [])
+        self._feed = SucceededFeed(limit, [
+            (g["fromMs"], g["coveredUntilMs"]) for g in (kept if isinstance(kept, list) else [])
+            if isinstance(g, dict) and is_finite_number(g.get("fromMs")) and is_finite_number(g.get("coveredUntilMs"))])
         succeeded = self.client.subscribe(SUCCEEDED_QUERY, {"since": since, "limit": limit})
         failed = self.client.subscribe(FAILED_QUERY, {"since": failed_since, "limit": limit})
+        self._subscriptions = {"succeeded": succeeded, "failed": failed}
         loops: dict[str, Callable[[], Awaitable[None]]] = {
             "succeeded feed": lambda: self._follow_succeeded(succeeded),
             "failed feed": lambda: self._follow_failed(failed),
@@ -373,48 +380,53 @@ class Materializer:
     async def _follow_succeeded(self, subscription: Subscription) -> None:
         async for result in subscription:
             docs = _job_list(result)
-            if docs is None:
-                continue
-            since = float(result.args["since"])
-            # Every answer repeats the whole window: the ledger needs only what it has not taken yet.
-            fresh = [d for d in docs if not _same_doc(self._last_answer, d)]
-            new = await self.observe(fresh) if fresh else []
-            self._last_answer = {d["jobId"]: d for d in docs if isinstance(d, dict) and isinstance(d.get("jobId"), str)}
-            completed = [d["completedAt"] for d in docs if isinstance(d, dict) and _is_number(d.get("completedAt"))]
-            vouched = _vouched_until(completed) if completed else since
-            verdict = self._coverage.answer(since, int(result.args.get("limit", 50)), len(docs), completed, vouched)
-            gap = verdict.gap or self._open_gap
-            if gap is not None:
-                await self._close_gap(gap)
-            self._succeeded, self._window = subscription, completed
-            self._subscribed_since = max(self._subscribed_since, since)
-            if not new:  # new jobs hold the cursor back: it moves when they are materialized
-                await self._advance_cursor()
+            if docs is not None:
+                since, limit = float(result.args["since"]), int(result.args.get("limit", 50))
+                await self._carry_out(self._feed.answer(since, limit, docs, time.time() * 1000))
 
     async def _follow_failed(self, subscription: Subscription) -> None:
         async for result in subscription:
             answer = _job_list(result)
             if answer is None:
                 continue
-            docs = [d for d in answer if isinstance(d, dict)]
-            if len(docs) < len(answer):
+            if sum(isinstance(d, dict) for d in answer) < len(answer):
                 log.warning("ignoring %d item(s) that are not job documents in an answer of %s",
-                            len(answer) - len(docs), FAILED_QUERY)
-            for doc in docs:
-                try:
-                    event = await self.db(self.ledger.note_failed_job, doc, failed_payload(doc))
-                except ValueError as exc:
-                    log.warning("ignoring a failed-job document the ledger cannot keep: %s", exc)
-                    continue
-                if event is not None:
-                    self._announce.set()
-            completed = [d["completedAt"] for d in docs if _is_number(d.get("completedAt"))]
-            if completed:
-                since = float(result.args["since"])
-                new = await self.db(self.ledger.advance_cursor, since, _vouched_until(completed), feed="failed",
-                                    overlap_ms=self.options.cursor_overlap_ms)
-                if new > since + self.options.cursor_overlap_ms:
-                    subscription.update_args({"since": new, "limit": self.options.subscription_limit})
+                            len(answer) - sum(isinstance(d, dict) for d in answer), FAILED_QUERY)
+            await self._carry_out(self._failed_feed.answer(float(result.args["since"]), answer, time.time() * 1000))
+
+    async def _carry_out(self, decisions: list[Decision]) -> None:
+        """Do what the feeds decided, in order, telling them how each step went."""
+        queue = collections.deque(decisions)
+        while queue:
+            decision = queue.popleft()
+            if isinstance(decision, Observe):
+                new = await self.observe(list(decision.docs)) if decision.docs else []
+                queue.extend(self._feed.observed(len(new)))
+            elif isinstance(decision, NoteFailed):
+                await self._note_failed(decision.docs)
+            elif isinstance(decision, FillGap):
+                outcome, reason = await self._fill_gap(decision.gap)
+                queue.extend(self._feed.gap_outcome(decision.gap, outcome, reason))
+            elif isinstance(decision, ReportGap):
+                await self._report_gap(decision)
+            elif isinstance(decision, AdvanceCursor):
+                cursor = await self.db(self.ledger.advance_cursor, decision.covered_from_ms, decision.covered_until_ms,
+                                       feed=decision.feed, overlap_ms=self.options.cursor_overlap_ms)
+                feed = self._feed if decision.feed == "succeeded" else self._failed_feed
+                queue.extend(feed.cursor_moved(cursor))
+            else:
+                assert isinstance(decision, Narrow)
+                self._subscriptions[decision.feed].update_args({"since": decision.since_ms, "limit": decision.limit})
+
+    async def _note_failed(self, docs: tuple[Mapping[str, Any], ...]) -> None:
+        for doc in docs:
+            try:
+                event = await self.db(self.ledger.note_failed_job, doc, failed_payload(doc))
+            except ValueError as exc:
+                log.warning("ignoring a failed-job document the ledger cannot keep: %s", exc)
+                continue
+            if event is not None:
+                self._announce.set()
 
     async def observe(self, docs: list[Any]) -> list[str]:
         """Record jobs from a query answer in the ledger; wake the workers for new ones."""
@@ -435,75 +447,41 @@ class Materializer:
             self._work.set()
         return new
 
-    async def _close_gap(self, gap: Gap) -> None:
-        """List the gap's jobs with the page query where the backend has one; else report it and give it up.
+    async def _fill_gap(self, gap: Gap) -> tuple[GapOutcome, str]:
+        """List the gap's jobs with the page query (where the backend has one) and observe them."""
+        log.info("the subscription window is full: catching up on jobs from %s until %s", _iso_ms(gap.from_ms),
+                 _iso_ms(gap.until_ms))
+        try:
+            async with ConvexHttpClient(self.options.convex_url) as http:
+                async for page in succeeded_pages(http, self._token, gap.from_ms, gap.until_ms):
+                    await self.observe(page)
+        except ConvexFunctionError as exc:
+            return "absent", f"the backend has no gap-free page query ({exc.error_message.splitlines()[0][:200]})"
+        except (ConvexAuthError, ConvexHttpError, OSError) as exc:
+            log.warning("catching up on jobs from %s until %s failed (%s); trying again with the next answer",
+                        _iso_ms(gap.from_ms), _iso_ms(gap.until_ms), exc)
+            return "failed", str(exc)
+        return "filled", ""
 
-        A gap that cannot be closed is reported once (log, ``status``, the sidebar's ``gap`` state)
-        and then counted as covered, so the cursor moves on: no public query could ever list
-        those jobs. A passing fault leaves it open, to be tried again with the next answer.
-        """
-        self._open_gap = None
-        reason = "the backend has no page query"
-        if self._page_query is not False:
-            log.info("the subscription window is full: catching up on jobs from %.0f to %.0f", gap.from_ms,
-                     gap.until_ms)
-            try:
-                async with ConvexHttpClient(self.options.convex_url) as http:
-                    async for page in succeeded_pages(http, self._token, gap.from_ms, gap.until_ms):
-                        await self.observe(page)
-            except ConvexFunctionError as exc:
-                self._page_query = False
-                reason = f"the backend has no gap-free page query ({exc.error_message.splitlines()[0][:200]})"
-            except (ConvexAuthError, ConvexHttpError, OSError) as exc:
-                log.warning("catching up on jobs from %.0f to %.0f failed (%s); trying again with the next answer",
-                            gap.from_ms, gap.until_ms, exc)
-                self._open_gap = gap
-                return
-            else:
-                self._page_query = True
-                self._coverage.close(gap)
-                return
-        await self._report_gap(gap, reason)
-        self._coverage.close(gap)
-
-    async def _report_gap(self, found: Gap, reason: str) -> None:
+    async def _report_gap(self, report: ReportGap) -> None:
+        gap = report.gap
+        log.error("jobs completed from %s until %s may be missing: at least %d jobs completed since then and the "
+                  "backend lists only the newest of them; %s", _iso_ms(gap.from_ms), _iso_ms(gap.until_ms),
+                  gap.jobs_at_least, report.reason)
+        public = {"fromMs": gap.from_ms, "untilMs": gap.until_ms, "jobsAtLeast": gap.jobs_at_least,
+                  "reason": report.reason}
         kept = await self.db(self.ledger.get_state, "gaps", [])
         gaps = [g for g in kept if isinstance(g, dict)] if isinstance(kept, list) else []
-        # A report also vouches for what its answer listed (up to coveredUntilMs): after a restart
-        # the window may come back full over that stretch again, which is no new gap.
-        gap = unreported_part(found, [(g["fromMs"], g["coveredUntilMs"]) for g in gaps
-                                      if _is_number(g.get("fromMs")) and _is_number(g.get("coveredUntilMs"))])
-        if gap is None:
-            return
-        covered = self._coverage.range
-        report = {"fromMs": gap.from_ms, "untilMs": gap.until_ms, "jobsAtLeast": gap.jobs_at_least,
-                  "reason": reason, "coveredUntilMs": covered[1] if covered else gap.until_ms, "at": time.time()}
-        log.error("jobs completed from %s until %s may be missing: at least %d jobs completed since then and the "
-                  "backend lists only the newest %d; %s", _iso_ms(gap.from_ms), _iso_ms(gap.until_ms),
-                  gap.jobs_at_least, gap.jobs_at_least, reason)
-        await self.db(self.ledger.set_state, "gaps", [*gaps[-(MAX_GAPS_KEPT - 1):], report])
-        await self._state_event({"state": "gap", **{k: v for k, v in report.items() if k not in ("at", "coveredUntilMs")}})
+        record = {**public, "coveredUntilMs": report.covered_until_ms, "at": time.time()}
+        await self.db(self.ledger.set_state, "gaps", [*gaps[-(MAX_GAPS_KEPT - 1):], record])
+        await self._state_event({"state": "gap", **public})
 
     async def _token(self) -> str | None:
         return await self.tokens.get() if self.tokens is not None else None
 
     async def _advance_cursor(self) -> None:
-        """Move the ledger's cursor; narrow the succeeded subscription to it once that drops many jobs.
-
-        New args make the server send the whole window again, so the subscription follows the
-        cursor only when a good part of its window (1/NARROW_FRACTION of the limit) would leave it,
-        not after every job.
-        """
-        covered = self._coverage.range
-        if covered is None:
-            return
-        new = await self.db(self.ledger.advance_cursor, *covered, overlap_ms=self.options.cursor_overlap_ms)
-        limit = self.options.subscription_limit
-        if self._succeeded is None or new <= self._subscribed_since:
-            return
-        if sum(completed < new for completed in self._window) >= max(1, limit // NARROW_FRACTION):
-            self._subscribed_since, self._window = new, []
-            self._succeeded.update_args({"since": new, "limit": limit})
+        """Jobs finished: let the succeeded feed move the cursor (and narrow its subscription)."""
+        await self._carry_out(self._feed.progress())
 
     # -- workers ----------------------------------------------------------------------------------
 
@@ -729,7 +707,7 @@ class Materializer:
             elif change.state is ConnectionState.TOKEN_NEEDED:
                 log.warning("waiting for a fresh token: %s", change.detail or "the token source has none")
             elif change.state is ConnectionState.CONNECTED:
-                self._page_query = None  # a new connection may be to a redeployed backend: ask again
+                self._feed.connected()
                 log.info("connected to %s", self.options.convex_url)
             elif change.state is ConnectionState.DISCONNECTED:
                 log.info("disconnected: %s", change.detail or "")
@@ -744,18 +722,8 @@ class Materializer:
 # -- helpers ----------------------------------------------------------------------------------------------
 
 
-def _is_number(value: Any) -> bool:
-    """A finite JSON number: Convex carries infinities and NaN, which no cursor can take."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _vouched_until(completed: list[float]) -> float:
-    """The newest completion an answer vouches for, never past now.
-
-    A job dated in the future (a bogus ``completedAt``, or a server clock ahead of ours) must not
-    carry the cursor past jobs that complete meanwhile with an honest, earlier time.
-    """
-    return min(max(completed), time.time() * 1000)
 
 
 def _job_list(result: QueryValue | QueryFailure) -> list[Any] | None:
@@ -770,10 +738,6 @@ def _job_list(result: QueryValue | QueryFailure) -> list[Any] | None:
     return result.value
 
 
-def _same_doc(answer: dict[str, Any], doc: Any) -> bool:
-    """Whether ``doc`` is exactly as the previous answer had it (and so already in the ledger)."""
-    job_id = doc.get("jobId") if isinstance(doc, dict) else None
-    return isinstance(job_id, str) and answer.get(job_id) == doc
 
 
 def _iso_ms(ms: float) -> str:

@@ -52,6 +52,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
+from materializer.feed import next_cursor
+
 __all__ = [
     "DEFAULT_CURSOR_OVERLAP_MS",
     "DEFAULT_EVENT_CAP",
@@ -786,16 +788,13 @@ class Ledger:
             since, seen_max = _cursor_row(conn, feed)
             if since is None:
                 raise LedgerError(f"the {feed} cursor was never set; call ensure_cursor first")
-            if covered_from_ms > since or seen_max is None:
-                return since
-            bound = min(covered_until_ms, seen_max)
-            if feed == "succeeded":
-                oldest_pending = conn.execute(
+            oldest_pending = None
+            if feed == "succeeded" and covered_from_ms <= since:
+                row = conn.execute(
                     "SELECT completed_at_ms FROM jobs WHERE status = 'pending' ORDER BY completed_at_ms LIMIT 1"
                 ).fetchone()
-                if oldest_pending is not None:
-                    bound = min(bound, oldest_pending[0])
-            candidate = bound - overlap_ms
+                oldest_pending = None if row is None else row[0]
+            candidate = next_cursor(since, seen_max, covered_from_ms, covered_until_ms, oldest_pending, overlap_ms)
             if candidate <= since:
                 return since
             conn.execute(
