@@ -30,9 +30,9 @@ import httpx
 from PIL import Image
 
 from materializer.convex.http import ConvexHttpClient
-from materializer.devbackend.control import DevBackend
 from materializer.layout import STATE_DIR_ENV, default_layout
 from materializer.queries import succeeded_pages
+from stella_devbackend.control import DevBackend
 
 __all__ = [
     "BenchResult",

@@ -107,7 +107,7 @@ def _percentile(values: list[float], fraction: float) -> float:
 
 async def measure(jobs: int = 200, warmup: int = 10) -> dict[str, Any]:
     """Run the comparison on a fresh local backend; return the figures (milliseconds)."""
-    from materializer.devbackend.control import DevBackend
+    from stella_devbackend.control import DevBackend
 
     with tempfile.TemporaryDirectory() as folder:
         backend = DevBackend.start(Path(folder) / "backend", extra_args=["--job-delay", "0.01"], token_ttl=6 * 3600.0)

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from materializer import __version__
-from materializer.devbackend import options as devbackend_options
 
 __all__ = ["main"]
 
@@ -163,7 +162,7 @@ def _doctor(args: argparse.Namespace) -> int:
 
 def _dev_backend(args: argparse.Namespace) -> int:
     try:
-        from materializer.devbackend.app import run
+        from stella_devbackend.app import run
     except ImportError as exc:  # aiohttp is an extra
         print(f"materializer dev-backend needs the backend extra: pip install 'stella-materializer[backend]' ({exc})",
               file=sys.stderr)
@@ -266,11 +265,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--root", type=Path, help="materializer root (default: a new temporary folder, kept)")
     demo.set_defaults(handler=_demo)
 
-    backend = commands.add_parser("dev-backend", help=devbackend_options.HELP,
-                                  description=devbackend_options.DESCRIPTION)
-    devbackend_options.add_arguments(backend)
-    backend.set_defaults(handler=_dev_backend)
+    _add_dev_backend(commands)
     return parser
+
+
+def _add_dev_backend(commands: Any) -> None:
+    """``dev-backend``, described by the local backend's own flags module (standard library only).
+
+    The backend is a package of its own (``stella_devbackend``); only its
+    options are read here, when the parser is built, never at import.
+    """
+    try:
+        from stella_devbackend import options
+    except ImportError:  # installed without the backend package: the command says what is missing when run
+        # No prefix character it could meet, so every flag is taken as one of the ignored arguments.
+        backend = commands.add_parser("dev-backend", help="run the local Stella-compatible backend (backend extra)",
+                                      prefix_chars="\0", add_help=False)
+        backend.add_argument("arguments", nargs="*", help=argparse.SUPPRESS)
+    else:
+        backend = commands.add_parser("dev-backend", help=options.HELP, description=options.DESCRIPTION)
+        options.add_arguments(backend)
+    backend.set_defaults(handler=_dev_backend)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -41,7 +41,7 @@ REALTIME_FRAMES = 10
 def run_demo(root: Path | None) -> int:
     """Run the demo; 0 when every job was materialized, 1 otherwise (saying what failed)."""
     try:
-        from materializer.devbackend.control import DevBackend
+        from stella_devbackend.control import DevBackend
     except ImportError as exc:
         print(f"materializer demo needs the backend extra: pip install 'stella-materializer[backend]' ({exc})",
               file=sys.stderr)

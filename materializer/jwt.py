@@ -1,82 +1,34 @@
-"""Just enough JWT (HS256) for the local backend to sign tokens and for clients to read ``exp``.
+"""Reading a JWT's claims, so clients know a token's ``exp``.
 
-The daemon never verifies a token (the backend does); it only reads the
-claims to know when to ask its token source for a fresh one.
+The daemon never signs or verifies a token (the backend does); it only reads
+the claims to know when to ask its token source for a fresh one. Signing and
+verifying live with the local backend (:mod:`stella_devbackend.jwt`).
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
-import hashlib
-import hmac
 import json
-import time
 from typing import Any
 
-__all__ = ["TokenError", "sign_hs256", "unverified_claims", "verify_hs256"]
-
-
-class TokenError(ValueError):
-    """A token that is malformed, wrongly signed or expired. The message never contains the token."""
-
-
-def _b64url_encode(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+__all__ = ["unverified_claims"]
 
 
 def _b64url_decode(text: str) -> bytes:
-    try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError):
-        raise TokenError("token segment is not base64url") from None
-
-
-def sign_hs256(claims: dict[str, Any], secret: bytes) -> str:
-    """Sign ``claims`` into a compact JWT."""
-    header = _b64url_encode(json.dumps({"alg": "HS256", "typ": "JWT"}, separators=(",", ":")).encode())
-    payload = _b64url_encode(json.dumps(claims, separators=(",", ":")).encode())
-    signing_input = f"{header}.{payload}".encode("ascii")
-    signature = hmac.new(secret, signing_input, hashlib.sha256).digest()
-    return f"{header}.{payload}.{_b64url_encode(signature)}"
-
-
-def _split(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes]:
-    if not isinstance(token, str) or token.count(".") != 2:
-        raise TokenError("token is not a JWT (expected three dot-separated segments)")
-    header_b64, payload_b64, signature_b64 = token.split(".")
-    try:
-        header = json.loads(_b64url_decode(header_b64))
-        claims = json.loads(_b64url_decode(payload_b64))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise TokenError("token header or payload is not JSON") from None
-    if not isinstance(header, dict) or not isinstance(claims, dict):
-        raise TokenError("token header and payload must be JSON objects")
-    signing_input = f"{header_b64}.{payload_b64}".encode("ascii")
-    return header, claims, signing_input, _b64url_decode(signature_b64)
-
-
-def verify_hs256(token: str, secret: bytes, *, now: float | None = None) -> dict[str, Any]:
-    """Return the claims of a valid, unexpired token signed with ``secret``."""
-    header, claims, signing_input, signature = _split(token)
-    if header.get("alg") != "HS256":
-        raise TokenError(f"unsupported token algorithm {header.get('alg')!r}")
-    expected = hmac.new(secret, signing_input, hashlib.sha256).digest()
-    if not hmac.compare_digest(expected, signature):
-        raise TokenError("token signature does not verify")
-    exp = claims.get("exp")
-    if not isinstance(exp, (int, float)) or isinstance(exp, bool):
-        raise TokenError("token has no numeric exp claim")
-    if (time.time() if now is None else now) >= exp:
-        raise TokenError("token has expired")
-    if not isinstance(claims.get("sub"), str) or not claims["sub"]:
-        raise TokenError("token has no subject")
-    return claims
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 def unverified_claims(token: str) -> dict[str, Any] | None:
     """The claims of a JWT without checking its signature, or None if it is not a JWT."""
-    try:
-        return _split(token)[1]
-    except TokenError:
+    if not isinstance(token, str) or token.count(".") != 2:
         return None
+    header_b64, payload_b64, signature_b64 = token.split(".")
+    try:
+        header = json.loads(_b64url_decode(header_b64))
+        claims = json.loads(_b64url_decode(payload_b64))
+        _b64url_decode(signature_b64)
+    except ValueError:  # not base64url (binascii.Error), not UTF-8 or not JSON: all ValueErrors
+        return None
+    if not isinstance(header, dict) or not isinstance(claims, dict):
+        return None
+    return claims

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from materializer.devbackend.control import DevBackend
+from stella_devbackend.control import DevBackend
 
 
 @pytest.fixture

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from materializer.daemon import DaemonOptions, Materializer
-from materializer.devbackend.control import DevBackend
 from materializer.layout import default_layout
 from materializer.ledger import Ledger
 from materializer.tokens import StaticTokenProvider
+from stella_devbackend.control import DevBackend
 
 T = TypeVar("T")
 

@@ -80,14 +80,14 @@ from materializer.convex.protocol import (
 )
 from materializer.convex.values import Int64, encode_ts
 from materializer.daemon import Attempt, DaemonOptions, Materializer
-from materializer.devbackend.app import ADMIN_HEADER
-from materializer.devbackend.control import DevBackend
 from materializer.images import validate_image
 from materializer.jobs import Job, JobRejected, extract_outputs, safe_job_id
 from materializer.layout import default_layout
 from materializer.ledger import Ledger
 from materializer.store import PARTIAL_PREFIX
 from materializer.tokens import StaticTokenProvider
+from stella_devbackend.app import ADMIN_HEADER
+from stella_devbackend.control import DevBackend
 
 from helpers import DaemonProcess, partial_files, wait_until
 from hostile_server import Close, Frame, HostileConvex, SocketState

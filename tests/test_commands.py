@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from materializer.daemon import AUTH_ACTION
-from materializer.devbackend.control import DevBackend
+from stella_devbackend.control import DevBackend
 
 from helpers import DaemonProcess, gallery, ledger_events, ledger_jobs, output_files, wait_until
 

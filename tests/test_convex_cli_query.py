@@ -11,8 +11,8 @@ import pytest
 
 from materializer.convex.cli_query import display_json, run_query_command
 from materializer.convex.values import Int64
-from materializer.devbackend.control import DevBackend
 from materializer.tokens import StaticTokenProvider
+from stella_devbackend.control import DevBackend
 
 LIST = "media_jobs:listSucceededSince"
 DEADLINE = 30.0  # seconds; a deadline against hangs, never a performance threshold

@@ -12,7 +12,7 @@ from aiohttp import web
 from materializer import __version__
 from materializer.convex.http import ConvexAuthError, ConvexFunctionError, ConvexHttpClient, ConvexHttpError
 from materializer.convex.values import ConvexValueError, Int64, from_convex_json
-from materializer.devbackend.control import DevBackend
+from stella_devbackend.control import DevBackend
 
 LIST = "media_jobs:listSucceededSince"
 

@@ -30,9 +30,9 @@ from materializer import __version__
 from materializer.convex.identity import CLIENT_ID
 from materializer.convex.protocol import QueryValue
 from materializer.convex.transport import BackoffPolicy, ConnectionState, SyncClient
-from materializer.devbackend.control import DevBackend
-from materializer.jwt import sign_hs256
 from materializer.tokens import CommandTokenProvider, FdTokenProvider, StaticTokenProvider
+from stella_devbackend.control import DevBackend
+from stella_devbackend.jwt import sign_hs256
 
 from helpers import async_wait_until
 

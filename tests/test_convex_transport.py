@@ -28,8 +28,8 @@ from materializer.convex.transport import (
     sync_url,
 )
 from materializer.convex.values import encode_ts
-from materializer.devbackend.control import DevBackend
 from materializer.tokens import CommandTokenProvider, FileTokenProvider, StaticTokenProvider
+from stella_devbackend.control import DevBackend
 
 from helpers import async_wait_until
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from materializer.devbackend.control import DevBackend
 from materializer.layout import default_layout
 from materializer.ledger import Ledger
+from stella_devbackend.control import DevBackend
 
 from helpers import DaemonProcess, gallery, ledger_events, ledger_jobs, output_files, partial_files, wait_until
 

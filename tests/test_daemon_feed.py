@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 
 from materializer.daemon import DaemonOptions
-from materializer.devbackend.control import DevBackend
 from materializer.layout import default_layout
 from materializer.ledger import Ledger
 from materializer.replay import print_summary, replay
 from materializer.status import collect_status
 from materializer.tokens import StaticTokenProvider
+from stella_devbackend.control import DevBackend
 
 from helpers import async_wait_until, ledger_events, output_files, running_daemon
 

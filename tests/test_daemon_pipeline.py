@@ -29,10 +29,10 @@ import pytest
 from PIL import Image
 
 from materializer.daemon import Materializer
-from materializer.devbackend.app import ADMIN_HEADER
-from materializer.devbackend.control import DevBackend
 from materializer.layout import default_layout
 from materializer.ledger import Job, Ledger
+from stella_devbackend.app import ADMIN_HEADER
+from stella_devbackend.control import DevBackend
 
 from helpers import async_wait_until, gallery, ledger_events, output_files, partial_files, running_daemon
 

@@ -16,8 +16,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from materializer.devbackend.app import AUTH_REQUIRED_BODY
-from materializer.devbackend.control import DevBackend
+from stella_devbackend.app import AUTH_REQUIRED_BODY
+from stella_devbackend.control import DevBackend
 
 
 def png_data_uri(size: tuple[int, int] = (64, 48)) -> str:

@@ -13,8 +13,8 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from materializer.devbackend.clients import ClientVersion, ClientVersionError, Semver, State, client_version_of
-from materializer.devbackend.control import DevBackend
+from stella_devbackend.clients import ClientVersion, ClientVersionError, Semver, State, client_version_of
+from stella_devbackend.control import DevBackend
 
 NPM_GONE = ("The Convex npm package at version 0.1.0 is no longer supported. Update your Convex npm version with "
             "`npx convex update` or `npm update`.")

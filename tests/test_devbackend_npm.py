@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from materializer.devbackend.control import DevBackend
+from stella_devbackend.control import DevBackend
 
 NPM_DIR = Path(__file__).parent / "npm"
 SCRIPT = NPM_DIR / "subscribe.mjs"

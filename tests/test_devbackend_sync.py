@@ -20,10 +20,10 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from materializer.convex.values import decode_ts, encode_ts
-from materializer.devbackend.control import DevBackend
-from materializer.devbackend.oracle import OfficialSubscription
 from materializer.jwt import unverified_claims
+from stella_devbackend.control import DevBackend
 
+from convex_oracle import OfficialSubscription
 from helpers import async_wait_until, wait_until
 
 

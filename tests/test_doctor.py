@@ -30,7 +30,6 @@ from materializer.convex.http import ConvexFunctionError, ConvexHttpError
 from materializer.convex.identity import CLIENT_ID
 from materializer.convex.protocol import QueryFailure, QueryValue
 from materializer.convex.transport import ConnectionState
-from materializer.devbackend.control import DevBackend
 from materializer.doctor import (
     Answer,
     Check,
@@ -52,8 +51,9 @@ from materializer.doctor import (
     tls_verdict,
     token_verdict,
 )
-from materializer.jwt import sign_hs256
 from materializer.tokens import StaticTokenProvider
+from stella_devbackend.control import DevBackend
+from stella_devbackend.jwt import sign_hs256
 
 NAMES = ["reachable", "client_version", "tls", "token", "get_by_job_id", "list_succeeded_since",
          "list_failed_since", "page_query", "sync_socket", "outputs_folder"]

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from materializer.jwt import sign_hs256
 from materializer.logs import REDACTED, redact, register_secret, setup_logging
+from stella_devbackend.jwt import sign_hs256
 
 JWT = sign_hs256({"sub": "user_123", "exp": 4_000_000_000}, b"k" * 32)
 OPAQUE = "opaque-credential-9f8e7d"

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from materializer.devbackend.control import DevBackend
+from stella_devbackend.control import DevBackend
 
 from helpers import gallery, ledger_events, output_files, partial_files, running_daemon
 from test_daemon_pipeline import FAST, backend_doc, quarantine_reasons, small_png, wait_finished, wait_materialized

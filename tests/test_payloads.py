@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from materializer.devbackend.control import DevBackend
+from stella_devbackend.control import DevBackend
 from materializer.jobs import AssetChoice, Job, choose_asset, extract_outputs
 from materializer.ledger import Ledger, OutputFile
 from materializer.payloads import failed_payload, friendly_image_failure, materialized_payload, media_asset

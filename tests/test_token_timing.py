@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from materializer.convex.token_timing import token_timing
-from materializer.jwt import sign_hs256
+from stella_devbackend.jwt import sign_hs256
 
 NOW = 1_800_000_000.0
 

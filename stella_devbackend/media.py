@@ -3,7 +3,7 @@
 Jobs go ``queued`` -> ``running`` -> ``succeeded`` (or ``failed``) on their
 own, like the cloud's, and every step is a write to the job table, which the
 sync sessions push to subscribers. Ids, request summaries and outputs are
-stored as the real backend stores them (:mod:`materializer.devbackend.stored`).
+stored as the real backend stores them (:mod:`stella_devbackend.stored`).
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from materializer.devbackend import imaging
-from materializer.devbackend.db import JobTable
-from materializer.devbackend.faults import Faults
-from materializer.devbackend.stored import new_job_id, sanitize_json_value, summarize_request
+from stella_devbackend import imaging
+from stella_devbackend.db import JobTable
+from stella_devbackend.faults import Faults
+from stella_devbackend.stored import new_job_id, sanitize_json_value, summarize_request
 
 __all__ = ["BadRequest", "MediaService", "PROFILES"]
 

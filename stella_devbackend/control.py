@@ -1,6 +1,6 @@
 """Start and drive a local backend in its own process (tests, the demo and benchmarks use this).
 
-The backend runs as a real process (``python -m materializer.devbackend``,
+The backend runs as a real process (``python -m stella_devbackend``,
 the same program as ``materializer dev-backend``); this class reads its
 ready line and talks to its ``/_dev`` control API with the admin key it
 keeps in the data folder. Unless told otherwise the backend behaves like
@@ -21,8 +21,8 @@ from typing import Any
 
 import httpx
 
-from materializer.devbackend.app import ADMIN_HEADER, SESSION_COOKIE, TOKEN_PATH
-from materializer.devbackend.auth import SESSION_SECRET_FILE
+from stella_devbackend.app import ADMIN_HEADER, SESSION_COOKIE, TOKEN_PATH
+from stella_devbackend.auth import SESSION_SECRET_FILE
 
 __all__ = ["DevBackend", "DevBackendError"]
 
@@ -65,7 +65,7 @@ class DevBackend:
 
     def launch(self) -> None:
         """Start the process (on the same port and data folder as before, after a stop)."""
-        command = [sys.executable, "-m", "materializer.devbackend", "--port", str(self.port),
+        command = [sys.executable, "-m", "stella_devbackend", "--port", str(self.port),
                    "--data", str(self.data_dir)]
         if self.token_ttl is not None:
             command += ["--token-ttl", str(self.token_ttl)]
@@ -163,7 +163,7 @@ class DevBackend:
         return self._call("POST", "/_dev/token", {"sub": sub, "ttl": ttl})["token"]
 
     def set_faults(self, rules: list[dict[str, Any]] | None = None, **options: Any) -> dict[str, Any]:
-        """Replace the fault configuration (see :mod:`materializer.devbackend.faults`)."""
+        """Replace the fault configuration (see :mod:`stella_devbackend.faults`)."""
         return self._call("POST", "/_dev/faults", {"rules": rules or [], **options})
 
     def clear_faults(self) -> None:

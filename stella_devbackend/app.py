@@ -12,7 +12,7 @@ Routes:
                                          (needs the ``X-Dev-Admin-Key`` from the data folder)
 
 Every ``/api/`` route first applies Convex's client-version rule
-(:mod:`materializer.devbackend.clients`), as ``client_version_state_middleware``
+(:mod:`stella_devbackend.clients`), as ``client_version_state_middleware``
 does for every route of a deployment (get-convex/convex-backend
 ``crates/common/src/http/mod.rs``): refused clients get ``400
 ClientVersionUnsupported`` (a WebSocket upgrade never happens), and clients
@@ -41,18 +41,18 @@ from typing import Any
 from aiohttp import web
 
 from materializer.convex.values import from_convex_json, to_convex_json
-from materializer.devbackend.auth import Authority, TokenError
-from materializer.devbackend.clients import ClientVersion, ClientVersionError, State, client_version_of
-from materializer.devbackend.db import JobTable
-from materializer.devbackend.faults import HTTP_KINDS, Faults
-from materializer.devbackend.functions import FunctionError, Functions
-from materializer.devbackend.media import MAX_BODY_BYTES, BadRequest, MediaService
-from materializer.devbackend.options import BackendOptions, options_from_args
-from materializer.devbackend.sync import SyncSession
+from stella_devbackend.auth import Authority, TokenError
+from stella_devbackend.clients import ClientVersion, ClientVersionError, State, client_version_of
+from stella_devbackend.db import JobTable
+from stella_devbackend.faults import HTTP_KINDS, Faults
+from stella_devbackend.functions import FunctionError, Functions
+from stella_devbackend.media import MAX_BODY_BYTES, BadRequest, MediaService
+from stella_devbackend.options import BackendOptions, options_from_args
+from stella_devbackend.sync import SyncContext, SyncSession
 
 __all__ = ["ADMIN_HEADER", "Backend", "SESSION_COOKIE", "TOKEN_PATH", "serve"]
 
-log = logging.getLogger("materializer.devbackend")
+log = logging.getLogger("stella_devbackend")
 
 AUTH_REQUIRED_BODY = {
     "error": "Sign in to Stella to use media generation.",
@@ -101,6 +101,8 @@ class Backend:
             self.faults.output_mode = "data_uri"
         self._faults_changed = asyncio.Event()
         self.media = MediaService(self.table, files_dir, self.faults, options.job_delay)
+        self.sync_context = SyncContext(table=self.table, functions=self.functions, authority=self.authority,
+                                        faults=self.faults, options=options, faults_changed=self.faults_changed)
         self.sessions: set[SyncSession] = set()
         self.sync_connections = 0
 
@@ -233,7 +235,7 @@ class Backend:
         ws = web.WebSocketResponse(max_msg_size=8 * 1024 * 1024, autoping=False, autoclose=False)
         await ws.prepare(request)
         self.sync_connections += 1
-        session = SyncSession(self, request, ws, request[_CLIENT])
+        session = SyncSession(self.sync_context, request, ws, request[_CLIENT])
         self.sessions.add(session)
         try:
             await session.run()
@@ -446,7 +448,7 @@ async def serve(options: BackendOptions, host: str, port: int, ready: Callable[[
 
 
 def run(args: argparse.Namespace) -> int:
-    """Entry point of the ``dev-backend`` command (flags: :func:`materializer.devbackend.options.add_arguments`)."""
+    """Entry point of the ``dev-backend`` command (flags: :func:`stella_devbackend.options.add_arguments`)."""
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

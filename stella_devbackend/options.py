@@ -1,4 +1,4 @@
-"""The local backend's settings and command line (``materializer dev-backend``, ``python -m materializer.devbackend``).
+"""The local backend's settings and command line (``materializer dev-backend``, ``python -m stella_devbackend``).
 
 The defaults are the real systems' (each cited); flags that change them
 exist for tests, which cannot wait 15 s for a heartbeat or send 5 MB

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from materializer.devbackend.db import JobTable, PageCursorError
+from stella_devbackend.db import JobTable, PageCursorError
 
 __all__ = ["EXTENSION_FUNCTIONS", "FunctionError", "Functions", "canonical_udf_path"]
 

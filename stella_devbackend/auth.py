@@ -19,7 +19,7 @@ import secrets
 import time
 from pathlib import Path
 
-from materializer.jwt import TokenError, sign_hs256, verify_hs256
+from stella_devbackend.jwt import TokenError, sign_hs256, verify_hs256
 
 __all__ = ["DEFAULT_TOKEN_TTL", "SESSION_SECRET_FILE", "Authority", "TokenError"]
 

@@ -15,7 +15,7 @@ Mirrors get-convex/convex-backend:
   npm clients at ``MIN_NPM_VERSION_FOR_TRANSITION_CHUNKS`` or later get
   ``TransitionChunk`` messages.
 
-Pure logic, no I/O: :mod:`materializer.devbackend.app` applies it to requests.
+Pure logic, no I/O: :mod:`stella_devbackend.app` applies it to requests.
 """
 
 from __future__ import annotations

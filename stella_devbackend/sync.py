@@ -35,20 +35,21 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import WSMsgType, web
 
 from materializer.convex.values import ConvexValueError, decode_ts, encode_ts, from_convex_json, to_convex_json
-from materializer.devbackend.auth import TokenError
-from materializer.devbackend.clients import ClientVersion
-from materializer.devbackend.functions import FunctionError
+from stella_devbackend.auth import Authority, TokenError
+from stella_devbackend.clients import ClientVersion
+from stella_devbackend.db import JobTable
+from stella_devbackend.faults import Faults
+from stella_devbackend.functions import FunctionError, Functions
+from stella_devbackend.options import BackendOptions
 
-if TYPE_CHECKING:
-    from materializer.devbackend.app import Backend
-
-__all__ = ["SyncSession"]
+__all__ = ["SyncContext", "SyncSession"]
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +122,24 @@ def split_utf8(text: str, size: int) -> list[str]:
     return pieces
 
 
+@dataclass(frozen=True)
+class SyncContext:
+    """What a sync session uses of the backend it runs in, shared by all its sessions."""
+
+    table: JobTable  # the jobs the queries read; its change events wake the sessions
+    functions: Functions  # the query functions
+    authority: Authority  # verifies the tokens of ``Authenticate``
+    faults: Faults  # ``refuse_sync``, ``withhold_transitions``, ``delay_transitions``
+    options: BackendOptions  # heartbeats, client timeout, transition chunks
+    faults_changed: Callable[[], asyncio.Event]  # the event set at the next fault reconfiguration
+
+
 class SyncSession:
     """One client socket speaking the sync protocol."""
 
-    def __init__(self, backend: Backend, request: web.Request, ws: web.WebSocketResponse,
+    def __init__(self, context: SyncContext, request: web.Request, ws: web.WebSocketResponse,
                  client: ClientVersion) -> None:
-        self.backend = backend
+        self.context = context
         self.request = request
         self.ws = ws
         self.client = client
@@ -151,7 +164,7 @@ class SyncSession:
     # -- lifecycle ---------------------------------------------------------------
 
     async def run(self) -> None:
-        refusal = self.backend.faults.take({"refuse_sync"}, self.request.path)
+        refusal = self.context.faults.take({"refuse_sync"}, self.request.path)
         if refusal is not None:
             reason = str(refusal.params.get("reason", "TooManyConcurrentRequests"))
             await self.ws.close(code=1013, message=reason[:123].encode())  # an Overloaded error: CloseCode::Again
@@ -282,10 +295,10 @@ class SyncSession:
                 observed = decode_ts(message["maxObservedTimestamp"])
             except ConvexValueError as exc:
                 raise ProtocolViolation(f"Connect: `maxObservedTimestamp`: {exc}") from None
-            if observed > self.backend.table.ts:
+            if observed > self.context.table.ts:
                 # The client saw writes this deployment does not have: the worker bails out
                 # without ErrorMetadata (crates/sync/src/worker.rs, Connect).
-                raise _InternalError(f"client observed ts {observed}, ahead of the latest {self.backend.table.ts}")
+                raise _InternalError(f"client observed ts {observed}, ahead of the latest {self.context.table.ts}")
         client_ts = message.get("clientTs")
         if client_ts is not None:
             if isinstance(client_ts, bool) or not isinstance(client_ts, (int, float)):
@@ -311,7 +324,7 @@ class SyncSession:
             if not isinstance(value, str):
                 raise ProtocolViolation("Authenticate: `value` must be a string")
             try:
-                self.owner, self.token_exp = self.backend.authority.verify(value)
+                self.owner, self.token_exp = self.context.authority.verify(value)
             except TokenError as exc:
                 raise _AuthRefused(f"Could not verify token: {exc}") from None
         elif token_type == "Admin":
@@ -386,21 +399,21 @@ class SyncSession:
 
     def _read_set_changed(self) -> bool:
         """Whether a write touched the jobs this session's queries read (only its owner's)."""
-        return self.owner is not None and self.backend.table.owner_ts(self.owner) > self._owner_seen
+        return self.owner is not None and self.context.table.owner_ts(self.owner) > self._owner_seen
 
     async def _worker(self) -> None:
-        faults = self.backend.faults
-        changed = self.backend.table.changed()
+        faults = self.context.faults
+        changed = self.context.table.changed()
         while True:
             await _first_of(self._rerun.wait(), changed.wait())
             while faults.active("withhold_transitions") is not None:
-                await self.backend.faults_changed().wait()
+                await self.context.faults_changed().wait()
             delay = faults.active("delay_transitions")
             if delay is not None:
                 await asyncio.sleep(float(delay.params.get("ms", 100)) / 1000)
             # Take the next change event before computing, so a write that lands while this
             # transition is being sent wakes the next pass instead of being missed.
-            changed = self.backend.table.changed()
+            changed = self.context.table.changed()
             if not self._rerun.is_set() and not self._read_set_changed():
                 continue
             self._rerun.clear()
@@ -413,14 +426,14 @@ class SyncSession:
 
     def _next_transition(self) -> dict[str, Any] | None:
         """Everything that changed since the last transition, or None when nothing did."""
-        table = self.backend.table
+        table = self.context.table
         if self.owner is not None:
             self._owner_seen = table.owner_ts(self.owner)
         modifications: list[dict[str, Any]] = []
         results: dict[int, tuple[str, Any]] = {}
         for query_id, (udf_path, args) in sorted(self.queries.items()):
             try:
-                result = ("value", to_convex_json(self.backend.functions.run(table, self.owner, udf_path, args)))
+                result = ("value", to_convex_json(self.context.functions.run(table, self.owner, udf_path, args)))
             except FunctionError as exc:
                 result = ("error", str(exc))
             results[query_id] = result
@@ -455,7 +468,7 @@ class SyncSession:
     async def _send_transition(self, transition: dict[str, Any]) -> None:
         """One ``Transition``, or ``TransitionChunk``s for a client that takes them when it is too large."""
         text = json.dumps(transition, separators=(",", ":"))
-        options = self.backend.options
+        options = self.context.options
         size = len(text.encode())
         if not self.client.supports_transition_chunks or size <= options.chunk_threshold:
             await self._send_text(text)
@@ -467,7 +480,7 @@ class SyncSession:
 
     async def _heartbeat(self) -> None:
         """A ``Ping`` once the worker has sent nothing for ``ping_interval`` seconds."""
-        interval = self.backend.options.ping_interval
+        interval = self.context.options.ping_interval
         while True:
             await asyncio.sleep(max(0.0, self._last_sent + interval - time.monotonic()))
             async with self._send_lock:  # decided under the lock, so a message just sent restarts the wait
@@ -477,7 +490,7 @@ class SyncSession:
 
     async def _ws_heartbeat(self) -> None:
         """WebSocket pings on a fixed tick; a client silent past the timeout is disconnected."""
-        options = self.backend.options
+        options = self.context.options
         while True:
             if time.monotonic() - self._last_heard > options.client_timeout:
                 log.info("sync: client silent for %ss, disconnecting", options.client_timeout)

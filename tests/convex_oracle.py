@@ -1,6 +1,6 @@
 """Run the official ``convex`` Python client as a separate process: the protocol oracle.
 
-``python -m materializer.devbackend.oracle URL PATH [ARGS_JSON]`` subscribes to
+``python tests/convex_oracle.py URL PATH [ARGS_JSON]`` subscribes to
 ``PATH`` with the official client and prints one JSON line per result:
 ``{"t": <unix time received>, "value": ...}`` or ``{"t": ..., "error": "..."}``.
 The token comes from the ``STELLA_TOKEN`` environment variable (never argv).
@@ -55,7 +55,7 @@ class OfficialSubscription:
         if token:
             env["STELLA_TOKEN"] = token
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "materializer.devbackend.oracle", url, path, json.dumps(args)],
+            [sys.executable, os.path.abspath(__file__), url, path, json.dumps(args)],
             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env,
         )
         self._buffer = b""
