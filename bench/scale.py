@@ -28,9 +28,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from materializer.daemon import DaemonOptions
 from materializer.layout import default_layout
 from materializer.ledger import Ledger
+from materializer.options import DaemonOptions
 
 from benchkit import BenchResult, DaemonProcess, Metric, Sidebar, cpu_seconds, scratch_backend
 

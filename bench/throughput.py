@@ -24,8 +24,8 @@ from typing import Any
 import httpx
 from PIL import Image
 
-from materializer.daemon import DaemonOptions
 from materializer.layout import default_layout
+from materializer.options import DaemonOptions
 from materializer.replay import replay
 from materializer.tokens import StaticTokenProvider
 

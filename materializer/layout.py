@@ -16,12 +16,13 @@ the ledger, the instance lock and the sidebar socket.
 
 from __future__ import annotations
 
+import fcntl
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["STATE_DIR_ENV", "Layout", "default_layout", "resolve_state_dir"]
+__all__ = ["STATE_DIR_ENV", "AlreadyRunning", "InstanceLock", "Layout", "default_layout", "resolve_state_dir"]
 
 #: The desktop app's variable for its state folder.
 STATE_DIR_ENV = "STELLA_DATA_DIR"
@@ -70,3 +71,54 @@ class Layout:
 def default_layout(root: Path) -> Layout:
     """The layout of a root with no state folder configured: ``<root>/state``."""
     return Layout(root / ROOT_STATE_SUBDIR)
+
+
+class AlreadyRunning(RuntimeError):
+    """Another daemon holds this root."""
+
+    def __init__(self, pid: int | None) -> None:
+        super().__init__(f"another materializer is already running for this root (pid {pid or 'unknown'})")
+        self.pid = pid
+
+
+class InstanceLock:
+    """One daemon per state folder: an advisory lock on ``materializer.lock`` holding the owner's pid."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.path = layout.lock
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise AlreadyRunning(int(text) if text.isdigit() else None) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    @staticmethod
+    def holder(layout: Layout) -> int | None:
+        """The pid of the running daemon for this state folder, or None when none runs."""
+        path = layout.lock
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else -1
+        finally:
+            os.close(fd)
+        return None

@@ -12,21 +12,25 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import os
 import re
+import secrets
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from materializer import exits
 from materializer.convex.http import ConvexAuthError, ConvexFunctionError, ConvexHttpClient, ConvexHttpError
-from materializer.daemon import AUTH_ACTION, DaemonOptions, Materializer
+from materializer.daemon import AUTH_ACTION
 from materializer.feed import Gap
+from materializer.materialize import Workspace
+from materializer.options import DaemonOptions
 from materializer.queries import JOB_QUERY, SUCCEEDED_QUERY, WINDOW_MAX, succeeded_pages
 from materializer.tokens import TokenProvider
 
-__all__ = ["EXIT_AUTH", "ReplaySummary", "parse_when", "replay"]
+__all__ = ["ReplaySummary", "parse_when", "replay"]
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_AUTH = 0, 1, 2, 3
 REPLAY_LEASE_PREFIX = "replay:"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -140,17 +144,17 @@ async def replay(options: DaemonOptions, tokens: TokenProvider, *, since: float,
     token = await tokens.get()
     if token is None:
         print(f"replay: sign-in needed. {AUTH_ACTION}", file=out)
-        return EXIT_AUTH, summary
+        return exits.SIGN_IN_NEEDED, summary
     async with ConvexHttpClient(options.convex_url) as http:
         try:
             docs = await _find_jobs(http, token, since, until, job_ids, summary, out)
         except _SignInNeeded:
             print(f"replay: the token was refused: sign-in needed. {AUTH_ACTION}", file=out)
-            return EXIT_AUTH, summary
+            return exits.SIGN_IN_NEEDED, summary
         except ConvexHttpError as exc:
             print(f"replay: could not list jobs: {exc}", file=out)
-            return EXIT_FAILED, summary
-    worker = Materializer(options, tokens, lease_prefix=REPLAY_LEASE_PREFIX)
+            return exits.FAILED, summary
+    worker = Workspace(options, owner=f"{REPLAY_LEASE_PREFIX}{os.getpid()}:{secrets.token_hex(4)}")
     try:
         await worker.observe(docs)
         ids = [d["jobId"] for d in docs if isinstance(d, dict) and isinstance(d.get("jobId"), str)]
@@ -165,7 +169,7 @@ async def replay(options: DaemonOptions, tokens: TokenProvider, *, since: float,
                 todo.append(job)
         if dry_run:
             summary.planned = [job.job_id for job in todo]
-            return (EXIT_FAILED if summary.uncovered else EXIT_OK), summary
+            return (exits.FAILED if summary.uncovered else exits.OK), summary
         await worker.db(worker.ledger.requeue, [job.job_id for job in todo if job.status == "quarantined"])
         progress = _Progress(len(todo), out)
         # A few jobs ahead of the downloads, not all of them: claiming every job first would hold the
@@ -182,14 +186,14 @@ async def replay(options: DaemonOptions, tokens: TokenProvider, *, since: float,
             await worker.write_gallery()
     finally:
         await worker.aclose()
-    return (EXIT_FAILED if summary.failed or summary.uncovered else EXIT_OK), summary
+    return (exits.FAILED if summary.failed or summary.uncovered else exits.OK), summary
 
 
-async def _replay_one(worker: Materializer, job_id: str, doc: dict[str, Any], summary: ReplaySummary,
+async def _replay_one(worker: Workspace, job_id: str, doc: dict[str, Any], summary: ReplaySummary,
                       progress: _Progress) -> None:
     ledger = worker.ledger
     deadline = time.monotonic() + worker.options.lease_seconds
-    while not await worker.db(ledger.try_claim, job_id, worker.owner, worker.options.lease_seconds):
+    while not await worker.db(ledger.try_claim, job_id, worker.runner.owner, worker.options.lease_seconds):
         job = await worker.db(ledger.job, job_id)
         if job is not None and job.status != "pending":
             break  # the daemon finished it meanwhile
@@ -200,7 +204,7 @@ async def _replay_one(worker: Materializer, job_id: str, doc: dict[str, Any], su
         await asyncio.sleep(0.1)
     else:
         attempts = (await worker.db(ledger.job, job_id)).attempts  # type: ignore[union-attr]
-        result = await worker.attempt(job_id, doc, attempts)
+        result = await worker.runner.attempt(job_id, doc, attempts)
         if result.outcome != "materialized":
             summary.failed.append((job_id, result.reason or result.outcome))
         else:

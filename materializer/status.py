@@ -8,8 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, TextIO
 
-from materializer.daemon import InstanceLock
-from materializer.layout import Layout
+from materializer.layout import InstanceLock, Layout
 from materializer.ledger import Ledger, LedgerError
 
 __all__ = ["collect_status", "print_status"]

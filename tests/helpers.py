@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,9 +13,10 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from materializer.daemon import DaemonOptions, Materializer
+from materializer.daemon import Materializer
 from materializer.layout import default_layout
 from materializer.ledger import Ledger
+from materializer.options import DaemonOptions
 from materializer.tokens import StaticTokenProvider
 from stella_devbackend.control import DevBackend
 

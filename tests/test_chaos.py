@@ -79,11 +79,13 @@ from materializer.convex.protocol import (
     TransitionApplied,
 )
 from materializer.convex.values import Int64, encode_ts
-from materializer.daemon import Attempt, DaemonOptions, Materializer
+from materializer.daemon import Materializer
 from materializer.images import validate_image
 from materializer.jobs import Job, JobRejected, extract_outputs, safe_job_id
 from materializer.layout import default_layout
 from materializer.ledger import Ledger
+from materializer.materialize import Attempt
+from materializer.options import DaemonOptions
 from materializer.store import PARTIAL_PREFIX
 from materializer.tokens import StaticTokenProvider
 from stella_devbackend.app import ADMIN_HEADER
@@ -1786,7 +1788,7 @@ def test_fuzz_observe_and_materialize(backend: DevBackend, tmp_path: Path) -> No
                         break
                     current = await daemon.db(daemon.ledger.job, job.job_id)
                     assert current is not None
-                    attempt = await daemon.attempt(job.job_id, current.doc, current.attempts)
+                    attempt = await daemon.work.runner.attempt(job.job_id, current.doc, current.attempts)
                     assert isinstance(attempt, Attempt) and attempt.outcome in ("materialized", "retry", "quarantined")
                     counter[attempt.outcome] += 1
                     if attempt.outcome != "retry":

@@ -14,11 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from materializer.daemon import DaemonOptions
 from materializer.layout import default_layout
 from materializer.ledger import Ledger
+from materializer.options import DaemonOptions
 from materializer.replay import print_summary, replay
 from materializer.status import collect_status
 from materializer.tokens import StaticTokenProvider

@@ -79,7 +79,7 @@ async def test_every_output_kind_is_materialized_and_announced_as_the_desktop_sh
     job_ids = [insert(backend, capability, output, prompt=f"{capability} prompt") for capability, output, _, _ in cases]
     async with running_daemon(root, backend, **FAST) as daemon:
         await wait_materialized(daemon, job_ids)
-        folder = daemon.outputs_base
+        folder = daemon.work.materializer.outputs_base
         jobs = {job_id: daemon.ledger.job(job_id) for job_id in job_ids}
     entries = {entry["jobId"]: entry for entry in gallery(root)["jobs"]}
     for job_id, (capability, _, files, asset) in zip(job_ids, cases, strict=True):
@@ -119,7 +119,7 @@ async def test_extra_files_that_fail_are_recorded_and_do_not_hold_back_the_asset
     async with running_daemon(root, backend, **FAST) as daemon:
         await wait_materialized(daemon, [job_id])
         job = daemon.ledger.job(job_id)
-        folder = daemon.outputs_base
+        folder = daemon.work.materializer.outputs_base
     assert job is not None and (job.status, job.attempts) == ("materialized", 0)  # announced at the first attempt
     assert job.last_error == (
         "materialized without 3 extra output(s): "

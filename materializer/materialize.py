@@ -1,0 +1,360 @@
+"""One job, from its document to committed files and a recorded outcome: the daemon's workers and ``replay`` alike.
+
+:class:`JobMaterializer` is the per-job pipeline, with its collaborators
+explicit: it extracts a job's outputs (:mod:`materializer.jobs`), fetches
+them (:mod:`materializer.fetch`), decides what each is from its bytes
+(:mod:`materializer.images`, :mod:`materializer.media_files`), commits them
+(:mod:`materializer.store`) and builds the sidebar payload
+(:mod:`materializer.payloads`). What goes wrong is classified: a
+:class:`Permanent` refusal, or a :class:`Retry` with the server's wish.
+
+:class:`JobRunner` runs one attempt at a claimed job through it and records
+the outcome in the ledger: materialized (announced exactly once), retried on
+a jittered exponential schedule that honours ``Retry-After``, or quarantined
+with its reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
+
+from materializer.fetch import Fetcher, FetchError
+from materializer.gallery import MANIFEST_NAME, render_manifest
+from materializer.images import ImageLimits, ImageRejected, validate_image
+from materializer.jobs import Job, JobRejected, OutputRef, choose_asset, extract_outputs
+from materializer.ledger import Event, GalleryEntry, Ledger, OutputFile
+from materializer.media_files import SNIFF_BYTES, MediaRejected, looks_like_image, needs_whole_file, output_type
+from materializer.options import DaemonOptions
+from materializer.payloads import materialized_payload, media_asset
+from materializer.store import OutputStore, PartialFile, StorageError
+
+__all__ = ["Attempt", "JobMaterializer", "JobRunner", "Materialized", "Permanent", "Retry", "RetryPolicy",
+           "Workspace", "printable"]
+
+log = logging.getLogger("materializer.daemon")
+T = TypeVar("T")
+LedgerCall = Callable[..., Awaitable[Any]]
+
+
+class Permanent(Exception):
+    """An output that will never materialize: the job is quarantined at once with this reason."""
+
+
+class Retry(Exception):
+    """An output that may materialize later; ``retry_after`` is the server's wish, if any."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class Materialized:
+    """A job whose asset is committed: every file kept, its sidebar payload, and the extra outputs not kept."""
+
+    files: list[OutputFile]
+    payload: dict[str, Any]
+    missing: list[str]
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """How one attempt at a job ended; ``event`` is the announcement a materialized job got (once)."""
+
+    outcome: Literal["materialized", "retry", "quarantined"]
+    reason: str | None = None
+    event: Event | None = None
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently a job is tried (``daemon.max_attempts``, ``daemon.retry_*_seconds``)."""
+
+    max_attempts: int = 8
+    base_seconds: float = 2.0
+    max_seconds: float = 600.0
+
+    def delay(self, attempts: int, retry_after: float | None, rng: random.Random) -> float:
+        delay = min(self.max_seconds, self.base_seconds * 2**attempts) * rng.uniform(0.5, 1.5)
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, self.max_seconds))
+        return float(delay)
+
+
+class JobMaterializer:
+    """Commits a job's files and builds its sidebar payload; raises :class:`Permanent` or :class:`Retry`.
+
+    ``fetcher``, ``image_limits`` and ``max_data_bytes`` may be replaced while running (a reload);
+    a download under way finishes with what it started with.
+    """
+
+    def __init__(self, store: OutputStore, fetcher: Fetcher, image_limits: ImageLimits, max_data_bytes: int,
+                 concurrency: int) -> None:
+        self.store = store
+        self.fetcher = fetcher
+        self.image_limits = image_limits
+        self.max_data_bytes = max_data_bytes
+        self.outputs_base = store.path.resolve()  # for the sidebar's absolute paths (resolving costs lstats)
+        self._slots = asyncio.Semaphore(concurrency)
+
+    async def materialize(self, doc: dict[str, Any]) -> Materialized:
+        """Commit a job's asset and what extra files can be; raise Permanent or Retry when the asset cannot be.
+
+        The asset (what the sidebar shows) is all-or-nothing: the job is announced only once every one of
+        its files is committed. Every other output is an extra file, tried in the same attempt; one that
+        cannot be kept is recorded with its reason and does not hold the announcement back.
+        """
+        try:
+            job = Job.from_document(doc)
+            refs = extract_outputs(job, max_data_bytes=self.max_data_bytes)
+            choice = choose_asset(job, refs)
+        except JobRejected as exc:
+            raise Permanent(str(exc)) from None
+        refused = [refs[index].error for index in choice.indices if refs[index].error]
+        if refused:
+            raise Permanent(refused[0])  # already names its output ("images[1]: ...")
+        wanted = [ref for ref in refs if ref.error is None]
+        outcomes = await asyncio.gather(*(self._materialize_output(ref) for ref in wanted), return_exceptions=True)
+        results: dict[int, OutputFile | BaseException] = dict(zip((ref.index for ref in wanted), outcomes, strict=True))
+        asset = [results[index] for index in choice.indices]
+        for result in asset:
+            if isinstance(result, Permanent):
+                raise result
+        for result in asset:
+            if isinstance(result, BaseException):
+                raise result
+        missing: list[str] = []
+        for ref in refs:
+            outcome = results.get(ref.index)
+            if isinstance(outcome, OutputFile):
+                continue
+            if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
+                raise outcome  # a cancellation
+            if isinstance(outcome, Exception) and not isinstance(outcome, (Permanent, Retry)):
+                log.error("job %s: unexpected error on %s", printable(job.job_id), ref.where, exc_info=outcome)
+            reason = _not_kept(ref, outcome)
+            log.warning("job %s: extra output not kept: %s", printable(job.job_id), printable(reason))
+            missing.append(reason)
+        files = {index: result for index, result in results.items() if isinstance(result, OutputFile)}
+        payload = materialized_payload(job, media_asset(choice, files, self.outputs_base))
+        return Materialized(sorted(files.values(), key=lambda f: f.index), payload, missing)
+
+    async def _materialize_output(self, ref: OutputRef) -> OutputFile:
+        async with self._slots:
+            try:
+                return await self._output(ref)
+            except FetchError as exc:
+                if exc.retryable:
+                    raise Retry(f"{ref.where}: {exc.reason}", exc.retry_after) from None
+                raise Permanent(f"{ref.where}: {exc.reason}") from None
+            except StorageError as exc:
+                if exc.retryable:
+                    raise Retry(f"{ref.where}: {exc.reason}") from None
+                raise Permanent(f"{ref.where}: {exc.reason}") from None
+            except (ImageRejected, MediaRejected) as exc:
+                # A CDN can serve an error page or a broken body once: try again, then give up.
+                raise Retry(f"{ref.where}: {exc}") from None
+
+    async def _output(self, ref: OutputRef) -> OutputFile:
+        if ref.media_kind == "image":
+            existing = await asyncio.to_thread(self.store.existing, ref.stem)
+            if existing is not None:
+                try:
+                    info = await asyncio.to_thread(validate_image, existing, self.image_limits)
+                    return _output_file(ref.index, existing.name, info.mime, info.width, info.height, info.bytes,
+                                        info.sha256)
+                except ImageRejected:
+                    log.warning("replacing invalid existing file %s", existing.name)
+        with self.store.temp_file(ref.stem) as partial:
+            if ref.data is not None:
+                await asyncio.to_thread(partial.write, ref.data)
+                fetched_sha = None
+            else:
+                assert ref.url is not None
+                fetched_sha = (await self.fetcher.fetch(ref.url, partial)).sha256
+            return await asyncio.to_thread(self._validate_and_commit, partial, ref, fetched_sha)
+
+    def _validate_and_commit(self, partial: PartialFile, ref: OutputRef, fetched_sha: str | None) -> OutputFile:
+        """Decide what a written output is from its bytes and commit it under that name (one worker-thread trip).
+
+        Image bytes, whatever the output claimed, are validated and named as images: an image extension
+        in the outputs folder always means a validated image. Anything else is named by media_files.
+        """
+        head = os.pread(partial.fileno(), SNIFF_BYTES, 0)
+        if ref.media_kind == "image" or (ref.media_kind != "text" and looks_like_image(head)):
+            info = validate_image(partial, self.image_limits)
+            path = self.store.commit(partial, f"{ref.stem}.{info.ext}")
+            return _output_file(ref.index, path.name, info.mime, info.width, info.height, info.bytes, info.sha256)
+        size = os.fstat(partial.fileno()).st_size
+        data = os.pread(partial.fileno(), size, 0) if needs_whole_file(head) else head
+        kind = output_type(data, media_kind=ref.media_kind, url=ref.url, declared_mime=ref.declared_mime)
+        path = self.store.commit(partial, f"{ref.stem}.{kind.ext}")
+        return _output_file(ref.index, path.name, kind.mime, None, None, size, fetched_sha or _sha256_file(path))
+
+
+class JobRunner:
+    """One attempt at a claimed job through a :class:`JobMaterializer`, its outcome recorded in the ledger.
+
+    ``db`` runs a ledger call off the event loop (on the ledger's own thread); ``owner`` is the
+    claim the attempt runs under. ``retry`` may be replaced while running (a reload).
+    """
+
+    def __init__(self, ledger: Ledger, db: LedgerCall, materializer: JobMaterializer, owner: str,
+                 retry: RetryPolicy, rng: random.Random | None = None) -> None:
+        self.ledger = ledger
+        self.db = db
+        self.materializer = materializer
+        self.owner = owner
+        self.retry = retry
+        self._rng = rng or random.Random()
+
+    async def attempt(self, job_id: str, doc: dict[str, Any], attempts: int) -> Attempt:
+        """Try to materialize a job this process has claimed, and record the outcome in the ledger."""
+        try:
+            done = await self.materializer.materialize(doc)
+        except Permanent as exc:
+            return await self._give_up(job_id, str(exc))
+        except Exception as exc:  # a bug or an unforeseen fault: counted like a failed download, never a hot loop
+            if not isinstance(exc, Retry):
+                log.exception("job %s: unexpected error", printable(job_id))
+                exc = Retry(f"unexpected error: {type(exc).__name__}: {exc}")
+            if attempts + 1 >= self.retry.max_attempts:
+                return await self._give_up(job_id, f"gave up after {attempts + 1} attempts: {exc}")
+            delay = self.retry.delay(attempts, exc.retry_after, self._rng)
+            log.info("job %s will be retried in %.1fs: %s", printable(job_id), delay, exc)
+            await self.db(self.ledger.record_failure, job_id, str(exc), time.time() + delay, owner=self.owner)
+            return Attempt("retry", str(exc))
+        event = await self.db(self.ledger.mark_materialized, job_id, done.files, done.payload, done.missing)
+        return Attempt("materialized", event=event)
+
+    async def _give_up(self, job_id: str, reason: str) -> Attempt:
+        log.warning("job %s given up: %s", printable(job_id), reason)
+        await self.db(self.ledger.quarantine, job_id, reason)
+        await self.db(self.ledger.append_event, "materializer.state",
+                      {"state": "quarantined", "jobId": job_id, "reason": reason})
+        return Attempt("quarantined", reason)
+
+
+class Workspace:
+    """What a process that materializes jobs holds: the ledger (on a thread of its own), the outputs
+    folder, a fetcher, and the pipeline through them. The daemon and ``replay`` each open one."""
+
+    def __init__(self, options: DaemonOptions, owner: str) -> None:
+        self.options = options
+        layout = options.layout
+        layout.media.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.ledger = Ledger(layout.ledger)
+        self.store = OutputStore(layout.outputs)
+        #: The ledger's own thread: every ledger call, in order (the sidebar server reads through it too).
+        self.ledger_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
+        self._retired_fetchers: list[Fetcher] = []
+        self.materializer = JobMaterializer(self.store, _fetcher(options), options.image_limits,
+                                            options.fetch_max_bytes, options.download_concurrency)
+        self.runner = JobRunner(self.ledger, self.db, self.materializer, owner, _retry_policy(options))
+
+    async def db(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a ledger call on the ledger's own thread (ordered, never on the event loop)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.ledger_executor, lambda: function(*args, **kwargs))
+
+    async def observe(self, docs: list[Any]) -> list[str]:
+        """Record jobs from a query answer in the ledger; return the ids of those it did not have."""
+        usable = [d for d in docs if isinstance(d, dict) and d.get("status", "succeeded") == "succeeded"]
+        if len(usable) < len(docs):
+            log.warning("ignoring %d item(s) that are not job documents of succeeded jobs", len(docs) - len(usable))
+        try:
+            new: list[str] = await self.db(self.ledger.observe_jobs, usable)
+        except ValueError:
+            # One unusable document must not hide the others: observe them one by one.
+            new = []
+            for doc in usable:
+                try:
+                    new += await self.db(self.ledger.observe_jobs, [doc])
+                except ValueError as exc:
+                    log.warning("ignoring a job document the ledger cannot keep: %s", exc)
+        return new
+
+    async def write_gallery(self) -> None:
+        entries = await self.db(self.ledger.gallery_entries, self.options.gallery_size)
+        try:
+            await asyncio.to_thread(self._write_manifest, entries, time.time() * 1000)
+        except StorageError as exc:
+            log.error("could not write %s: %s (will try again with the next job)", MANIFEST_NAME, exc)
+
+    def _write_manifest(self, entries: list[GalleryEntry], generated_at_ms: float) -> None:
+        """Render and replace the manifest (in a worker thread: a thousand jobs take milliseconds)."""
+        self.store.atomic_write_bytes(MANIFEST_NAME, render_manifest(entries, generated_at_ms))
+
+    def apply_live(self, options: DaemonOptions) -> None:
+        """Take what a reloaded configuration may change while running (fetch and image limits, retries)."""
+        fetch_fields = ("fetch_max_bytes", "connect_timeout", "read_timeout", "total_timeout")
+        if any(getattr(options, name) != getattr(self.options, name) for name in fetch_fields):
+            # Downloads under way finish with the old limits; new ones use the new.
+            self._retired_fetchers.append(self.materializer.fetcher)
+            self.materializer.fetcher = _fetcher(options)
+        self.materializer.image_limits = options.image_limits
+        self.materializer.max_data_bytes = options.fetch_max_bytes
+        self.runner.retry = _retry_policy(options)
+
+    async def aclose(self) -> None:
+        for fetcher in (self.materializer.fetcher, *self._retired_fetchers):
+            await fetcher.aclose()
+        self.ledger_executor.shutdown(wait=True)
+        self.store.close()
+        self.ledger.close()
+
+
+def _fetcher(options: DaemonOptions) -> Fetcher:
+    origin = urlsplit(options.convex_url)
+    return Fetcher(
+        allowed_origins=[f"{origin.scheme}://{origin.netloc}"],
+        max_bytes=options.fetch_max_bytes,
+        connect_timeout=options.connect_timeout,
+        read_timeout=options.read_timeout,
+        total_timeout=options.total_timeout,
+        max_connections=max(4, options.download_concurrency * 2),
+    )
+
+
+def _retry_policy(options: DaemonOptions) -> RetryPolicy:
+    return RetryPolicy(options.max_attempts, options.retry_base_seconds, options.retry_max_seconds)
+
+
+def printable(text: str) -> str:
+    """Untrusted text (a job id, a reason) made safe for one log line."""
+    return text.encode("unicode_escape").decode("ascii")[:200]
+
+
+def _not_kept(ref: OutputRef, result: BaseException | None) -> str:
+    """Why an extra output was not kept: its refusal (never fetched), or how its attempt ended."""
+    if result is None:
+        assert ref.error is not None
+        return ref.error
+    if isinstance(result, (Permanent, Retry)):
+        return str(result)  # already names its output
+    return f"{ref.where}: unexpected error: {type(result).__name__}: {result}"
+
+
+def _output_file(index: int, name: str, mime: str, width: int | None, height: int | None, size: int,
+                 sha256: str) -> OutputFile:
+    return OutputFile(index=index, path=name, mime_type=mime, width=width, height=height, size_bytes=size,
+                      sha256=sha256)
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
