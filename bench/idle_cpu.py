@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchkit import BenchResult, DaemonProcess, Metric, Sidebar, scratch_backend, clean_env, cpu_seconds
+from benchkit import BenchResult, DaemonProcess, Metric, Sidebar, clean_env, cpu_seconds, scratch_backend
 
 NAME = "idle_cpu"
 GOAL_PERCENT = 0.5

@@ -30,8 +30,16 @@ from typing import Any
 
 import httpx
 
-from benchkit import BenchResult, DaemonProcess, Metric, Sidebar, scratch_backend, distribution, fetch_decode_write
-from benchkit import succeeded_docs
+from benchkit import (
+    BenchResult,
+    DaemonProcess,
+    Metric,
+    Sidebar,
+    distribution,
+    fetch_decode_write,
+    scratch_backend,
+    succeeded_docs,
+)
 
 NAME = "latency"
 GOAL_RATIO = 1.3

@@ -25,8 +25,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchkit import BenchResult, DaemonProcess, Metric, Sidebar, scratch_backend, clean_env, proc_memory_kib
-from benchkit import succeeded_docs
+from benchkit import (
+    BenchResult,
+    DaemonProcess,
+    Metric,
+    Sidebar,
+    clean_env,
+    proc_memory_kib,
+    scratch_backend,
+    succeeded_docs,
+)
 
 NAME = "memory"
 GOAL_PEAK_MB = 150.0

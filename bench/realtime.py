@@ -27,8 +27,17 @@ from typing import Any
 
 import httpx
 
-from benchkit import BenchResult, DaemonProcess, Metric, Sidebar, scratch_backend, cpu_seconds, distribution
-from benchkit import fetch_decode_write, succeeded_docs
+from benchkit import (
+    BenchResult,
+    DaemonProcess,
+    Metric,
+    Sidebar,
+    cpu_seconds,
+    distribution,
+    fetch_decode_write,
+    scratch_backend,
+    succeeded_docs,
+)
 
 NAME = "realtime"
 FPS = 10

@@ -36,6 +36,7 @@ import realtime
 import scale
 import subscription
 import throughput
+
 from benchkit import BenchResult
 
 

@@ -8,6 +8,7 @@ in the suite's shape. The floor is the official client.
 from __future__ import annotations
 
 import subscription_latency
+
 from benchkit import BenchResult, Metric
 
 NAME = "subscription"

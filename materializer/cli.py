@@ -15,11 +15,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from materializer import __version__
+from materializer import __version__, exits
 
 __all__ = ["main"]
 
-EXIT_USAGE = 2
 
 
 def _settings(args: argparse.Namespace) -> tuple[Any, dict[str, Any]] | None:
@@ -48,21 +47,21 @@ def _run(args: argparse.Namespace) -> int:
 
     loaded = _settings(args)
     if loaded is None:
-        return EXIT_USAGE
+        return exits.USAGE
     settings, overrides = loaded
     return run_service(settings, args.config, overrides)
 
 
 def _replay(args: argparse.Namespace) -> int:
     from materializer.config import ConfigError
-    from materializer.daemon import DaemonOptions
     from materializer.logs import setup_logging
+    from materializer.options import DaemonOptions
     from materializer.replay import parse_when, print_summary, replay
     from materializer.tokens import provider_for
 
     loaded = _settings(args)
     if loaded is None:
-        return EXIT_USAGE
+        return exits.USAGE
     settings, _ = loaded
     setup_logging("warning" if args.log_level is None else settings.log.level, settings.log.format)
     try:
@@ -71,13 +70,13 @@ def _replay(args: argparse.Namespace) -> int:
         until = parse_when(args.until) if args.until else None
     except (ConfigError, ValueError) as exc:
         print(f"materializer replay: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return exits.USAGE
     try:
         provider = provider_for(settings.auth.token_file, settings.auth.token_argv, settings.auth.token_env,
                                 settings.auth.token_fd)
     except ValueError as exc:
         print(f"materializer replay: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return exits.USAGE
 
     async def run() -> int:
         try:
@@ -85,7 +84,7 @@ def _replay(args: argparse.Namespace) -> int:
                                          dry_run=args.dry_run)
         finally:
             await provider.aclose()
-        if code != 3:
+        if code != exits.SIGN_IN_NEEDED:
             print_summary(summary, args.dry_run, args.json, sys.stdout)
         return code
 
@@ -97,10 +96,10 @@ def _status(args: argparse.Namespace) -> int:
 
     loaded = _settings(args)
     if loaded is None:
-        return EXIT_USAGE
+        return exits.USAGE
     daemon = loaded[0].daemon
     print_status(collect_status(daemon.root, daemon.layout), args.json, sys.stdout)
-    return 0
+    return exits.OK
 
 
 def _watch(args: argparse.Namespace) -> int:
@@ -108,14 +107,14 @@ def _watch(args: argparse.Namespace) -> int:
 
     loaded = _settings(args)
     if loaded is None:
-        return EXIT_USAGE
+        return exits.USAGE
     if args.since is not None and args.since < 0:
         print("materializer watch: --since must not be negative", file=sys.stderr)
-        return EXIT_USAGE
+        return exits.USAGE
     try:
         return asyncio.run(run_watch(loaded[0].daemon.layout.display_socket, args.since, args.json, sys.stdout))
     except (KeyboardInterrupt, BrokenPipeError):
-        return 0
+        return exits.OK
 
 
 def _query(args: argparse.Namespace) -> int:
@@ -126,7 +125,7 @@ def _query(args: argparse.Namespace) -> int:
         call_args = json.loads(args.args_json)
     except json.JSONDecodeError as exc:
         print(f"materializer query: ARGS_JSON is not JSON: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return exits.USAGE
     provider: TokenProvider
     if args.token is not None:
         provider = StaticTokenProvider(args.token)
@@ -144,7 +143,7 @@ def _query(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(run())
     except KeyboardInterrupt:
-        return 0 if args.watch else 130
+        return exits.OK if args.watch else exits.INTERRUPTED
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -153,7 +152,7 @@ def _doctor(args: argparse.Namespace) -> int:
 
     loaded = _settings(args)
     if loaded is None:
-        return EXIT_USAGE
+        return exits.USAGE
     settings = loaded[0]
     # The checks report what goes wrong; the clients' own log lines would only repeat it.
     setup_logging("critical" if args.log_level is None else settings.log.level, settings.log.format)
@@ -166,7 +165,7 @@ def _dev_backend(args: argparse.Namespace) -> int:
     except ImportError as exc:  # aiohttp is an extra
         print(f"materializer dev-backend needs the backend extra: pip install 'stella-materializer[backend]' ({exc})",
               file=sys.stderr)
-        return EXIT_USAGE
+        return exits.USAGE
     return run(args)
 
 
@@ -293,4 +292,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args))
     except KeyboardInterrupt:
-        return 130
+        return exits.INTERRUPTED

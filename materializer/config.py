@@ -45,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from materializer.layout import Layout, resolve_state_dir
+from materializer.limits import MAX_DECODED_BYTES, MAX_DOWNLOAD_BYTES, MAX_EDGE, MAX_FRAMES, MAX_PIXELS
 
 __all__ = [
     "ENV_PREFIX",
@@ -210,7 +211,7 @@ class AuthSettings(_Section):
 class FetchSettings(_Section):
     """Limits on each download."""
 
-    max_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
+    max_bytes: int = Field(default=MAX_DOWNLOAD_BYTES, ge=1)
     connect_timeout: float = Field(default=10.0, gt=0)
     read_timeout: float = Field(default=30.0, gt=0)
     total_timeout: float = Field(default=300.0, gt=0)
@@ -219,10 +220,10 @@ class FetchSettings(_Section):
 class ImagesSettings(_Section):
     """Limits on each image (the desktop app's)."""
 
-    max_edge: int = Field(default=16_384, ge=1)
-    max_pixels: int = Field(default=100_000_000, ge=1)
-    max_frames: int = Field(default=300, ge=1)
-    max_decoded_bytes: int = Field(default=400_000_000, ge=1)
+    max_edge: int = Field(default=MAX_EDGE, ge=1)
+    max_pixels: int = Field(default=MAX_PIXELS, ge=1)
+    max_frames: int = Field(default=MAX_FRAMES, ge=1)
+    max_decoded_bytes: int = Field(default=MAX_DECODED_BYTES, ge=1)
 
 
 class LogSettings(_Section):

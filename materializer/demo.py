@@ -25,8 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from materializer.daemon import DaemonOptions, Materializer
+from materializer import exits
+from materializer.daemon import Materializer
 from materializer.gallery import MANIFEST_NAME
+from materializer.options import DaemonOptions
 from materializer.tokens import FdTokenProvider
 
 __all__ = ["run_demo"]
@@ -45,7 +47,7 @@ def run_demo(root: Path | None) -> int:
     except ImportError as exc:
         print(f"materializer demo needs the backend extra: pip install 'stella-materializer[backend]' ({exc})",
               file=sys.stderr)
-        return 2
+        return exits.USAGE
     root = (root or Path(tempfile.mkdtemp(prefix="stella-materializer-demo-"))).expanduser().resolve()
     with tempfile.TemporaryDirectory(prefix="stella-demo-backend-") as scratch:
         print("starting the local Stella backend ...")
@@ -120,8 +122,8 @@ async def _demo(backend: Any, root: Path) -> int:
         print("\nnot materialized:", file=sys.stderr)
         for job_id, reason in problems:
             print(f"  {job_id}: {reason}", file=sys.stderr)
-        return 1
-    return 0
+        return exits.FAILED
+    return exits.OK
 
 
 async def _submit_all(backend: Any) -> list[str]:

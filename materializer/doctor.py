@@ -43,6 +43,7 @@ from typing import Any, Literal, TextIO
 
 import httpx
 
+from materializer import exits
 from materializer.config import ConfigError, Settings
 from materializer.convex.http import ConvexAuthError, ConvexFunctionError, ConvexHttpClient, ConvexHttpError
 from materializer.convex.identity import (
@@ -84,7 +85,6 @@ __all__ = [
 
 Status = Literal["ok", "warn", "fail", "skip"]
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SIGN_IN = 0, 1, 2, 3
 #: How long each network step may take (an HTTP answer, the socket's first result).
 DEFAULT_TIMEOUT = 10.0
 #: How far back the list queries look, and how many jobs they may return: only the answer's shape matters.
@@ -408,8 +408,8 @@ def exit_code(checks: Sequence[Check]) -> int:
     """0 nothing failed (warnings allowed), 3 only sign-in failures, 1 anything else failed."""
     failed = [check for check in checks if check.status == "fail"]
     if not failed:
-        return EXIT_OK
-    return EXIT_SIGN_IN if all(check.sign_in for check in failed) else EXIT_FAILED
+        return exits.OK
+    return exits.SIGN_IN_NEEDED if all(check.sign_in for check in failed) else exits.FAILED
 
 
 def render_text(checks: Sequence[Check]) -> str:
@@ -422,7 +422,7 @@ def render_text(checks: Sequence[Check]) -> str:
 def render_json(checks: Sequence[Check]) -> str:
     """``{"ok", "checks": [{"name", "status", "detail"}]}`` on one line."""
     report = {
-        "ok": exit_code(checks) == EXIT_OK,
+        "ok": exit_code(checks) == exits.OK,
         "checks": [{"name": check.name, "status": check.status, "detail": redact(check.detail)} for check in checks],
     }
     return json.dumps(report, ensure_ascii=False) + "\n"
@@ -586,7 +586,7 @@ def run_doctor(settings: Settings, *, as_json: bool, out: TextIO = sys.stdout, t
         provider = provider_for(auth.token_file, auth.token_argv, auth.token_env, auth.token_fd)
     except (ConfigError, TokenSourceError) as exc:
         print(f"materializer doctor: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return exits.USAGE
 
     async def run() -> list[Check]:
         try:

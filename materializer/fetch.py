@@ -49,6 +49,7 @@ import httpcore
 import httpx
 
 from materializer import __version__
+from materializer.limits import MAX_DOWNLOAD_BYTES
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -59,7 +60,7 @@ __all__ = [
     "decode_data_uri",
 ]
 
-DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_BYTES = MAX_DOWNLOAD_BYTES
 
 #: Where a download goes: a path (created or truncated, never through a final
 #: symlink) or a seekable binary file, written from its current position.

@@ -56,6 +56,8 @@ from typing import BinaryIO, Literal
 
 from PIL import GifImagePlugin, Image, ImageFile, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 
+from materializer.limits import MAX_DECODED_BYTES, MAX_DOWNLOAD_BYTES, MAX_EDGE, MAX_FRAMES, MAX_PIXELS
+
 __all__ = ["IMAGE_EXTENSIONS", "ImageFormat", "ImageInfo", "ImageLimits", "ImageRejected", "validate_image"]
 
 ImageFormat = Literal["png", "jpeg", "webp", "gif"]
@@ -97,11 +99,11 @@ class ImageLimits:
     do. ``max_file_bytes`` bounds the file itself (the download cap).
     """
 
-    max_edge: int = 16_384
-    max_pixels: int = 100_000_000
-    max_frames: int = 300
-    max_decoded_bytes: int = 400_000_000
-    max_file_bytes: int = 64 * 1024 * 1024
+    max_edge: int = MAX_EDGE
+    max_pixels: int = MAX_PIXELS
+    max_frames: int = MAX_FRAMES
+    max_decoded_bytes: int = MAX_DECODED_BYTES
+    max_file_bytes: int = MAX_DOWNLOAD_BYTES
 
     def __post_init__(self) -> None:
         for name in ("max_edge", "max_pixels", "max_frames", "max_decoded_bytes", "max_file_bytes"):

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import unquote_to_bytes, urlsplit
 
+from materializer.limits import MAX_DOWNLOAD_BYTES
+
 __all__ = [
     "DEFAULT_MAX_DATA_BYTES",
     "DOWNLOAD_MODEL_LABEL",
@@ -58,7 +60,7 @@ __all__ = [
 MAX_JOB_ID_LENGTH = 128
 
 #: Largest decoded data URI, the same cap as a download.
-DEFAULT_MAX_DATA_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_DATA_BYTES = MAX_DOWNLOAD_BYTES
 
 MediaKind = Literal["image", "video", "audio", "model", "file", "text"]
 AssetKind = Literal["image", "video", "audio", "text", "download"]

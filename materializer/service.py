@@ -18,10 +18,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from materializer import exits
 from materializer.config import ConfigError, ConfigReloader, Settings
-from materializer.daemon import AlreadyRunning, DaemonOptions, Materializer
+from materializer.daemon import Materializer
 from materializer.display import DisplayServer
+from materializer.layout import AlreadyRunning
 from materializer.logs import setup_logging
+from materializer.options import DaemonOptions
 from materializer.sdnotify import Notifier, run_watchdog
 from materializer.tokens import TokenProvider, TokenSourceError, provider_for
 
@@ -88,7 +91,7 @@ def run_service(settings: Settings, config_file: Path | None, overrides: dict[st
                                 settings.auth.token_fd)
     except (ConfigError, TokenSourceError) as exc:
         print(f"materializer run: {exc}", file=sys.stderr)
-        return 2
+        return exits.USAGE
     return asyncio.run(_serve(settings, options, provider, config_file, overrides))
 
 
@@ -124,7 +127,7 @@ async def _serve(settings: Settings, options: DaemonOptions, provider: TokenProv
         await daemon.run(on_ready=ready)
     except AlreadyRunning as exc:
         print(f"materializer run: {exc}", file=sys.stderr)
-        return 1
+        return exits.FAILED
     finally:
         notifier.stopping("stopping")
         for task in helpers:
@@ -134,7 +137,7 @@ async def _serve(settings: Settings, options: DaemonOptions, provider: TokenProv
         await provider.aclose()
         notifier.close()
     log.info("materializer stopped")
-    return 0
+    return exits.OK
 
 
 async def _stop_with_parent(pid: int, daemon: Materializer) -> None:

@@ -14,8 +14,6 @@ and ``repr()`` never shows one.
 
 from __future__ import annotations
 
-from materializer.logs import register_secret
-
 import asyncio
 import contextlib
 import logging
@@ -27,6 +25,8 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import watchfiles
+
+from materializer.logs import register_secret
 
 __all__ = [
     "CommandTokenProvider",

@@ -34,6 +34,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from materializer import exits
 from materializer.display import ERROR, HELLO, PRUNED, WELCOME
 
 __all__ = ["format_event", "run_watch"]
@@ -76,7 +77,7 @@ async def run_watch(
                 said_waiting = True
         except OSError as exc:
             _say(err, f"cannot connect to {socket_path}: {exc.strerror or exc}")
-            return 1
+            return exits.FAILED
         else:
             if said_waiting:
                 _say(err, "connected")
@@ -85,7 +86,7 @@ async def run_watch(
                     delay = _FIRST_RETRY_DELAY
             except _GiveUp as exc:
                 _say(err, str(exc))
-                return 1
+                return exits.FAILED
             except ConnectionError:
                 pass
             finally:

@@ -24,6 +24,7 @@ import sys
 from collections.abc import AsyncIterator
 from typing import Any, TextIO
 
+from materializer import exits
 from materializer.convex.http import ConvexAuthError, ConvexFunctionError, ConvexHttpClient, ConvexHttpError
 from materializer.convex.protocol import QueryFailure, QueryValue
 from materializer.convex.transport import ConnectionState, StateChange, SyncClient
@@ -32,7 +33,6 @@ from materializer.tokens import TokenProvider
 
 __all__ = ["display_json", "run_query_command"]
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_AUTH = 0, 1, 2, 3
 _WHOLE_FLOAT_LIMIT = 2.0**53
 
 
@@ -68,7 +68,7 @@ async def run_query_command(
         to_convex_json(args)
     except ConvexValueError as exc:
         print(f"materializer query: bad args: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return exits.USAGE
     if watch:
         return await _watch(path, args, url, token_provider, out)
     return await _once(path, args, url, token_provider, out)
@@ -80,21 +80,21 @@ async def _once(path: str, args: dict[str, Any], url: str, token_provider: Token
         token = await token_provider.get()
         if token is None:
             print(f"materializer query: no token: {token_provider.last_error}", file=sys.stderr)
-            return EXIT_AUTH
+            return exits.SIGN_IN_NEEDED
     async with ConvexHttpClient(url) as client:
         try:
             value = await client.query(path, args, token)
         except ConvexFunctionError as exc:
             print(_error_line(exc.error_message, exc.error_data), file=sys.stderr)
-            return EXIT_FAILED
+            return exits.FAILED
         except ConvexAuthError as exc:
             print(f"materializer query: {exc}", file=sys.stderr)
-            return EXIT_AUTH
+            return exits.SIGN_IN_NEEDED
         except ConvexHttpError as exc:
             print(f"materializer query: {exc}", file=sys.stderr)
-            return EXIT_FAILED
+            return exits.FAILED
     print(display_json(value), file=out, flush=True)
-    return EXIT_OK
+    return exits.OK
 
 
 async def _watch(path: str, args: dict[str, Any], url: str, token_provider: TokenProvider | None, out: TextIO) -> int:
@@ -111,7 +111,7 @@ async def _watch(path: str, args: dict[str, Any], url: str, token_provider: Toke
         finally:
             await client.close()
             await reporter  # ends with the CLOSED state
-    return EXIT_OK
+    return exits.OK
 
 
 async def _report_states(states: AsyncIterator[StateChange]) -> None:
