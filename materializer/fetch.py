@@ -20,13 +20,13 @@ endpoints, redirect there, or send endless, stalled or truncated bodies. The
 - reports every failure as a :class:`FetchError` that says what happened and
   whether trying again later can help, without URLs' paths, queries or headers.
 
-``data:`` URIs are decoded by :func:`decode_data_uri` under the same limit.
+A ``data:`` URI is not a download: :func:`materializer.jobs.extract_outputs`
+decodes it, and the fetcher refuses its scheme like any other but ``http(s)``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import binascii
 import contextlib
 import hashlib
 import http
@@ -35,14 +35,13 @@ import math
 import os
 import re
 import socket
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import BinaryIO, TypeAlias
-from urllib.parse import unquote_to_bytes
 
 import anyio
 import httpcore
@@ -57,7 +56,6 @@ __all__ = [
     "FetchError",
     "FetchResult",
     "Fetcher",
-    "decode_data_uri",
 ]
 
 DEFAULT_MAX_BYTES = MAX_DOWNLOAD_BYTES
@@ -70,8 +68,6 @@ _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _CGNAT = ipaddress.IPv4Network("100.64.0.0/10")
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
-_BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-_BASE64_SLICE = 4 * 64 * 1024  # characters decoded at a time; a multiple of 4
 
 #: Whether the connection being opened may reach a non-public address. Set by
 #: the fetcher around each request (true only for allowlisted origins) and read
@@ -100,10 +96,10 @@ class FetchResult:
 
     bytes_written: int
     #: The URL the bytes came from after redirects (it may carry signed query
-    #: parameters: do not log it), or ``data:<media type>`` for a data URI.
+    #: parameters: do not log it).
     final_url: str
-    #: Status of the last response (200, or 206 after a resume); None for a data URI.
-    status: int | None
+    #: Status of the last response (200, or 206 after a resume).
+    status: int
     content_type: str | None
     etag: str | None
     sha256: str
@@ -361,56 +357,6 @@ def _opened(dest: Destination) -> Iterator[BinaryIO]:
         yield file
 
 
-# --- data: URIs ----------------------------------------------------------------------------------
-
-
-def _forgiving_base64(data: bytes) -> bytes:
-    """The base64 text of a data URI as browsers read it (whitespace and missing padding
-    tolerated), without padding, or a refusal when it is not base64."""
-    text = data.translate(None, b"\t\n\f\r ")
-    if len(text) % 4 == 0:
-        text = text.removesuffix(b"=").removesuffix(b"=")
-    if len(text) % 4 == 1 or text.translate(None, _BASE64_ALPHABET):
-        raise FetchError("data URI is not valid base64", retryable=False)
-    return text
-
-
-def decode_data_uri(uri: str, dest: Destination, limit: int = DEFAULT_MAX_BYTES) -> FetchResult:
-    """Write the bytes of a ``data:`` URI (base64 or percent-encoded) to ``dest``.
-
-    The URI is checked and its size computed before ``dest`` is touched; base64
-    is decoded a slice at a time.
-    """
-    header, comma, payload = uri.partition(",")
-    if header[:5].lower() != "data:" or not comma:
-        raise FetchError("malformed data URI (expected data:[<media type>][;base64],<data>)", retryable=False)
-    parameters = header[5:].split(";")
-    is_base64 = len(parameters) > 1 and parameters[-1].strip().lower() == "base64"
-    media_type = ";".join(parameters[:-1] if is_base64 else parameters).strip()
-    data = unquote_to_bytes(payload)
-    if is_base64:
-        data = _forgiving_base64(data)
-    size = len(data) * 3 // 4 if is_base64 else len(data)
-    if size > limit:
-        raise FetchError(f"body exceeds {limit} bytes", retryable=False)
-    with _opened(dest) as file:
-        sink = _Sink(file, limit)
-        if is_base64:
-            for start in range(0, len(data), _BASE64_SLICE):
-                piece = data[start : start + _BASE64_SLICE]
-                sink.write(binascii.a2b_base64(piece + b"=" * (-len(piece) % 4)))
-        else:
-            sink.write(data)
-    return FetchResult(
-        bytes_written=sink.size,
-        final_url=f"data:{media_type}",
-        status=None,
-        content_type=media_type or None,
-        etag=None,
-        sha256=sink.hexdigest(),
-    )
-
-
 # --- the fetcher ---------------------------------------------------------------------------------
 
 
@@ -426,9 +372,8 @@ class Fetcher:
     """Downloads output URLs over one shared, bounded connection pool.
 
     ``allowed_origins`` (``scheme://host[:port]``) are the only origins that may
-    sit on non-public addresses: the configured backend's own. ``bearer_token``,
-    when given, returns the user's token, sent as ``Authorization`` to those
-    origins only; by default no credentials are ever sent, and never to a CDN.
+    sit on non-public addresses: the configured backend's own. No credentials
+    are ever sent.
     """
 
     def __init__(
@@ -442,7 +387,6 @@ class Fetcher:
         max_redirects: int = 5,
         max_resumes: int = 3,
         max_connections: int = 16,
-        bearer_token: Callable[[], str | None] | None = None,
     ) -> None:
         self._allowed: frozenset[Origin] = frozenset(self._allowed_origin(text) for text in allowed_origins)
         self._max_bytes = max_bytes
@@ -451,7 +395,6 @@ class Fetcher:
         self._total_timeout = total_timeout
         self._max_redirects = max_redirects
         self._max_resumes = max_resumes
-        self._bearer_token = bearer_token
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self._client = httpx.AsyncClient(
             transport=_GuardedTransport(limits),
@@ -473,15 +416,13 @@ class Fetcher:
         await self._client.aclose()
 
     async def fetch(self, url: str, dest: Destination) -> FetchResult:
-        """Download ``url`` (or decode a ``data:`` URI) into ``dest``.
+        """Download the ``http(s)`` URL ``url`` into ``dest``.
 
         On failure ``dest`` holds an unspecified partial body: write to a
         temporary file and move it into place only after success.
         """
         if not isinstance(url, str):
             raise FetchError("output URL is not a string", retryable=False)
-        if url[:5].lower() == "data:":
-            return await asyncio.to_thread(decode_data_uri, url, dest, self._max_bytes)
         parsed = _parse_url(url)
         with _opened(dest) as file:
             sink = _Sink(file, self._max_bytes)
@@ -570,10 +511,7 @@ class Fetcher:
         for _ in range(self._max_redirects + 1):
             _check_url(url)
             allowlisted = _origin(url) in self._allowed
-            headers = dict(extra_headers)
-            if allowlisted and self._bearer_token is not None and (token := self._bearer_token()):
-                headers["Authorization"] = f"Bearer {token}"
-            request = self._client.build_request("GET", url, headers=headers)
+            request = self._client.build_request("GET", url, headers=extra_headers)
             permission = _private_addresses_allowed.set(allowlisted)
             try:
                 response = await self._client.send(request, stream=True)

@@ -8,7 +8,6 @@ before any connection is made.
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import random
 import re
@@ -28,7 +27,6 @@ from materializer.fetch import (
     Fetcher,
     FetchError,
     _forbidden_kind,
-    decode_data_uri,
 )
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -560,6 +558,7 @@ async def test_redirect_to_a_loopback_port_not_allowlisted_is_refused(
         ("http://10.0.0.1/", "refused: address 10.0.0.1 is private"),
         ("http://169.254.169.254/latest/meta-data/", "refused: address 169.254.169.254 is link-local"),
         ("http://user:pass@example.com/", "refused URL with embedded credentials"),
+        ("data:image/png;base64,iVBORw0KGgo=", "redirected to an invalid URL"),
     ],
 )
 async def test_redirect_to_forbidden_targets_is_refused(
@@ -663,66 +662,12 @@ def test_allowed_origins_must_be_http_origins() -> None:
         Fetcher(allowed_origins=["ftp://example.com"])
 
 
-# --- credentials ---------------------------------------------------------------------------------
-
-
-async def test_bearer_token_goes_to_allowlisted_origins_only_when_asked(serve, make_fetcher, tmp_path: Path) -> None:
-    async def body(request: web.Request) -> web.Response:
-        return web.Response(body=b"x")
-
-    server = await serve({"/f": body})
-    await make_fetcher(server).fetch(server.url("/f"), tmp_path / "plain")
-    await make_fetcher(server, bearer_token=lambda: "tok-123").fetch(server.url("/f"), tmp_path / "authed")
-    assert "Authorization" not in server.seen[0].headers
-    assert server.seen[1].headers["Authorization"] == "Bearer tok-123"
-
-
-# --- data: URIs ----------------------------------------------------------------------------------
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\nabc"
-
-
-@pytest.mark.parametrize(
-    ("uri", "content", "media_type"),
-    [
-        ("data:image/png;base64," + base64.b64encode(PNG_MAGIC).decode(), PNG_MAGIC, "image/png"),
-        ("data:image/png;base64,aGVsbG8", b"hello", "image/png"),  # unpadded
-        ("data:;base64,aGVs%0AbG8%3D", b"hello", None),  # percent-encoded, with a newline
-        ("data:text/plain,hello%20world%00", b"hello world\x00", "text/plain"),
-        ("data:,", b"", None),
-    ],
-)
-def test_data_uri_is_decoded(tmp_path: Path, uri: str, content: bytes, media_type: str | None) -> None:
-    result = decode_data_uri(uri, tmp_path / "out")
-    assert (tmp_path / "out").read_bytes() == content
-    assert (result.bytes_written, result.sha256, result.content_type) == (len(content), sha256(content), media_type)
-    assert result.status is None and result.final_url == f"data:{media_type or ''}"
-
-
-@pytest.mark.parametrize(
-    ("uri", "reason"),
-    [
-        ("data:image/png;base64,aGVsbG8*", "data URI is not valid base64"),
-        ("data:image/png;base64,aGVsb", "data URI is not valid base64"),
-        ("data:image/png;base64,aG=VsbG8=", "data URI is not valid base64"),
-        ("data:image/png;base64", "malformed data URI (expected data:[<media type>][;base64],<data>)"),
-        ("data:image/png;base64," + base64.b64encode(b"x" * 1001).decode(), "body exceeds 1000 bytes"),
-        ("data:text/plain," + "x" * 1001, "body exceeds 1000 bytes"),
-    ],
-)
-def test_bad_data_uri_is_refused(tmp_path: Path, uri: str, reason: str) -> None:
-    with pytest.raises(FetchError) as caught:
-        decode_data_uri(uri, tmp_path / "out", limit=1000)
-    assert (caught.value.reason, caught.value.retryable) == (reason, False)
-    assert not (tmp_path / "out").exists()
-
-
-async def test_fetcher_decodes_data_uris_under_its_limit(make_fetcher, tmp_path: Path) -> None:
-    fetcher = make_fetcher(max_bytes=4)
-    result = await fetcher.fetch("data:image/gif;base64,R0lG", tmp_path / "ok")
-    assert (tmp_path / "ok").read_bytes() == b"GIF" and result.content_type == "image/gif"
-    error = await fetch_error(fetcher, "DATA:text/plain,too long", tmp_path / "big")
-    assert error.reason == "body exceeds 4 bytes"
+async def test_data_uris_are_not_fetched(make_fetcher, tmp_path: Path) -> None:
+    """jobs.extract_outputs decodes data URIs; one that reaches the fetcher is refused like any other scheme."""
+    fetcher = make_fetcher()
+    for uri in ("data:image/gif;base64,R0lG", "DATA:text/plain,hello"):
+        error = await fetch_error(fetcher, uri, tmp_path / "o")
+        assert (error.reason, error.retryable) == ("refused URL scheme 'data'", False)
 
 
 async def test_invalid_urls_are_refused(make_fetcher, tmp_path: Path) -> None:

@@ -242,11 +242,25 @@ def test_a_percent_encoded_data_uri_is_decoded() -> None:
 
 
 @pytest.mark.parametrize(
+    ("uri", "content", "mime"),
+    [
+        ("data:;base64,aGVs%0AbG8%3D", b"hello", None),  # percent-encoded base64, with a newline and padding
+        ("data:text/plain,hello%20world%00", b"hello world\x00", "text/plain"),
+        ("data:,", b"", None),
+    ],
+)
+def test_data_uris_decode_percent_escapes_and_empty_data(uri: str, content: bytes, mime: str | None) -> None:
+    [ref] = outputs({"images": [uri]})
+    assert (ref.source, ref.data, ref.declared_mime, ref.error) == ("data", content, mime, None)
+
+
+@pytest.mark.parametrize(
     ("uri", "expected"),
     [
         ("data:image/png;base64,iVBO!!!!", "images[0]: malformed base64 in data URI: Only base64 data is allowed"),
         ("data:image/png;base64,iVBOR", "images[0]: malformed base64 in data URI: Invalid base64-encoded string"),
         ("data:image/png;base64,AA==AA==", "images[0]: malformed base64 in data URI: Excess data after padding"),
+        ("data:image/png;base64,aG=VsbG8=", "images[0]: malformed base64 in data URI: Discontinuous padding"),
         ("data:image/png;base64,iVBO-_", "images[0]: malformed base64 in data URI: Only base64 data is allowed"),
         ("data:image/png;base64", "images[0]: malformed data URI: no ',' before the data"),
         ("data:image/png;base64,iVBO\u00e9", "images[0]: malformed data URI: the data holds non-ASCII characters"),
