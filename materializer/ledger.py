@@ -38,12 +38,10 @@ and materialization times) are Unix seconds from the ledger's clock.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import sqlite3
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -557,14 +555,6 @@ class Ledger:
             ).rowcount
         return claimed == 1
 
-    def release_claim(self, job_id: str, owner: str) -> None:
-        """Give up ``owner``'s lease on a job (a lease held by someone else is left alone)."""
-        with self._write() as conn:
-            conn.execute(
-                "UPDATE jobs SET lease_owner = NULL, lease_expires_at = NULL WHERE job_id = ? AND lease_owner = ?",
-                (job_id, _text(owner)),
-            )
-
     def release_claims_by_prefix(self, prefix: str) -> int:
         """Drop every lease whose owner starts with ``prefix``; return how many.
 
@@ -739,11 +729,6 @@ class Ledger:
 
     # -- cursors ---------------------------------------------------------------
 
-    def cursor(self, feed: Feed = "succeeded") -> float | None:
-        """The ``since`` (Unix ms) to subscribe from, or None before the first run."""
-        with self._read() as conn:
-            return _cursor_row(conn, feed)[0]
-
     def ensure_cursor(self, initial_ms: float, feed: Feed = "succeeded") -> float:
         """The cursor, set to ``initial_ms`` first if it has never been set (the first run's look-back)."""
         initial_ms = _finite(initial_ms, "initial_ms")
@@ -857,85 +842,6 @@ class Ledger:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
         return LedgerStatus(counts, failed, quarantined, cursors, _event(last) if last else None, state, version)
 
-    def check_integrity(self, outputs_dir: Path | None = None) -> list[str]:
-        """Every broken invariant, as one sentence each; empty when the ledger is sound.
-
-        Checks SQLite's own structure, that materialized jobs (and only they)
-        have files, that each was announced exactly once (as far as the kept
-        log reaches), that each noted failure was announced, and that finished
-        jobs hold no lease. With ``outputs_dir``, also that every recorded file
-        is there, a regular file, with its recorded size and SHA-256.
-        """
-        with self._read() as conn:
-            problems = [f"sqlite: {row[0]}" for row in conn.execute("PRAGMA quick_check") if row[0] != "ok"]
-            # Announcements older than the oldest kept event were pruned, not lost.
-            first_kept = conn.execute(
-                "SELECT coalesce(min(seq), ?) FROM events", (_last_seq(conn) + 1,)
-            ).fetchone()[0]
-            checks = [
-                (
-                    "materialized job {} has no output files",
-                    "SELECT job_id FROM jobs j WHERE status = 'materialized'"
-                    " AND NOT EXISTS (SELECT 1 FROM outputs o WHERE o.job_id = j.job_id)",
-                    (),
-                ),
-                (
-                    "job {} has output files but is not materialized",
-                    "SELECT DISTINCT o.job_id FROM outputs o JOIN jobs j USING (job_id)"
-                    " WHERE j.status != 'materialized'",
-                    (),
-                ),
-                (
-                    "output files of unknown job {}",
-                    "SELECT DISTINCT job_id FROM outputs WHERE job_id NOT IN (SELECT job_id FROM jobs)",
-                    (),
-                ),
-                (
-                    "materialized job {} lacks its materialization time or event seq",
-                    "SELECT job_id FROM jobs WHERE status = 'materialized'"
-                    " AND (materialized_at IS NULL OR event_seq IS NULL)",
-                    (),
-                ),
-                (
-                    "job {} was announced more than once",
-                    "SELECT job_id FROM events WHERE type = 'media.materialized' GROUP BY job_id HAVING count(*) > 1",
-                    (),
-                ),
-                (
-                    "announcement of job {} does not match a materialized job",
-                    "SELECT e.job_id FROM events e LEFT JOIN jobs j ON j.job_id = e.job_id"
-                    " WHERE e.type = 'media.materialized'"
-                    " AND (j.job_id IS NULL OR j.status != 'materialized' OR j.event_seq != e.seq)",
-                    (),
-                ),
-                (
-                    "materialized job {} was never announced",
-                    "SELECT job_id FROM jobs j WHERE status = 'materialized' AND event_seq >= ?"
-                    " AND NOT EXISTS (SELECT 1 FROM events e WHERE e.seq = j.event_seq"
-                    " AND e.type = 'media.materialized' AND e.job_id = j.job_id)",
-                    (first_kept,),
-                ),
-                (
-                    "failed job {} was never announced",
-                    "SELECT job_id FROM failed_jobs f WHERE event_seq >= ?"
-                    " AND NOT EXISTS (SELECT 1 FROM events e WHERE e.seq = f.event_seq"
-                    " AND e.type = 'media.failed' AND e.job_id = f.job_id)",
-                    (first_kept,),
-                ),
-                (
-                    "finished job {} still holds a lease",
-                    "SELECT job_id FROM jobs WHERE status != 'pending' AND lease_owner IS NOT NULL",
-                    (),
-                ),
-            ]
-            for message, sql, params in checks:
-                problems += [message.format(repr(row[0])) for row in conn.execute(sql, params)]
-            recorded = conn.execute(f"SELECT {_OUTPUT_COLUMNS} FROM outputs ORDER BY job_id, idx").fetchall()
-        if outputs_dir is not None:
-            problems += [problem for row in recorded if (problem := _check_file_on_disk(outputs_dir, row))]
-        return problems
-
-
 # -- helpers ---------------------------------------------------------------------
 
 
@@ -995,26 +901,6 @@ def _outputs_of(conn: sqlite3.Connection, job_ids: list[str]) -> dict[str, list[
         ):
             files.setdefault(job_id, []).append(OutputFile(*fields))
     return files
-
-
-def _check_file_on_disk(outputs_dir: Path, row: Sequence[Any]) -> str | None:
-    job_id, index, path, _mime, _width, _height, size_bytes, sha256 = row
-    where = outputs_dir / path
-    try:
-        info = os.lstat(where)
-    except OSError as exc:
-        return f"output {index} of job {job_id!r} is missing at {where}: {exc.strerror}"
-    if not stat.S_ISREG(info.st_mode):  # lstat: a planted symlink is not followed
-        return f"output {index} of job {job_id!r} at {where} is not a regular file"
-    if info.st_size != size_bytes:
-        return f"output {index} of job {job_id!r} at {where} has {info.st_size} bytes, the ledger says {size_bytes}"
-    digest = hashlib.sha256()
-    with open(where, "rb") as file:
-        while block := file.read(1 << 20):
-            digest.update(block)
-    if digest.hexdigest() != sha256:
-        return f"output {index} of job {job_id!r} at {where} does not match its recorded SHA-256"
-    return None
 
 
 def _text(value: str) -> str:

@@ -93,6 +93,7 @@ from stella_devbackend.control import DevBackend
 
 from helpers import DaemonProcess, partial_files, wait_until
 from hostile_server import Close, Frame, HostileConvex, SocketState
+from ledger_checks import check_integrity
 
 chaos = pytest.mark.chaos
 
@@ -300,7 +301,7 @@ def integrity_problems(root: Path) -> list[str]:
     if not default_layout(root).ledger.exists():
         return []
     with Ledger(default_layout(root).ledger) as ledger:
-        return ledger.check_integrity(default_layout(root).outputs)
+        return check_integrity(ledger, default_layout(root).outputs)
 
 
 def manifest_figures(root: Path) -> tuple[int, int, list[str]]:

@@ -15,6 +15,7 @@ from materializer.ledger import Ledger
 from stella_devbackend.control import DevBackend
 
 from helpers import DaemonProcess, gallery, ledger_events, ledger_jobs, output_files, partial_files, wait_until
+from ledger_checks import check_integrity
 
 
 def assert_consistent(root: Path, job_ids: list[str]) -> None:
@@ -34,7 +35,7 @@ def assert_consistent(root: Path, job_ids: list[str]) -> None:
     listed = [entry["jobId"] for entry in manifest["jobs"]]
     assert len(listed) == len(set(listed))
     with Ledger(default_layout(root).ledger) as ledger:
-        assert ledger.check_integrity(default_layout(root).outputs) == []
+        assert check_integrity(ledger, default_layout(root).outputs) == []
 
 
 def test_burst_while_down_is_materialized_after_restart(paging_backend: DevBackend, tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from materializer.tokens import StaticTokenProvider
 from stella_devbackend.control import DevBackend
 
 from helpers import async_wait_until, ledger_events, output_files, running_daemon
+from ledger_checks import cursor_of
 
 FAST: dict[str, Any] = {"retry_base_seconds": 0.05, "retry_max_seconds": 0.2, "read_timeout": 1.0,
                         "total_timeout": 5.0}
@@ -65,7 +66,7 @@ async def test_a_gap_the_real_queries_cannot_close_is_reported_once_with_its_ran
         await wait_materialized(daemon, window)
         [gap] = await async_wait_until(lambda: gap_events(root), 10, what="the gap report")
         # Given up: the cursor moves past the gap once the window's jobs are done.
-        await async_wait_until(lambda: (daemon.ledger.cursor() or 0) > gap["untilMs"] - 10_000, 10,
+        await async_wait_until(lambda: (cursor_of(daemon.ledger) or 0) > gap["untilMs"] - 10_000, 10,
                                what="the cursor to move past the gap")
         status = collect_status(root, daemon.options.layout)
     # From the first start's cursor: the 24 h look-back.

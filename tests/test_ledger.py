@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import sqlite3
 import stat
@@ -31,6 +30,8 @@ from materializer.ledger import (
     OutputFile,
     UnknownJobError,
 )
+
+from ledger_checks import check_integrity, cursor_of
 
 T0 = 1_800_000_000.0  # the fake clock's start, Unix seconds
 
@@ -105,7 +106,7 @@ def test_empty_file_is_migrated_to_the_current_schema_in_wal_mode(db: Path) -> N
     db.touch()
     with Ledger(db) as ledger:
         assert ledger.status().schema_version == SCHEMA_VERSION
-        assert ledger.cursor() is None
+        assert cursor_of(ledger) is None
         assert ledger.last_seq() == 0
         assert ledger._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL: a commit is on disk
     with sqlite3.connect(db) as conn:
@@ -126,7 +127,7 @@ def test_reopening_keeps_data_and_does_not_migrate_again(db: Path, clock: Clock)
     with Ledger(db, clock=clock) as ledger:
         job = ledger.job("job_a")
         assert job is not None and job.status == "pending"
-        assert ledger.cursor() == 500
+        assert cursor_of(ledger) == 500
         assert ledger.status().schema_version == SCHEMA_VERSION
 
 
@@ -283,10 +284,6 @@ def test_recording_a_failure_leaves_someone_elses_lease_alone(ledger: Ledger, cl
     assert ledger.record_failure("job_a", "late failure", retry_at=T0 + 20, owner="old-daemon") == 1
     job = ledger.job("job_a")
     assert job is not None and (job.lease_owner, job.lease_expires_at) == ("replay", T0 + 21)
-    ledger.release_claim("job_a", "old-daemon")
-    assert ledger.job("job_a").lease_owner == "replay"  # type: ignore[union-attr]
-    ledger.release_claim("job_a", "replay")
-    assert ledger.job("job_a").lease_owner is None  # type: ignore[union-attr]
 
 
 def test_failure_of_a_finished_or_unknown_job(ledger: Ledger) -> None:
@@ -349,7 +346,7 @@ def test_a_quarantined_job_can_still_be_materialized_by_a_replay(ledger: Ledger)
     ledger.quarantine("job_a", "unsafe")
     materialize(ledger, "job_a")
     assert ledger.job("job_a").status == "materialized"  # type: ignore[union-attr]
-    assert ledger.check_integrity() == []
+    assert check_integrity(ledger) == []
 
 
 # -- exactly-once announcement -----------------------------------------------------------
@@ -368,7 +365,7 @@ def test_mark_materialized_records_files_and_announces_exactly_once(ledger: Ledg
     job = ledger.job("job_a")
     assert job is not None and (job.status, job.materialized_at) == ("materialized", T0)
     assert ledger.events_after(0, 10).events == [event]
-    assert ledger.check_integrity() == []
+    assert check_integrity(ledger) == []
 
 
 def test_mark_materialized_refuses_bad_input_and_writes_nothing(ledger: Ledger) -> None:
@@ -449,7 +446,7 @@ def test_processes_racing_for_a_job_claim_it_once_and_announce_it_once(db: Path)
     with Ledger(db) as ledger:
         page = ledger.events_after(0, 100)
         assert [(event.type, event.seq) for event in page.events] == [("media.materialized", 1)]
-        assert ledger.check_integrity() == []
+        assert check_integrity(ledger) == []
 
 
 # -- a holder killed with SIGKILL ------------------------------------------------------------
@@ -501,7 +498,7 @@ def test_lease_of_a_sigkilled_holder_lapses(db: Path, clock: Clock) -> None:
         assert [job.job_id for job in ledger.due_jobs(10)] == ["job_a"]
         assert ledger.try_claim("job_a", "new-daemon", lease_seconds=30)
         materialize(ledger, "job_a")
-        assert ledger.check_integrity() == []
+        assert check_integrity(ledger) == []
 
 
 def test_a_writer_killed_mid_transaction_neither_wedges_nor_leaks(db: Path, clock: Clock) -> None:
@@ -514,7 +511,7 @@ def test_a_writer_killed_mid_transaction_neither_wedges_nor_leaks(db: Path, cloc
         ledger.set_state("daemon", {"pid": 2})
         assert ledger.get_state("daemon") == {"pid": 2}
         assert ledger.get_state("half-written") is None
-        assert ledger.check_integrity() == []
+        assert check_integrity(ledger) == []
 
 
 # -- cursor ------------------------------------------------------------------------------------
@@ -522,14 +519,14 @@ def test_a_writer_killed_mid_transaction_neither_wedges_nor_leaks(db: Path, cloc
 
 def test_cursor_is_set_once_and_survives_a_restart(db: Path, clock: Clock) -> None:
     with Ledger(db, clock=clock) as ledger:
-        assert ledger.cursor() is None
+        assert cursor_of(ledger) is None
         with pytest.raises(LedgerError, match="never set"):
             ledger.advance_cursor(0, 10)
         assert ledger.ensure_cursor(5_000) == 5_000
         assert ledger.ensure_cursor(9_000) == 5_000
     with Ledger(db, clock=clock) as ledger:
-        assert ledger.cursor() == 5_000
-        assert ledger.cursor("failed") is None
+        assert cursor_of(ledger) == 5_000
+        assert cursor_of(ledger, "failed") is None
 
 
 def test_cursor_never_passes_an_unfinished_job(ledger: Ledger) -> None:
@@ -541,7 +538,7 @@ def test_cursor_never_passes_an_unfinished_job(ledger: Ledger) -> None:
     assert ledger.advance_cursor(0, 30_000, overlap_ms=2_000) == 18_000  # job_b still pending
     ledger.quarantine("job_b", "unsafe jobId")
     assert ledger.advance_cursor(0, 30_000, overlap_ms=2_000) == 28_000  # quarantined counts as finished
-    assert ledger.cursor() == 28_000
+    assert cursor_of(ledger) == 28_000
 
 
 def test_cursor_never_moves_backwards(ledger: Ledger) -> None:
@@ -553,7 +550,7 @@ def test_cursor_never_moves_backwards(ledger: Ledger) -> None:
     assert ledger.advance_cursor(0, 10_000, overlap_ms=2_000) == 8_000
     assert ledger.advance_cursor(0, 10_000, overlap_ms=9_000) == 8_000  # a bigger overlap does not rewind
     ledger.requeue(["job_old"])
-    assert ledger.cursor() == 8_000
+    assert cursor_of(ledger) == 8_000
 
 
 def test_cursor_never_skips_an_uncovered_range_nor_passes_what_was_observed(ledger: Ledger) -> None:
@@ -610,7 +607,7 @@ def test_cursor_safety_holds_for_any_history(
                 assert advanced <= min(covered_until, max(observed.values())) - overlap  # nothing unseen passed
                 assert all(advanced <= at - overlap for at in pending_ahead)  # no unfinished job passed
             cursor = advanced
-            assert ledger.cursor() == cursor
+            assert cursor_of(ledger) == cursor
 
 
 def test_cursor_waits_for_a_first_observation(ledger: Ledger) -> None:
@@ -623,9 +620,9 @@ def test_failed_feed_has_its_own_cursor(ledger: Ledger) -> None:
     ledger.observe_jobs([job_doc("job_pending", 1_000)])  # pending succeeded jobs do not hold the failed feed
     ledger.note_failed_job(job_doc("job_failed", 20_000, status="failed"), {"jobId": "job_failed"})
     assert ledger.advance_cursor(0, 20_000, feed="failed", overlap_ms=2_000) == 18_000
-    assert ledger.cursor() is None
+    assert cursor_of(ledger) is None
     with pytest.raises(ValueError, match="unknown feed"):
-        ledger.cursor("running")  # type: ignore[arg-type]
+        ledger.ensure_cursor(0, feed="running")  # type: ignore[arg-type]
 
 
 # -- events --------------------------------------------------------------------------------------
@@ -641,7 +638,7 @@ def test_failed_jobs_are_announced_once(ledger: Ledger) -> None:
     assert ledger.note_failed_job(doc, {"jobId": "job_f", "message": "again"}) is None
     assert [e.type for e in ledger.events_after(0, 10).events] == ["media.failed"]
     assert ledger.status().failed_jobs_noted == 1
-    assert ledger.check_integrity() == []
+    assert check_integrity(ledger) == []
 
 
 def test_append_event_accepts_only_known_types_and_never_announces_a_job(ledger: Ledger) -> None:
@@ -680,7 +677,7 @@ def test_pruning_keeps_the_newest_events_and_reveals_the_gap(db: Path, clock: Cl
         assert [e.seq for e in page.events] == [8, 9, 10, 11, 12]
         assert (page.first_seq, page.last_seq, page.gap) == (8, 12, True)
         assert not ledger.events_after(7, 100).gap
-        assert ledger.check_integrity() == []  # pruned announcements are not "missing"
+        assert check_integrity(ledger) == []  # pruned announcements are not "missing"
     with Ledger(db, clock=clock, event_cap=5) as ledger:
         assert ledger.append_event("materializer.state", {"n": 8}).seq == 13  # seqs are never reused
         assert [e.seq for e in ledger.events_after(0, 100).events] == [9, 10, 11, 12, 13]
@@ -768,7 +765,7 @@ def test_one_ledger_can_be_shared_by_threads(ledger: Ledger) -> None:
     assert errors == []
     assert ledger.status().counts["materialized"] == 64
     assert ledger.last_seq() == 128
-    assert ledger.check_integrity() == []
+    assert check_integrity(ledger) == []
 
 
 # -- integrity check ------------------------------------------------------------------------------------
@@ -778,7 +775,7 @@ def test_integrity_check_finds_broken_invariants(db: Path, ledger: Ledger) -> No
     ledger.observe_jobs([job_doc("job_a", 1_000), job_doc("job_b", 2_000), job_doc("job_c", 3_000)])
     materialize(ledger, "job_a")
     materialize(ledger, "job_b")
-    assert ledger.check_integrity() == []
+    assert check_integrity(ledger) == []
     with sqlite3.connect(db) as raw:  # what a buggy writer could leave behind
         raw.execute("DELETE FROM outputs WHERE job_id = 'job_a'")
         raw.execute(
@@ -786,7 +783,7 @@ def test_integrity_check_finds_broken_invariants(db: Path, ledger: Ledger) -> No
         )
         raw.execute("DELETE FROM events WHERE job_id = 'job_b'")
         raw.execute("UPDATE jobs SET lease_owner = 'ghost' WHERE job_id = 'job_b'")
-    assert sorted(ledger.check_integrity()) == [
+    assert sorted(check_integrity(ledger)) == [
         "finished job 'job_b' still holds a lease",
         "job 'job_c' has output files but is not materialized",
         "materialized job 'job_a' has no output files",
@@ -802,12 +799,12 @@ def test_integrity_check_verifies_files_on_disk(tmp_path: Path, ledger: Ledger) 
         content = f"pixels of {job_id}".encode()
         (outputs_dir / f"{job_id}_0.png").write_bytes(content)
         assert ledger.mark_materialized(job_id, [output(job_id, 0, content)], {}) is not None
-    assert ledger.check_integrity(outputs_dir) == []
+    assert check_integrity(ledger, outputs_dir) == []
     (outputs_dir / "job_a_0.png").write_bytes(b"pixels of job_X")  # same size, different bytes
     (outputs_dir / "job_b_0.png").unlink()
     (outputs_dir / "job_c_0.png").unlink()
     (outputs_dir / "job_c_0.png").symlink_to(outputs_dir / "job_a_0.png")
-    problems = ledger.check_integrity(outputs_dir)
+    problems = check_integrity(ledger, outputs_dir)
     assert len(problems) == 3
     assert "job 'job_a'" in problems[0] and "does not match its recorded SHA-256" in problems[0]
     assert "job 'job_b'" in problems[1] and "is missing" in problems[1]
@@ -855,7 +852,7 @@ def test_hot_queries_use_indexes_on_a_large_ledger(db: Path, clock: Clock) -> No
         assert len(gallery) == 1000 and gallery[0].job_id == "job_0099999"
         assert [f.path for f in gallery[0].files] == ["job_0099999_0.png"]
         assert [job.job_id for job in due[:2]] == ["job_0000007", "job_0001007"]
-        assert ledger.cursor() == 7 - 2_000  # held back by the oldest pending job
+        assert cursor_of(ledger) == 7 - 2_000  # held back by the oldest pending job
 
         queries = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
         assert any("status = 'materialized'" in q for q in queries)
