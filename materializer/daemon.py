@@ -47,8 +47,8 @@ from materializer.feed import (
     Observe,
     ReportGap,
     SucceededFeed,
-    is_finite_number,
 )
+from materializer.finite import is_finite_number
 from materializer.layout import InstanceLock
 from materializer.ledger import Event
 from materializer.materialize import Workspace, printable

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import os
 import shutil
 import socket
@@ -55,6 +54,7 @@ from materializer.convex.identity import (
 from materializer.convex.protocol import QueryFailure, QueryResult, QueryValue
 from materializer.convex.token_timing import token_timing
 from materializer.convex.transport import ConnectionState, SyncClient
+from materializer.finite import is_finite_number
 from materializer.logs import redact
 from materializer.queries import FAILED_QUERY, JOB_QUERY, PAGE_QUERY, SUCCEEDED_QUERY
 from materializer.store import OutputStore, StorageError
@@ -310,10 +310,6 @@ def _failure(name: str, path: str, error: ConvexHttpError) -> Check:
     return Check(name, "fail", str(error))
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def lookup_verdict(outcome: QueryOutcome) -> Check:
     """``getByJobId`` for a job nobody has: null (a job object with a ``jobId`` is tolerated)."""
     name = "get_by_job_id"
@@ -338,7 +334,7 @@ def _list_problem(value: Any, statuses: frozenset[str], limit: int) -> str | Non
             return "answered a list holding something other than job objects with a jobId"
         if doc.get("status") not in statuses:
             return f"answered a job with status {str(doc.get('status'))[:40]!r}, not {' or '.join(sorted(statuses))}"
-        if not _is_number(doc.get("completedAt")):
+        if not is_finite_number(doc.get("completedAt")):
             return f"answered job {doc['jobId'][:80]!r} without a finite completedAt"
     return None
 

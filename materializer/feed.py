@@ -37,6 +37,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
+from materializer.finite import is_finite_number
+
 __all__ = [
     "AdvanceCursor",
     "AnswerVerdict",
@@ -51,7 +53,6 @@ __all__ = [
     "Observe",
     "ReportGap",
     "SucceededFeed",
-    "is_finite_number",
     "next_cursor",
     "unreported_part",
 ]
@@ -60,11 +61,6 @@ __all__ = [
 #: fraction (1/n) of its limit from its window: well before the window fills up, not on every job
 #: (new args make the server send the whole window again).
 NARROW_FRACTION = 16
-
-
-def is_finite_number(value: object) -> bool:
-    """A finite JSON number: Convex carries infinities and NaN, which no cursor can take."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,13 +30,13 @@ Typical use::
 from __future__ import annotations
 
 import binascii
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import unquote_to_bytes, urlsplit
 
+from materializer.finite import finite_number
 from materializer.limits import MAX_DOWNLOAD_BYTES
 
 __all__ = [
@@ -151,14 +151,6 @@ def safe_job_id(job_id: object) -> str:
     return job_id
 
 
-def _finite_number(value: object) -> float | None:
-    """``value`` as a float if it is a finite JSON number (not a bool), else None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    number = float(value)
-    return number if math.isfinite(number) else None
-
-
 def _optional_str(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
@@ -204,7 +196,7 @@ class Job:
         status = doc.get("status")
         if not isinstance(status, str):
             raise JobRejected(f"job status is {type(status).__name__}, not a string", job_id=job_id)
-        completed_at = _finite_number(doc.get("completedAt"))
+        completed_at = finite_number(doc.get("completedAt"))
         if completed_at is None and (doc.get("completedAt") is not None or status == "succeeded"):
             found = "missing" if doc.get("completedAt") is None else repr(doc.get("completedAt"))[:40]
             raise JobRejected(f"completedAt is {found}, not a finite number of milliseconds", job_id=job_id)
@@ -222,9 +214,9 @@ class Job:
             output=doc.get("output"),
             error_message=_optional_str(error.get("message")),
             error_code=_optional_str(error.get("code")),
-            created_at=_finite_number(doc.get("createdAt")),
-            updated_at=_finite_number(doc.get("updatedAt")),
-            started_at=_finite_number(doc.get("startedAt")),
+            created_at=finite_number(doc.get("createdAt")),
+            updated_at=finite_number(doc.get("updatedAt")),
+            started_at=finite_number(doc.get("startedAt")),
             completed_at=completed_at,
         )
 

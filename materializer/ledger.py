@@ -39,7 +39,6 @@ and materialization times) are Unix seconds from the ledger's clock.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sqlite3
 import threading
@@ -51,6 +50,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from materializer.feed import next_cursor
+from materializer.finite import finite_number
 
 __all__ = [
     "DEFAULT_CURSOR_OVERLAP_MS",
@@ -676,7 +676,7 @@ class Ledger:
         if not isinstance(doc, Mapping):
             raise ValueError(f"a job document must be an object, got {type(doc).__name__}")
         job_id = _job_id(doc)
-        completed_at = _number(doc.get("completedAt"))
+        completed_at = finite_number(doc.get("completedAt"))
         doc_json = _dump_json(doc, f"job {job_id!r}")
         payload = _payload_json(event_payload)
         with self._write() as conn:
@@ -908,14 +908,9 @@ def _text(value: str) -> str:
     return value.encode("utf-8", "replace").decode("utf-8")
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    return None
-
-
 def _finite(value: Any, name: str) -> float:
-    number = _number(value)
+    """``value`` as a float, or ValueError naming the argument when it is not a finite number."""
+    number = finite_number(value)
     if number is None:
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     return number
@@ -956,7 +951,7 @@ def _job_fields(doc: Any) -> dict[str, Any]:
     if not isinstance(doc, Mapping):
         raise ValueError(f"a job document must be an object, got {type(doc).__name__}")
     job_id = _job_id(doc)
-    completed_at = _number(doc.get("completedAt"))
+    completed_at = finite_number(doc.get("completedAt"))
     if completed_at is None:
         got = type(doc.get("completedAt")).__name__
         raise ValueError(f"job {job_id!r}: completedAt must be a finite number, got {got}")
@@ -969,7 +964,7 @@ def _job_fields(doc: Any) -> dict[str, Any]:
         "capability": _text(capability) if isinstance(capability, str) else "",
         "profile": _text(profile) if isinstance(profile, str) else "",
         "prompt": _text(prompt) if isinstance(prompt, str) else None,
-        "created_at_ms": _number(doc.get("createdAt")),
+        "created_at_ms": finite_number(doc.get("createdAt")),
         "doc": _dump_json(doc, f"job {job_id!r}"),
     }
 

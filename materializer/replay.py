@@ -24,6 +24,7 @@ from materializer import exits
 from materializer.convex.http import ConvexAuthError, ConvexFunctionError, ConvexHttpClient, ConvexHttpError
 from materializer.daemon import AUTH_ACTION
 from materializer.feed import Gap
+from materializer.finite import is_finite_number
 from materializer.materialize import Workspace
 from materializer.options import DaemonOptions
 from materializer.queries import JOB_QUERY, SUCCEEDED_QUERY, WINDOW_MAX, succeeded_pages
@@ -114,15 +115,16 @@ async def _list_window(http: ConvexHttpClient, token: str | None, since: float,
     if not isinstance(answer, list):
         raise ConvexHttpError(f"{SUCCEEDED_QUERY} answered {type(answer).__name__}, not a list of jobs")
     docs = [d for d in answer if isinstance(d, dict)]
-    completed = [d["completedAt"] for d in docs if _is_time(d.get("completedAt"))]
+    completed = [d["completedAt"] for d in docs if is_finite_number(d.get("completedAt"))]
     gap = None
     if len(answer) >= WINDOW_MAX and completed and min(completed) > since:
         gap = Gap(since, min(min(completed), until) if until is not None else min(completed), len(answer))
-    return [d for d in docs if until is None or not _is_time(d.get("completedAt")) or d["completedAt"] <= until], gap
+    return [d for d in docs if _not_after(d, until)], gap
 
 
-def _is_time(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+def _not_after(doc: dict[str, Any], until: float | None) -> bool:
+    """Whether a job is inside the replay's range (one without a usable completedAt is let through)."""
+    return until is None or not is_finite_number(doc.get("completedAt")) or doc["completedAt"] <= until
 
 
 async def _page_through(http: ConvexHttpClient, token: str | None, since: float,
@@ -132,8 +134,7 @@ async def _page_through(http: ConvexHttpClient, token: str | None, since: float,
 
     docs: list[dict[str, Any]] = []
     async for page in succeeded_pages(http, same_token, since, until):
-        docs.extend(d for d in page if isinstance(d, dict)
-                    and (until is None or not _is_time(d.get("completedAt")) or d["completedAt"] <= until))
+        docs.extend(d for d in page if isinstance(d, dict) and _not_after(d, until))
     return docs
 
 

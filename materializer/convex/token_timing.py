@@ -13,9 +13,9 @@ in a file nor a clock that runs fast makes us late.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
+from materializer.finite import finite_number
 from materializer.jwt import unverified_claims
 
 __all__ = ["MAX_REFRESH_LEEWAY_SECONDS", "TokenTiming", "token_timing"]
@@ -48,12 +48,12 @@ def token_timing(token: str, *, received_at: float, clock_skew_ms: float | None 
     the server's), when a socket has reported one.
     """
     claims = unverified_claims(token) or {}
-    exp = _number(claims.get("exp"))
+    exp = finite_number(claims.get("exp"))
     if exp is None:
         return None
     skew = (clock_skew_ms or 0.0) / 1000
     expires_at = exp + skew
-    iat = _number(claims.get("iat"))
+    iat = finite_number(claims.get("iat"))
     if iat is not None and exp > iat:
         lifetime = exp - iat
         expires_at = min(expires_at, received_at + lifetime)
@@ -62,9 +62,3 @@ def token_timing(token: str, *, received_at: float, clock_skew_ms: float | None 
     leeway = min(MAX_REFRESH_LEEWAY_SECONDS, lifetime * REFRESH_LEEWAY_SHARE)
     margin = min(MAX_EXPIRY_MARGIN_SECONDS, lifetime * REFRESH_LEEWAY_SHARE / 2)
     return TokenTiming(refresh_at=expires_at - leeway, stop_at=expires_at - margin, expires_at=expires_at)
-
-
-def _number(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
