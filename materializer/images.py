@@ -54,7 +54,15 @@ import zlib
 from dataclasses import dataclass
 from typing import BinaryIO, Literal
 
-from PIL import GifImagePlugin, Image, ImageFile, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
+from PIL import (
+    GifImagePlugin,
+    Image,
+    ImageFile,
+    JpegImagePlugin,
+    PngImagePlugin,
+    UnidentifiedImageError,
+    WebPImagePlugin,
+)
 
 from materializer.limits import MAX_DECODED_BYTES, MAX_DOWNLOAD_BYTES, MAX_EDGE, MAX_FRAMES, MAX_PIXELS
 
@@ -495,7 +503,7 @@ def _decode(data: bytes, image_format: ImageFormat, limits: ImageLimits) -> tupl
         raise ImageRejected(f"Pillow warned of a decompression bomb: {exc}") from None
     except EOFError:
         raise _truncated("animation ends before its declared last frame") from None
-    except Image.UnidentifiedImageError:
+    except UnidentifiedImageError:
         raise ImageRejected(f"Pillow cannot read the {pil_format} header") from None
     except Exception as exc:
         # Hostile bytes can make a decoder raise almost anything (OSError for truncated or

@@ -99,7 +99,11 @@ async def _serve(settings: Settings, options: DaemonOptions, provider: TokenProv
                  overrides: dict[str, Any]) -> int:
     daemon = Materializer(options, provider, display_factory=DisplayServer)
     notifier = Notifier()
-    daemon.on_state = lambda payload: notifier.status(_status_text(payload))
+
+    def on_state(payload: dict[str, Any]) -> None:
+        notifier.status(_status_text(payload))
+
+    daemon.on_state = on_state
 
     def reloaded(new: Settings | ConfigError) -> None:
         if isinstance(new, ConfigError):

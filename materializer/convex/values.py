@@ -59,7 +59,8 @@ def decode_ts(text: Any) -> int:
     raw = _b64decode(text, "timestamp")
     if len(raw) != 8:
         raise ConvexValueError(f"timestamp must be 8 bytes, got {len(raw)}")
-    return struct.unpack("<Q", raw)[0]
+    value: int = struct.unpack("<Q", raw)[0]
+    return value
 
 
 def to_convex_json(value: Any) -> Any:
