@@ -51,14 +51,11 @@ from materializer import __version__
 from materializer.limits import MAX_DOWNLOAD_BYTES
 
 __all__ = [
-    "DEFAULT_MAX_BYTES",
     "Destination",
     "FetchError",
     "FetchResult",
     "Fetcher",
 ]
-
-DEFAULT_MAX_BYTES = MAX_DOWNLOAD_BYTES
 
 #: Where a download goes: a path (created or truncated, never through a final
 #: symlink) or a seekable binary file, written from its current position.
@@ -380,7 +377,7 @@ class Fetcher:
         self,
         *,
         allowed_origins: Iterable[str] = (),
-        max_bytes: int = DEFAULT_MAX_BYTES,
+        max_bytes: int = MAX_DOWNLOAD_BYTES,
         connect_timeout: float = 10.0,
         read_timeout: float = 30.0,
         total_timeout: float = 300.0,

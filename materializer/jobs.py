@@ -40,7 +40,6 @@ from materializer.finite import finite_number
 from materializer.limits import MAX_DOWNLOAD_BYTES
 
 __all__ = [
-    "DEFAULT_MAX_DATA_BYTES",
     "DOWNLOAD_MODEL_LABEL",
     "DOWNLOAD_RESULT_LABEL",
     "MAX_JOB_ID_LENGTH",
@@ -58,9 +57,6 @@ __all__ = [
 
 #: Longest job id accepted as part of a file name (``<jobId>_<index>.<ext>`` stays far below 255 bytes).
 MAX_JOB_ID_LENGTH = 128
-
-#: Largest decoded data URI, the same cap as a download.
-DEFAULT_MAX_DATA_BYTES = MAX_DOWNLOAD_BYTES
 
 MediaKind = Literal["image", "video", "audio", "model", "file", "text"]
 AssetKind = Literal["image", "video", "audio", "text", "download"]
@@ -292,7 +288,7 @@ def _text_of(key: str, value: object) -> str | None:
     return None
 
 
-def extract_outputs(job: Job, *, max_data_bytes: int = DEFAULT_MAX_DATA_BYTES) -> list[OutputRef]:
+def extract_outputs(job: Job, *, max_data_bytes: int = MAX_DOWNLOAD_BYTES) -> list[OutputRef]:
     """Every file and text in a succeeded job's output, indexed ``0..n-1``.
 
     ``images`` come first in their own order (so ``images[i]`` is index

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,11 +29,11 @@ STATE_DIR_ENV = "STELLA_DATA_DIR"
 ROOT_STATE_SUBDIR = "state"
 
 
-def resolve_state_dir(root: Path, state_dir: Path | None, environ: Mapping[str, str] = os.environ) -> Path:
+def resolve_state_dir(root: Path, state_dir: Path | None) -> Path:
     """The Stella state folder: the setting, else ``STELLA_DATA_DIR`` as the desktop reads it, else ``<root>/state``."""
     if state_dir is not None:
         return state_dir
-    from_env = environ.get(STATE_DIR_ENV, "").strip()
+    from_env = os.environ.get(STATE_DIR_ENV, "").strip()
     if from_env:
         return Path(from_env).expanduser().resolve()
     return root / ROOT_STATE_SUBDIR

@@ -22,12 +22,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from materializer.fetch import (
-    DEFAULT_MAX_BYTES,
-    Fetcher,
-    FetchError,
-    _forbidden_kind,
-)
+from materializer.fetch import Fetcher, FetchError, _forbidden_kind
+from materializer.limits import MAX_DOWNLOAD_BYTES
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -283,7 +279,7 @@ async def test_endless_chunked_body_stops_at_the_limit(serve, make_fetcher, tmp_
 
 async def test_memory_stays_flat_for_a_body_at_the_default_limit(serve, make_fetcher, tmp_path: Path) -> None:
     chunk = payload(64 * 1024)
-    count = DEFAULT_MAX_BYTES // len(chunk)
+    count = MAX_DOWNLOAD_BYTES // len(chunk)
     expected = hashlib.sha256()
     for _ in range(count):
         expected.update(chunk)
@@ -304,7 +300,7 @@ async def test_memory_stays_flat_for_a_body_at_the_default_limit(serve, make_fet
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert result.bytes_written == DEFAULT_MAX_BYTES == (tmp_path / "out").stat().st_size
+    assert result.bytes_written == MAX_DOWNLOAD_BYTES == (tmp_path / "out").stat().st_size
     assert result.sha256 == expected.hexdigest()
     assert peak < 8 * 1024 * 1024
 

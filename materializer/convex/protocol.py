@@ -195,10 +195,6 @@ class SyncProtocol:
     # -- read-only state ---------------------------------------------------------------------
 
     @property
-    def socket_open(self) -> bool:
-        return self._socket_open
-
-    @property
     def server_version(self) -> Version:
         """The version the server last confirmed on this socket."""
         return self._server
