@@ -529,7 +529,8 @@ class Ledger:
             row = conn.execute(
                 "SELECT min(max(next_attempt_at, coalesce(lease_expires_at, 0))) FROM jobs WHERE status = 'pending'"
             ).fetchone()
-        return row[0]
+        due: float | None = row[0]
+        return due
 
     def try_claim(self, job_id: str, owner: str, lease_seconds: float) -> bool:
         """Lease a pending job to ``owner`` for ``lease_seconds``; False if someone else holds it.
@@ -573,9 +574,10 @@ class Ledger:
     def live_leases(self) -> int:
         """How many jobs someone holds an unexpired lease on right now."""
         with self._read() as conn:
-            return conn.execute(
+            count: int = conn.execute(
                 "SELECT count(*) FROM jobs WHERE lease_owner IS NOT NULL AND lease_expires_at > ?", (self._clock(),)
             ).fetchone()[0]
+        return count
 
     def record_failure(self, job_id: str, reason: str, retry_at: float, *, owner: str) -> int | None:
         """Count a failed attempt and schedule the next at ``retry_at`` (Unix seconds).
@@ -818,12 +820,12 @@ class Ledger:
                 (_count(limit, "limit"),),
             ).fetchall()
             files = _outputs_of(conn, [row[0] for row in rows])
-        return [GalleryEntry(*row, files=files.get(row[0], [])) for row in rows]
+        return [GalleryEntry(*row, files=files.get(row[0], [])) for row in rows]  # type: ignore[misc]
 
     def status(self, quarantined_limit: int = 100) -> LedgerStatus:
         """Counts, quarantined jobs with reasons, cursors, last event and state, in one snapshot."""
         with self._read() as conn:
-            counts = dict.fromkeys(_STATUSES, 0)
+            counts: dict[str, int] = dict.fromkeys(_STATUSES, 0)
             counts.update(conn.execute("SELECT status, count(*) FROM jobs GROUP BY status").fetchall())
             failed = conn.execute("SELECT count(*) FROM failed_jobs").fetchone()[0]
             quarantined = [
@@ -846,7 +848,8 @@ class Ledger:
 
 
 def _job(row: Sequence[Any]) -> Job:
-    return Job(*row[:-1], doc=json.loads(row[-1]))
+    # The row is the SELECT of _JOB_COLUMNS: every field but doc, in order, then the document.
+    return Job(*row[:-1], doc=json.loads(row[-1]))  # type: ignore[misc]
 
 
 def _event(row: Sequence[Any]) -> Event:

@@ -407,7 +407,8 @@ class SyncProtocol:
             if name in message and not _is_number(message[name]):
                 raise _Malformed(f"Transition {name} must be a number")
         if start != self._server:
-            raise _Malformed(f"Transition startVersion {_show(start)} does not match the client's {_show(self._server)}")
+            raise _Malformed(
+                f"Transition startVersion {_show(start)} does not match the client's {_show(self._server)}")
         if end.query_set < start.query_set or end.identity < start.identity or end.ts < start.ts:
             raise _Malformed(f"Transition endVersion {_show(end)} goes back from {_show(start)}")
         if end.query_set > self._sent_query_set or end.identity > self._sent_identity:
