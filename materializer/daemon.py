@@ -54,7 +54,7 @@ from materializer.ledger import Event
 from materializer.materialize import Workspace, printable
 from materializer.options import LIVE_OPTIONS, DaemonOptions
 from materializer.payloads import failed_payload
-from materializer.queries import FAILED_QUERY, SUCCEEDED_QUERY, succeeded_pages
+from materializer.queries import FAILED_QUERY, SUCCEEDED_QUERY, PageQueryBroken, succeeded_pages
 from materializer.tokens import TokenProvider
 
 __all__ = ["AUTH_ACTION", "Materializer"]
@@ -275,6 +275,8 @@ class Materializer:
                     await self.observe(page)
         except ConvexFunctionError as exc:
             return "absent", f"the backend has no gap-free page query ({exc.error_message.splitlines()[0][:200]})"
+        except PageQueryBroken as exc:
+            return "absent", f"catching up failed: {exc}"
         except (ConvexAuthError, ConvexHttpError, OSError) as exc:
             log.warning("catching up on jobs from %s until %s failed (%s); trying again with the next answer",
                         _iso_ms(gap.from_ms), _iso_ms(gap.until_ms), exc)

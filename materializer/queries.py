@@ -16,7 +16,8 @@ from typing import Any
 
 from materializer.convex.http import ConvexHttpClient, ConvexHttpError
 
-__all__ = ["FAILED_QUERY", "JOB_QUERY", "PAGE_QUERY", "PAGE_SIZE", "SUCCEEDED_QUERY", "WINDOW_MAX", "succeeded_pages"]
+__all__ = ["FAILED_QUERY", "JOB_QUERY", "PAGE_QUERY", "PAGE_SIZE", "SUCCEEDED_QUERY", "WINDOW_MAX", "PageQueryBroken",
+           "succeeded_pages"]
 
 SUCCEEDED_QUERY = "media_jobs:listSucceededSince"
 FAILED_QUERY = "media_jobs:listFailedSince"
@@ -27,13 +28,18 @@ WINDOW_MAX = 200
 PAGE_SIZE = 200
 
 
+class PageQueryBroken(ConvexHttpError):
+    """The page query answers, but not with pages that move on: it cannot close a gap on this backend."""
+
+
 async def succeeded_pages(http: ConvexHttpClient, token: Callable[[], Awaitable[str | None]], since: float,
                           until: float | None = None) -> AsyncIterator[list[Any]]:
     """Pages of succeeded jobs with ``completedAt >= since``, oldest first, until one reaches ``until``.
 
     Raises :class:`~materializer.convex.http.ConvexFunctionError` when the backend has no page
-    query, and :class:`~materializer.convex.http.ConvexHttpError` for an answer that is not a page
-    or a cursor that does not move on (a backend that would page forever).
+    query, :class:`PageQueryBroken` for an answer that is not a page or a cursor that does not move
+    on (a backend that would page forever), and :class:`~materializer.convex.http.ConvexHttpError`
+    when a request fails.
     """
     cursor: str | None = None
     cursors_seen: set[str | None] = {None}
@@ -41,7 +47,7 @@ async def succeeded_pages(http: ConvexHttpClient, token: Callable[[], Awaitable[
         page = await http.query(PAGE_QUERY, {"since": since, "paginationOpts": {"numItems": PAGE_SIZE,
                                                                               "cursor": cursor}}, await token())
         if not isinstance(page, dict) or not isinstance(page.get("page"), list):
-            raise ConvexHttpError(f"{PAGE_QUERY} answered {type(page).__name__}, not a page of jobs")
+            raise PageQueryBroken(f"{PAGE_QUERY} answered {type(page).__name__}, not a page of jobs")
         docs = page["page"]
         yield docs
         last = docs[-1].get("completedAt") if docs and isinstance(docs[-1], dict) else None
@@ -50,5 +56,5 @@ async def succeeded_pages(http: ConvexHttpClient, token: Callable[[], Awaitable[
             return
         cursor = page.get("continueCursor")
         if not isinstance(cursor, str) or cursor in cursors_seen:
-            raise ConvexHttpError(f"{PAGE_QUERY} does not move on (its continueCursor repeats or is missing)")
+            raise PageQueryBroken(f"{PAGE_QUERY} does not move on (its continueCursor repeats or is missing)")
         cursors_seen.add(cursor)
