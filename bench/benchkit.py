@@ -15,10 +15,7 @@ import io
 import json
 import math
 import os
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -30,9 +27,10 @@ import httpx
 from PIL import Image
 
 from materializer.convex.http import ConvexHttpClient
-from materializer.layout import STATE_DIR_ENV, default_layout
+from materializer.layout import default_layout
 from materializer.queries import succeeded_pages
 from stella_devbackend.control import DevBackend
+from stella_devbackend.harness import DaemonProcess, clean_env
 
 __all__ = [
     "BenchResult",
@@ -42,6 +40,7 @@ __all__ = [
     "backend_for",
     "clean_env",
     "cpu_seconds",
+    "daemon_process",
     "distribution",
     "fetch_decode_write",
     "percentile",
@@ -165,63 +164,16 @@ async def succeeded_docs(backend: DevBackend, since_ms: float) -> dict[str, dict
     return docs
 
 
-# -- the daemon as a process ---------------------------------------------------------------------
+# -- the daemon as a process (stella_devbackend.harness, shared with the tests) --------------------
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    """The environment without the caller's materializer settings, token or Stella folder (they would skew a run)."""
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith("MATERIALIZER_") and key not in ("STELLA_TOKEN", STATE_DIR_ENV)}
-    return {**env, **extra}
+#: The benchmarks' daemon logs warnings only (its log is not what they measure).
+QUIET_DAEMON = {"MATERIALIZER_LOG__LEVEL": "warning"}
 
 
-class DaemonProcess:
-    """``python -m materializer run --root R --convex-url URL --token-file F``, logging to a file."""
-
-    def __init__(self, root: Path, backend: DevBackend) -> None:
-        self.root = root
-        self.backend = backend
-        self.token_file = root.parent / f"{root.name}.token"
-        self.log_path = root.parent / f"{root.name}.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def start(self) -> DaemonProcess:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as token:
-            token.write(self.backend.token)
-        command = [sys.executable, "-m", "materializer", "run", "--root", str(self.root),
-                   "--convex-url", self.backend.url, "--token-file", str(self.token_file)]
-        # Default settings, whatever the caller's environment or configuration file says.
-        env = clean_env(XDG_CONFIG_HOME=str(self.root.parent / "config"), MATERIALIZER_LOG__LEVEL="warning")
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env)
-        return self
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-    def check_alive(self) -> None:
-        if self.process is not None and self.process.poll() is not None:
-            tail = self.log_path.read_text(errors="replace")[-2000:] if self.log_path.exists() else ""
-            raise RuntimeError(f"the daemon exited with code {self.process.returncode}:\n{tail}")
-
-    def __enter__(self) -> DaemonProcess:
-        return self.start()
-
-    def __exit__(self, *_exc: object) -> None:
-        self.stop()
+def daemon_process(root: Path, backend: DevBackend) -> DaemonProcess:
+    """The daemon of a benchmark: the shared harness's (clean environment, its own config home), logging quietly."""
+    return DaemonProcess(root, backend, env=QUIET_DAEMON)
 
 
 # -- /proc -----------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchkit import BenchResult, DaemonProcess, Metric, Sidebar, clean_env, cpu_seconds, scratch_backend
+from benchkit import BenchResult, Metric, Sidebar, clean_env, cpu_seconds, daemon_process, scratch_backend
 
 NAME = "idle_cpu"
 GOAL_PERCENT = 0.5
@@ -39,7 +39,7 @@ async def _run(folder: Path, backend: Any, seconds: float) -> BenchResult:
         sys.executable, str(HARNESS), "idle", backend.url, stdout=subprocess.PIPE,
         env=clean_env(STELLA_TOKEN=backend.token))
     try:
-        with DaemonProcess(folder / "root", backend) as daemon:
+        with daemon_process(folder / "root", backend) as daemon:
             sidebar = await Sidebar.connect(daemon.root, daemon=daemon)
             await sidebar.wait_connected()
             assert official.stdout is not None

@@ -32,9 +32,9 @@ import httpx
 
 from benchkit import (
     BenchResult,
-    DaemonProcess,
     Metric,
     Sidebar,
+    daemon_process,
     distribution,
     fetch_decode_write,
     scratch_backend,
@@ -55,7 +55,7 @@ async def run(jobs: int = FULL_JOBS, warmup: int = 5) -> BenchResult:
 async def _run(folder: Path, backend: Any, jobs: int, warmup: int) -> BenchResult:
     started_ms = time.time() * 1000
     job_ids = []
-    with DaemonProcess(folder / "root", backend) as daemon:
+    with daemon_process(folder / "root", backend) as daemon:
         sidebar = await Sidebar.connect(daemon.root, daemon=daemon)
         await sidebar.wait_connected()
         async with httpx.AsyncClient(base_url=backend.url, timeout=30.0,

@@ -27,10 +27,10 @@ from typing import Any
 
 from benchkit import (
     BenchResult,
-    DaemonProcess,
     Metric,
     Sidebar,
     clean_env,
+    daemon_process,
     proc_memory_kib,
     scratch_backend,
     succeeded_docs,
@@ -57,7 +57,7 @@ def _mb(kib: int) -> float:
 
 
 async def _run(folder: Path, backend: Any, jobs: int, edge: int, idle_seconds: float) -> BenchResult:
-    with DaemonProcess(folder / "root", backend) as daemon:
+    with daemon_process(folder / "root", backend) as daemon:
         sidebar = await Sidebar.connect(daemon.root, daemon=daemon)
         await sidebar.wait_connected()
         await asyncio.sleep(idle_seconds)  # the measurement window: connected, nothing to do

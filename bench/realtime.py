@@ -29,10 +29,10 @@ import httpx
 
 from benchkit import (
     BenchResult,
-    DaemonProcess,
     Metric,
     Sidebar,
     cpu_seconds,
+    daemon_process,
     distribution,
     fetch_decode_write,
     scratch_backend,
@@ -56,7 +56,7 @@ async def _run(folder: Path, backend: Any, seconds: float) -> BenchResult:
     started_ms = time.time() * 1000
     job_ids: list[str] = []
     backlog: list[int] = []
-    with DaemonProcess(folder / "root", backend) as daemon:
+    with daemon_process(folder / "root", backend) as daemon:
         sidebar = await Sidebar.connect(daemon.root, daemon=daemon)
         await sidebar.wait_connected()
         async with httpx.AsyncClient(base_url=backend.url, timeout=30.0,

@@ -32,7 +32,7 @@ from materializer.layout import default_layout
 from materializer.ledger import Ledger
 from materializer.options import DaemonOptions
 
-from benchkit import BenchResult, DaemonProcess, Metric, Sidebar, cpu_seconds, scratch_backend
+from benchkit import BenchResult, Metric, Sidebar, cpu_seconds, daemon_process, scratch_backend
 
 NAME = "scale"
 GOAL_RATIO = 1.2
@@ -76,7 +76,7 @@ async def _measure(folder: Path, backend: Any, history: int, jobs: int, bursts: 
     root = folder / "root"
     last_seq = await asyncio.to_thread(prefill, root, history)
     costs = []
-    with DaemonProcess(root, backend) as daemon:
+    with daemon_process(root, backend) as daemon:
         sidebar = await Sidebar.connect(root, since=last_seq, daemon=daemon)
         await sidebar.wait_connected()
         stored = 0.0

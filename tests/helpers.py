@@ -1,13 +1,13 @@
-"""Test helpers: run the daemon for real (a process) or in this event loop, and wait on conditions."""
+"""Test helpers: run the daemon for real (a process) or in this event loop, and wait on conditions.
+
+The process is :class:`stella_devbackend.harness.DaemonProcess`, the one the benchmarks use too.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -19,6 +19,10 @@ from materializer.ledger import Ledger
 from materializer.options import DaemonOptions
 from materializer.tokens import StaticTokenProvider
 from stella_devbackend.control import DevBackend
+from stella_devbackend.harness import DaemonProcess
+
+__all__ = ["DaemonProcess", "async_wait_until", "gallery", "ledger_events", "ledger_jobs", "output_files",
+           "partial_files", "running_daemon", "wait_until"]
 
 T = TypeVar("T")
 
@@ -76,52 +80,6 @@ def ledger_events(root: Path, type_: str | None = None) -> list[Any]:
     with Ledger(default_layout(root).ledger) as ledger:
         events = ledger.events_after(0, 100_000).events
     return [e for e in events if type_ is None or e.type == type_]
-
-
-class DaemonProcess:
-    """``materializer run`` as a real process against a backend."""
-
-    def __init__(self, root: Path, backend: DevBackend, extra_args: list[str] | None = None) -> None:
-        self.root = root
-        self.backend = backend
-        self.extra_args = extra_args or []
-        self.token_file = root.parent / f"{root.name}.token"
-        self.token_file.write_text(backend.token)
-        self.log = root.parent / f"{root.name}.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> DaemonProcess:
-        command = [sys.executable, "-m", "materializer", "run", "--root", str(self.root),
-                   "--convex-url", self.backend.url, "--token-file", str(self.token_file), *self.extra_args]
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-        return self
-
-    def signal(self, signum: int = signal.SIGKILL) -> int:
-        assert self.process is not None
-        self.process.send_signal(signum)
-        return self.process.wait(timeout=30)
-
-    def signal_no_wait(self, signum: int) -> None:
-        assert self.process is not None
-        self.process.send_signal(signum)
-
-    def stop(self) -> int | None:
-        if self.process is None or self.process.poll() is not None:
-            return None if self.process is None else self.process.returncode
-        return self.signal(signal.SIGTERM)
-
-    def __enter__(self) -> DaemonProcess:
-        return self.start()
-
-    def __exit__(self, *_exc: object) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 @contextlib.asynccontextmanager

@@ -183,13 +183,7 @@ def test_systemd_notify_ready_status_and_watchdog(backend: DevBackend, tmp_path:
     sink.bind(str(address))
     sink.settimeout(30)
     root = tmp_path / "root"
-    env_before = dict(os.environ)
-    os.environ.update(NOTIFY_SOCKET=str(address), WATCHDOG_USEC="400000")
-    try:
-        daemon = DaemonProcess(root, backend).start()
-    finally:
-        os.environ.clear()
-        os.environ.update(env_before)
+    daemon = DaemonProcess(root, backend, env={"NOTIFY_SOCKET": str(address), "WATCHDOG_USEC": "400000"}).start()
     try:
         seen: list[str] = []
         while not ({"READY=1", "WATCHDOG=1"} <= set(seen) and any(s.startswith("STATUS=connected") for s in seen)):
