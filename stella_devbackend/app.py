@@ -382,7 +382,7 @@ class Backend:
         try:
             return await request.json()
         except (UnicodeDecodeError, json.JSONDecodeError):
-            raise web.HTTPBadRequest(text='{"error": "body is not JSON"}', content_type="application/json")
+            raise web.HTTPBadRequest(text='{"error": "body is not JSON"}', content_type="application/json") from None
 
     async def dev_token(self, request: web.Request) -> web.Response:
         body = await self._json_body(request)

@@ -44,7 +44,8 @@ from typing import Any
 
 __all__ = ["FaultRule", "Faults", "HTTP_KINDS", "KINDS"]
 
-HTTP_KINDS = {"http_error", "truncate", "stall", "content_type", "corrupt", "oversize", "huge_length", "redirect", "html", "empty"}
+HTTP_KINDS = {"http_error", "truncate", "stall", "content_type", "corrupt", "oversize", "huge_length", "redirect",
+              "html", "empty"}
 SYNC_KINDS = {"delay_transitions", "withhold_transitions", "refuse_sync"}
 JOB_KINDS = {"fail_jobs"}
 KINDS = HTTP_KINDS | SYNC_KINDS | JOB_KINDS

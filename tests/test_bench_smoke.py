@@ -28,7 +28,7 @@ import scale  # noqa: E402
 import subscription  # noqa: E402
 import throughput  # noqa: E402
 
-from materializer.layout import default_layout
+from materializer.layout import default_layout  # noqa: E402
 from materializer.ledger import Ledger  # noqa: E402
 
 from benchkit import BenchResult, percentile  # noqa: E402

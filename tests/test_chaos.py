@@ -1406,8 +1406,11 @@ def run_hostile_case(case: HostileCase, base: Path, backend: DevBackend | None) 
     served_outputs: set[str] = set()
     with idle_listener() as listener, contextlib.ExitStack() as stack:
         ctx = Hostile(backend, base, listener.getsockname()[1])
-        sockets: Callable[[], int] = lambda: 0
-        queries: Callable[[], int] = lambda: 0
+        def nothing() -> int:
+            return 0
+
+        sockets: Callable[[], int] = nothing
+        queries: Callable[[], int] = nothing
         if backend is not None:
             endpoint: Any = backend
             if case.faults is not None:

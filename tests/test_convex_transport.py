@@ -46,7 +46,7 @@ async def eventually(predicate: Callable[[], bool], what: str, deadline: float =
 
 
 async def happens_within(predicate: Callable[[], bool], seconds: float) -> bool:
-    """Whether ``predicate`` becomes true within an observation window (for asserting that something does NOT happen)."""
+    """Whether ``predicate`` becomes true within an observation window (to assert that something does NOT happen)."""
     try:
         await eventually(predicate, "", deadline=seconds)
     except AssertionError:
@@ -168,7 +168,7 @@ async def test_subscription_lives_through_20_forced_disconnects_and_a_restart(ba
             ids = {job["jobId"] for job in value}
             assert seen <= ids
             seen = ids
-        assert all(a != b for a, b in zip(collector.values, collector.values[1:]))
+        assert all(a != b for a, b in zip(collector.values, collector.values[1:], strict=False))
         assert client.connection_attempts >= 22
         assert not collector.task.done()
 

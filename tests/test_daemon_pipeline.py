@@ -266,7 +266,8 @@ async def test_transient_file_faults_end_materialized_once_they_clear(backend: D
         ({"kind": "stall", "fraction": 0.5, "times": 1}, "images[0]: stalled: no bytes for 1s after"),
         ({"kind": "content_type", "value": "text/html", "times": 1}, None),  # the bytes decide
         ({"kind": "corrupt", "times": 1}, "images[0]: corrupt: "),
-        ({"kind": "oversize", "bytes": 4096, "times": 1}, "images[0]: PNG image is followed by 4,096 bytes of unknown data"),
+        ({"kind": "oversize", "bytes": 4096, "times": 1},
+         "images[0]: PNG image is followed by 4,096 bytes of unknown data"),
         ({"kind": "redirect", "location": None, "times": 1}, None),  # to the same file on the backend
         ({"kind": "html", "times": 1}, "images[0]: bytes are HTML, not a PNG, JPEG, WebP or GIF image"),
         ({"kind": "empty", "times": 1}, "images[0]: file is empty"),

@@ -435,7 +435,7 @@ def test_sync_ping_comes_after_a_quiet_period_not_on_a_fixed_tick(tmp_path: Path
                 backend.create_jobs(count=1, share_files=True)
         while receive() != "Ping":
             pass
-        gaps = [(kind, later - earlier) for (earlier, _), (later, kind) in zip(arrivals, arrivals[1:])]
+        gaps = [(kind, later - earlier) for (earlier, _), (later, kind) in zip(arrivals, arrivals[1:], strict=False)]
         # During the burst no gap reached the interval, so a fixed tick would have pinged inside it.
         assert [kind for kind, _ in gaps[:-1]] == ["Transition"] * (len(gaps) - 1)
         assert max(gap for _, gap in gaps[:-1]) < interval

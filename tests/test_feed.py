@@ -217,7 +217,7 @@ def test_the_succeeded_feed_never_passes_an_unfinished_job_or_hides_one_and_repo
         assert ledger.cursor == max(0.0, max(jobs.values()) - overlap)
     # A gap is reported once: no two reports overlap.
     ranges = sorted((r.gap.from_ms, r.gap.until_ms) for r in reports)
-    assert all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:]))
+    assert all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:], strict=False))
 
 
 def test_the_failed_feed_notes_jobs_moves_its_cursor_and_follows_it_past_the_overlap() -> None:

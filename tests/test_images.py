@@ -64,7 +64,10 @@ def write(tmp_path: Path, data: bytes, name: str = "download.png") -> Path:
     return path
 
 
-def reason(tmp_path: Path, data: bytes, limits: ImageLimits = ImageLimits()) -> str:
+DEFAULT_LIMITS = ImageLimits()
+
+
+def reason(tmp_path: Path, data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> str:
     with pytest.raises(ImageRejected) as refused:
         validate_image(write(tmp_path, data), limits)
     return refused.value.reason

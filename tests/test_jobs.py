@@ -103,7 +103,8 @@ def test_safe_job_ids_are_returned_unchanged(job_id: str) -> None:
         ("c:evil", "job id 'c:evil' contains ':'; allowed are ASCII letters, digits, '_', '-' and '.'"),
         ("job 1", "job id 'job 1' contains ' '; allowed are ASCII letters, digits, '_', '-' and '.'"),
         ("jоb", "job id 'jоb' contains 'о'; allowed are ASCII letters, digits, '_', '-' and '.'"),  # Cyrillic o
-        ("job\u202egnp", "job id 'job\\u202egnp' contains '\\u202e'; allowed are ASCII letters, digits, '_', '-' and '.'"),
+        ("job\u202egnp",
+         "job id 'job\\u202egnp' contains '\\u202e'; allowed are ASCII letters, digits, '_', '-' and '.'"),
         (42, "job id is int, not a string"),
         (None, "job id is NoneType, not a string"),
     ],
@@ -184,12 +185,14 @@ def test_informational_fields_of_the_wrong_type_are_dropped_not_fatal() -> None:
         (document(jobId=12), "job id is int, not a string", None),
         (document(jobId="../../etc/passwd"), "job id contains the path separator '/'", "../../etc/passwd"),
         (document(status=None), "job status is NoneType, not a string", "job_7Qx9"),
-        (document(completedAt="1700000000000"), "completedAt is '1700000000000', not a finite number of milliseconds", "job_7Qx9"),
+        (document(completedAt="1700000000000"), "completedAt is '1700000000000', not a finite number of milliseconds",
+         "job_7Qx9"),
         (document(completedAt=True), "completedAt is True, not a finite number of milliseconds", "job_7Qx9"),
         (document(completedAt=math.nan), "completedAt is nan, not a finite number of milliseconds", "job_7Qx9"),
         (document(completedAt=-math.inf), "completedAt is -inf, not a finite number of milliseconds", "job_7Qx9"),
         (document(completedAt=None), "completedAt is missing, not a finite number of milliseconds", "job_7Qx9"),
-        (document(status="failed", completedAt="soon"), "completedAt is 'soon', not a finite number of milliseconds", "job_7Qx9"),
+        (document(status="failed", completedAt="soon"), "completedAt is 'soon', not a finite number of milliseconds",
+         "job_7Qx9"),
     ],
 )  # fmt: skip
 def test_documents_that_cannot_be_materialized_are_refused(doc: object, expected: str, job_id: str | None) -> None:

@@ -14,12 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from stella_devbackend.control import DevBackend
-
-from helpers import gallery, ledger_events, output_files, partial_files, running_daemon
 from test_daemon_pipeline import FAST, backend_doc, quarantine_reasons, small_png, wait_finished, wait_materialized
 from test_media_files import HTML, glb_file, iso_file, mp3_frames, wav_file
 from test_payloads import desktop_accepts, matches_media_type, over_the_socket
+
+from stella_devbackend.control import DevBackend
+
+from helpers import gallery, ledger_events, output_files, partial_files, running_daemon
 
 ZIP = b"PK\x03\x04\x14\x00\x00\x00\x00\x00" + bytes(20)
 OBJ = b"# a triangle\nv 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\n"

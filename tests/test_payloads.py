@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_daemon_pipeline import FAST
 
-from stella_devbackend.control import DevBackend
 from materializer.jobs import AssetChoice, Job, choose_asset, extract_outputs
 from materializer.ledger import Ledger, OutputFile
 from materializer.payloads import failed_payload, friendly_image_failure, materialized_payload, media_asset
+from stella_devbackend.control import DevBackend
 
 from helpers import async_wait_until, ledger_events, running_daemon
-from test_daemon_pipeline import FAST
 
 # -- the desktop's rules, mirrored ----------------------------------------------------------------------------
 
