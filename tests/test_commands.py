@@ -24,7 +24,8 @@ from helpers import DaemonProcess, gallery, ledger_events, ledger_jobs, output_f
 COMMANDS = ["run", "replay", "status", "watch", "query", "doctor", "demo", "dev-backend"]
 
 
-def materializer(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def materializer(*args: str, env: dict[str, str] | None = None,
+                 timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "materializer", *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
 
@@ -73,7 +74,8 @@ def test_status_with_the_daemon_stopped_and_running(backend: DevBackend, tmp_pat
     assert stopped["counts"]["materialized"] == 1
 
 
-def _replay(root: Path, backend: DevBackend, *args: str, token_file: Path | None = None) -> subprocess.CompletedProcess[str]:
+def _replay(root: Path, backend: DevBackend, *args: str,
+            token_file: Path | None = None) -> subprocess.CompletedProcess[str]:
     token = token_file or root.parent / "replay.token"
     if token_file is None:
         token.write_text(backend.token)
