@@ -9,7 +9,8 @@ Routes:
   ``GET  /files/{name}``                 output files, standing in for the provider's CDN
                                          (Content-Length, ETag, Range)
   ``/_dev/...``                          control API for tests, demo and benchmarks
-                                         (needs the ``X-Dev-Admin-Key`` from the data folder)
+                                         (needs the ``X-Dev-Admin-Key`` from the data folder);
+                                         ``POST /_dev/reset`` empties a running backend between tests
 
 Every ``/api/`` route first applies Convex's client-version rule
 (:mod:`stella_devbackend.clients`), as ``client_version_state_middleware``
@@ -105,6 +106,7 @@ class Backend:
                                         faults=self.faults, options=options, faults_changed=self.faults_changed)
         self.sessions: set[SyncSession] = set()
         self.sync_connections = 0
+        self._stalls_released = asyncio.Event()  # set by /_dev/reset: stalled bodies end (cut) then
 
     def faults_changed(self) -> asyncio.Event:
         return self._faults_changed
@@ -148,6 +150,7 @@ class Backend:
                 web.post("/_dev/jobs", self._admin(self.dev_jobs)),
                 web.post("/_dev/drop-connections", self._admin(self.dev_drop)),
                 web.get("/_dev/stats", self._admin(self.dev_stats)),
+                web.post("/_dev/reset", self._admin(self.dev_reset)),
             ]
         )
         app.on_response_prepare.append(self._deprecation_headers)
@@ -361,7 +364,7 @@ class Backend:
         sent = data if kind == "huge_length" else data[: int(len(data) * float(params.get("fraction", 0.5)))]
         await response.write(sent)
         if kind == "stall":
-            await asyncio.Event().wait()  # never set: the body stops until the client gives up
+            await self._stalls_released.wait()  # the body stops until the client gives up (or a reset)
         if request.transport is not None:
             request.transport.close()
         return response
@@ -418,6 +421,37 @@ class Backend:
     async def dev_stats(self, _request: web.Request) -> web.Response:
         return web.json_response({"sync_connections": self.sync_connections, "open_sessions": len(self.sessions),
                                   "ts": self.table.ts})
+
+    async def dev_reset(self, _request: web.Request) -> web.Response:
+        """Back to a just-started backend (for the next test on a shared one), keeping keys, secret and port.
+
+        Running jobs stop, every sync socket is cut (and gone before the
+        answer), stalled bodies end, the faults are the start-up ones, every
+        job and file is deleted and the connection count is zero again. The
+        database timestamp still only moves forward. Answers with a fresh
+        token for the signed-in user, as the ready line carries one.
+        """
+        await self.media.aclose()
+        sessions = list(self.sessions)
+        for session in sessions:
+            session.drop()
+        deadline = asyncio.get_running_loop().time() + 10.0
+        while (left := [s for s in sessions if s in self.sessions]) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.005)
+        if left:
+            return web.json_response({"error": f"{len(left)} sync sessions did not end"}, status=500)
+        released, self._stalls_released = self._stalls_released, asyncio.Event()
+        released.set()
+        self.configure_faults({"output_mode": "data_uri" if self.options.data_uri_outputs else "url"})
+        jobs = self.table.clear()
+        files = 0
+        for path in list(self.files_dir.iterdir()):
+            if path.is_file():
+                path.unlink()
+                files += 1
+        self.sync_connections = 0
+        return web.json_response({"token": self.authority.mint(self.options.user, self.options.token_ttl),
+                                  "dropped": len(sessions), "jobs": jobs, "files": files})
 
 
 async def serve(options: BackendOptions, host: str, port: int, ready: Callable[[dict[str, Any]], None]) -> None:

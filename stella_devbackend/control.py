@@ -23,6 +23,7 @@ import httpx
 
 from stella_devbackend.app import ADMIN_HEADER, SESSION_COOKIE, TOKEN_PATH
 from stella_devbackend.auth import SESSION_SECRET_FILE
+from stella_devbackend.harness import clean_env
 
 __all__ = ["DevBackend", "DevBackendError"]
 
@@ -72,7 +73,7 @@ class DevBackend:
         for name in self.extensions:
             command += ["--extension", name]
         command += self.extra_args
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=clean_env())
         assert self.process.stdout is not None
         deadline = time.monotonic() + self.startup_timeout
         line = b""
@@ -178,6 +179,15 @@ class DevBackend:
 
     def stats(self) -> dict[str, Any]:
         return self._call("GET", "/_dev/stats")
+
+    def reset(self) -> dict[str, Any]:
+        """Empty the running backend for the next test (``POST /_dev/reset``): no jobs, files, faults or sockets.
+
+        Keys, session secret, port and flags stay; :attr:`token` becomes the fresh token the answer carries.
+        """
+        answer = self._call("POST", "/_dev/reset")
+        self.token = answer["token"]
+        return answer
 
     def generate(self, body: dict[str, Any], token: str | None = None) -> httpx.Response:
         """``POST /api/media/v1/generate`` with the demo token (or ``token``); returns the raw response."""

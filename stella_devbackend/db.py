@@ -86,6 +86,16 @@ class JobTable:
         self._commit_ts(owner)
         self._db.execute("COMMIT")
 
+    def clear(self) -> int:
+        """Delete every job of every owner (``/_dev/reset``); the timestamp still only moves forward."""
+        owners = [owner for (owner,) in self._db.execute("SELECT DISTINCT owner FROM media_jobs")]
+        self._db.execute("BEGIN")
+        removed = self._db.execute("DELETE FROM media_jobs").rowcount
+        for owner in owners:
+            self._commit_ts(owner)
+        self._db.execute("COMMIT")
+        return removed
+
     # -- reads -----------------------------------------------------------------
 
     def get(self, owner: str | None, job_id: str) -> dict[str, Any] | None:

@@ -315,8 +315,9 @@ async def test_pings_keep_a_quiet_connection_alive(tmp_path: Path) -> None:
 # -- auth -------------------------------------------------------------------------------------------------------
 
 
-async def test_refused_token_enters_auth_required_without_a_reconnect_storm(backend: DevBackend,
+async def test_refused_token_enters_auth_required_without_a_reconnect_storm(own_backend: DevBackend,
                                                                             tmp_path: Path) -> None:
+    backend = own_backend  # it counts the backend's sync connections: a process of its own
     token_file = tmp_path / "token"
     token_file.write_text("not-a-jwt")
     provider = FileTokenProvider(token_file)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,9 +16,13 @@ from typing import Any
 import httpx
 import pytest
 from PIL import Image
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
 
 from stella_devbackend.app import AUTH_REQUIRED_BODY
 from stella_devbackend.control import DevBackend
+
+from helpers import wait_until
 
 
 def png_data_uri(size: tuple[int, int] = (64, 48)) -> str:
@@ -410,3 +415,35 @@ def test_jobs_and_files_survive_a_restart(backend: DevBackend) -> None:
     assert backend.port == port
     assert backend.query("media_jobs:getByJobId", {"jobId": doc["jobId"]}).json()["value"] == doc
     assert httpx.get(url).content == before
+
+
+def test_reset_empties_a_running_backend_for_the_next_test(backend: DevBackend) -> None:
+    """``POST /_dev/reset``: what the shared test backend does between tests (conftest ``backend``)."""
+    other = backend.mint_token("someone-else", 600)
+    [mine] = backend.create_jobs()
+    [theirs] = backend.create_jobs(owner="someone-else")
+    url = backend.query("media_jobs:getByJobId", {"jobId": mine}).json()["value"]["output"]["images"][0]["url"]
+    backend.set_faults([{"kind": "stall", "fraction": 0.5}], output_mode="data_uri")
+    with connect(backend.url.replace("http", "ws", 1) + "/api/sync") as socket, \
+            httpx.Client(timeout=30.0) as client, client.stream("GET", url) as stalled:
+        socket.send(json.dumps({"type": "Connect", "sessionId": str(uuid.uuid4()), "connectionCount": 0}))
+        wait_until(lambda: backend.stats()["open_sessions"] == 1, what="the sync session")
+        ts_before = backend.stats()["ts"]
+        answer = backend.reset()
+        with pytest.raises(httpx.RemoteProtocolError):  # the stalled body ends: cut short
+            stalled.read()
+        with pytest.raises(ConnectionClosed):  # the socket was cut
+            while True:
+                socket.recv(timeout=10)
+    assert answer["dropped"] == 1 and answer["jobs"] == 2 and answer["files"] >= 1
+    assert backend.token == answer["token"]  # freshly minted (the same as before within one second)
+    stats = backend.stats()
+    assert (stats["sync_connections"], stats["open_sessions"]) == (0, 0)
+    assert stats["ts"] > ts_before  # a Convex timestamp never goes back
+    assert backend.set_faults() == {"output_mode": "url", "rules": []}  # (the reset's faults: none)
+    assert httpx.get(url).status_code == 404
+    assert backend.query("media_jobs:getByJobId", {"jobId": mine}).json()["value"] is None
+    assert backend.query("media_jobs:getByJobId", {"jobId": theirs}, other).json()["value"] is None
+    assert backend.query("media_jobs:listSucceededSince", {"since": 0}).json()["value"] == []
+    job_id = backend.generate({"capability": "icon"}).json()["jobId"]  # the fresh token works; jobs still run
+    assert backend.wait_for_job(job_id)["status"] == "succeeded"
