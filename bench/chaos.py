@@ -48,7 +48,7 @@ def run_suite(name: str, environment: dict[str, str], workdir: Path, echo: Any) 
     report = workdir / f"{name}.jsonl"
     junit = workdir / f"{name}.xml"
     command = [sys.executable, "-m", "pytest", "tests/test_chaos.py", "-m", "chaos", "-k", SUITES[name],
-               "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", f"--basetemp={workdir / name}"]
+               "-q", "-p", "no:cacheprovider", "-n", "0", f"--junitxml={junit}", f"--basetemp={workdir / name}"]
     started = time.monotonic()
     completed = subprocess.run(command, cwd=REPO, env={**environment, "MATERIALIZER_CHAOS_REPORT": str(report)},
                                stdout=echo, stderr=subprocess.STDOUT, check=False)
