@@ -120,6 +120,8 @@ def _knob(name: str, long: float, quick: float) -> float:
 
 
 SEED = int(os.environ.get("MATERIALIZER_CHAOS_SEED") or secrets.randbits(32))
+#: Read here, at import: every test runs without MATERIALIZER_* variables (conftest ``_clean_environment``).
+REPORT_FILE = os.environ.get("MATERIALIZER_CHAOS_REPORT")
 KILL_ROUNDS = int(_knob("ROUNDS", 50, 5))
 KILL_JOBS = int(_knob("JOBS", 300, 60))
 FAULT_JOBS = int(_knob("FAULT_JOBS", 40, 12))
@@ -143,9 +145,8 @@ def report(suite: str, case: str, counts: dict[str, int], info: dict[str, Any]) 
     """Record one set of figures: print it, and append it to ``$MATERIALIZER_CHAOS_REPORT``."""
     line = json.dumps({"suite": suite, "case": case, "counts": counts, "info": info}, sort_keys=True)
     print(f"CHAOS {line}")
-    target = os.environ.get("MATERIALIZER_CHAOS_REPORT")
-    if target:
-        with open(target, "a", encoding="utf-8") as handle:
+    if REPORT_FILE:
+        with open(REPORT_FILE, "a", encoding="utf-8") as handle:
             handle.write(line + "\n")
 
 
