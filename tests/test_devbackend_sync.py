@@ -255,10 +255,13 @@ def test_unauthenticated_list_is_empty_not_an_error(backend: DevBackend, raw: Ra
 CHUNKY = ["--chunk-threshold", "2000", "--chunk-size", "700"]
 
 
-@pytest.fixture
-def chunky(tmp_path: Path) -> Iterator[DevBackend]:
-    """A backend that splits transitions over 2,000 bytes into parts of 700 (the real rule's sizes, shrunk)."""
-    with DevBackend.start(tmp_path / "chunky", extra_args=CHUNKY) as backend:
+@pytest.fixture(scope="module")
+def chunky(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevBackend]:
+    """A backend that splits transitions over 2,000 bytes into parts of 700 (the real rule's sizes, shrunk).
+
+    One for the module: its tests only subscribe to the same 30 jobs and read the first transition.
+    """
+    with DevBackend.start(tmp_path_factory.mktemp("chunky"), extra_args=CHUNKY) as backend:
         backend.create_jobs(count=30, share_files=True, prompt="un café \U0001f642 bien chaud")
         yield backend
 
