@@ -185,7 +185,7 @@ class DevBackend:
 
         Keys, session secret, port and flags stay; :attr:`token` becomes the fresh token the answer carries.
         """
-        answer = self._call("POST", "/_dev/reset")
+        answer: dict[str, Any] = self._call("POST", "/_dev/reset")
         self.token = answer["token"]
         return answer
 
