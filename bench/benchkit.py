@@ -261,6 +261,10 @@ class Sidebar:
         except TimeoutError:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}") from None
 
+    async def wait_materialized(self, job_ids: list[str], timeout: float = 60.0, what: str = "jobs") -> None:
+        """Wait until every one of ``job_ids`` has been announced as materialized."""
+        await self.wait_for(lambda: all(j in self.materialized for j in job_ids), timeout, what)
+
     async def wait_connected(self, timeout: float = 30.0) -> None:
         await self.wait_for(lambda: "connected" in self.states, timeout, "the daemon to connect")
 

@@ -67,7 +67,7 @@ async def _run(folder: Path, backend: Any, jobs: int, warmup: int) -> BenchResul
                 answer.raise_for_status()
                 job_id = answer.json()["jobId"]
                 job_ids.append(job_id)
-                await sidebar.wait_for(lambda j=job_id: j in sidebar.materialized, what=f"job {job_id}")
+                await sidebar.wait_materialized([job_id], what=f"job {job_id}")
         await sidebar.close()
     docs = await succeeded_docs(backend, started_ms)
     measured = job_ids[warmup:]

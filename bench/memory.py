@@ -65,8 +65,7 @@ async def _run(folder: Path, backend: Any, jobs: int, edge: int, idle_seconds: f
         since_ms = time.time() * 1000 - 1000
         job_ids = await asyncio.to_thread(backend.create_jobs, count=jobs, images=IMAGES_PER_JOB, noise=True,
                                           width=edge, height=edge, format="png", share_files=True)
-        await sidebar.wait_for(lambda: all(j in sidebar.materialized for j in job_ids), timeout=600,
-                               what=f"{jobs} jobs")
+        await sidebar.wait_materialized(job_ids, timeout=600, what=f"{jobs} jobs")
         peak = proc_memory_kib(daemon.pid)["VmHWM"]
         await asyncio.sleep(idle_seconds)
         idle_after = proc_memory_kib(daemon.pid)["VmRSS"]

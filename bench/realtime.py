@@ -78,8 +78,7 @@ async def _run(folder: Path, backend: Any, seconds: float) -> BenchResult:
             await asyncio.gather(*submissions)
             last_submitted = time.monotonic()
             with contextlib.suppress(TimeoutError):  # frames still missing then are reported as missing
-                await sidebar.wait_for(lambda: all(j in sidebar.materialized for j in job_ids), timeout=30,
-                                       what="every frame")
+                await sidebar.wait_materialized(job_ids, timeout=30, what="every frame")
             drained_after = time.monotonic() - last_submitted
             daemon_cpu_percent = (cpu_seconds(daemon.pid) - cpu_before) / (time.monotonic() - start) * 100
         await sidebar.close()

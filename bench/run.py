@@ -25,7 +25,7 @@ import platform
 import sys
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +43,7 @@ from benchkit import BenchResult
 @dataclass(frozen=True)
 class Benchmark:
     name: str
-    run: Callable[..., Awaitable[BenchResult]]
+    run: Callable[..., Coroutine[Any, Any, BenchResult]]
     full: dict[str, Any]
     quick: dict[str, Any]
 
@@ -77,7 +77,7 @@ def run_all(selected: list[Benchmark], quick: bool, progress: Callable[[str], No
         progress(f"running {bench.name} ...")
         started = time.monotonic()
         try:
-            result = asyncio.run(bench.run(**(bench.quick if quick else bench.full))).as_json()
+            result: dict[str, Any] = asyncio.run(bench.run(**(bench.quick if quick else bench.full))).as_json()
         except Exception as exc:  # one broken benchmark must not hide the others' figures
             progress(traceback.format_exc())
             result = {"error": f"{type(exc).__name__}: {exc}", "goal_met": False}

@@ -89,8 +89,7 @@ async def _measure(folder: Path, backend: Any, history: int, jobs: int, bursts: 
             job_ids = await asyncio.to_thread(backend.create_jobs, count=jobs, width=256, height=256, format="png",
                                               prompt=f"scale {history} burst {burst}")
             stored = time.time()
-            await sidebar.wait_for(lambda ids=job_ids: all(j in sidebar.materialized for j in ids), timeout=300,
-                                   what=f"a burst of {jobs} jobs")
+            await sidebar.wait_materialized(job_ids, timeout=300, what=f"a burst of {jobs} jobs")
             done = max(sidebar.materialized[j] for j in job_ids)
             costs.append((done - stored) * 1000 / jobs)
         cpu_per_job = (cpu_seconds(daemon.pid) - cpu_before) * 1000 / (jobs * bursts)

@@ -44,10 +44,10 @@ async def _harness(kind: str, url: str, since: float) -> None:
 
     The token comes in ``STELLA_TOKEN`` (never on a command line, where ``ps`` would show it).
     """
-    args = {"since": since, "limit": 50}
+    args: dict[str, Any] = {"since": since, "limit": 50}
     token = os.environ["STELLA_TOKEN"]
 
-    def emit(jobs: list[dict[str, Any]]) -> None:
+    def emit(jobs: list[Any]) -> None:
         now = time.monotonic()
         print(json.dumps({"t": now, "ids": [job["jobId"] for job in jobs]}), flush=True)
 
@@ -66,6 +66,7 @@ async def _harness(kind: str, url: str, since: float) -> None:
         official = ConvexClient(url)
         official.set_auth(token)
         async for value in official.subscribe(QUERY, args):
+            assert isinstance(value, list)
             emit(value)
 
 

@@ -71,6 +71,11 @@ class DaemonProcess:
         assert self.process is not None
         return self.process.pid
 
+    def poll(self) -> int | None:
+        """The exit code, or None while the process runs."""
+        assert self.process is not None
+        return self.process.poll()
+
     def start(self) -> DaemonProcess:
         command = [sys.executable, "-m", "materializer", "run", "--root", str(self.root),
                    "--convex-url", self.backend.url, "--token-file", str(self.token_file), *self.extra_args]

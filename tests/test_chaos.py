@@ -461,7 +461,7 @@ def run_kill_rounds(backend: DevBackend, base: Path, rounds: int, jobs: int, see
             run.inspect(probe, final=False)
         daemon = start_daemon(run.root, backend, run.config)
         try:
-            wait_until(lambda: probe.materialized() >= len(run.images) or daemon.process.poll() is not None,
+            wait_until(lambda: probe.materialized() >= len(run.images) or daemon.poll() is not None,
                        timeout=900, what="the last run to materialize everything")
         except AssertionError:
             run.counts["stalled_rounds"] += 1
@@ -764,7 +764,7 @@ def run_fault_scenario(backend: DevBackend, base: Path, scenario: FaultScenario,
             statuses = probe.statuses()
             failures = {job for (job,) in probe.rows("SELECT job_id FROM events WHERE type = 'media.failed'")}
             return (all(statuses.get(job_id) == "materialized" for job_id in run.job_ids)
-                    and set(run.failed_ids) <= failures) or daemon.process.poll() is not None
+                    and set(run.failed_ids) <= failures) or daemon.poll() is not None
 
         with contextlib.suppress(AssertionError):
             wait_until(finished, timeout=120, what="every job after the faults cleared")
@@ -1412,6 +1412,7 @@ def run_hostile_case(case: HostileCase, base: Path, backend: DevBackend | None) 
 
         sockets: Callable[[], int] = nothing
         queries: Callable[[], int] = nothing
+        job_id: Any = None  # a hostile document's jobId may be anything
         if backend is not None:
             endpoint: Any = backend
             if case.faults is not None:
@@ -1675,7 +1676,7 @@ def _fuzz(case: str, strategy: st.SearchStrategy[Any], check: Callable[[Any, Cou
     _fuzz_report(case, counter, started, failure)
 
 
-def _check_protocol(frames: list[list[Frame]], counter: Counter[str]) -> None:
+def _check_protocol(frames: list[list[str | bytes]], counter: Counter[str]) -> None:
     protocol = SyncProtocol()
     protocol.set_auth("a-token")
     query_id, _ = protocol.add_query("media_jobs:listSucceededSince", {"since": 0.0, "limit": 50.0})

@@ -34,7 +34,7 @@ from stella_devbackend.control import DevBackend
 from helpers import async_wait_until
 
 LIST = "media_jobs:listSucceededSince"
-ALL = {"since": 0, "limit": 200}
+ALL: dict[str, Any] = {"since": 0, "limit": 200}
 #: Small waits so reconnect-heavy tests stay fast; the shape (doubling, cap, kinds) is the default's.
 FAST = BackoffPolicy(clean_initial=0.005, error_initial=0.01, overload_initial=0.02, maximum=0.05)
 DEADLINE = 30.0  # seconds; a deadline against hangs, never a performance threshold

@@ -191,7 +191,7 @@ def assert_never_connected(listener: socket.socket) -> None:
 async def test_every_capability_count_and_format_materializes(backend: DevBackend, tmp_path: Path) -> None:
     root = tmp_path / "root"
     source = "data:image/png;base64," + base64.b64encode(small_png()).decode()
-    requests = [
+    requests: list[tuple[dict[str, Any], str, int]] = [
         ({"capability": "text_to_image", "profile": "best", "prompt": "a lighthouse at dusk"}, "png", 1),
         ({"capability": "text_to_image", "profile": "fast", "prompt": "a fox",
           "input": {"num_images": 2, "output_format": "jpeg"}}, "jpg", 2),
@@ -514,7 +514,7 @@ async def test_hostile_job_fields_are_quarantined_with_reasons_and_write_nothing
     reasons = quarantine_reasons(root)
     for job_id, (doc, reason) in zip(job_ids, cases, strict=True):
         assert jobs[job_id].status == "quarantined", doc
-        assert reasons[job_id] is not None and reasons[job_id].startswith(reason), (doc, reasons[job_id])
+        assert (reasons[job_id] or "").startswith(reason), (doc, reasons[job_id])
         assert jobs[job_id].attempts == 1, doc
     state_reasons = {e.payload["jobId"]: e.payload["reason"] for e in ledger_events(root, "materializer.state")
                      if e.payload.get("state") == "quarantined"}

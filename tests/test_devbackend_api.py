@@ -128,14 +128,15 @@ def test_generate_rejects_malformed_and_oversized_bodies(backend: DevBackend) ->
 def test_generate_401_is_exactly_the_documented_body(backend: DevBackend, kind: str) -> None:
     valid = backend.mint_token("someone", 60)
     header, payload, _signature = valid.split(".")
-    tokens = {
+    tokens: dict[str, str | None] = {
         "missing": None,
         "malformed": "Bearer not-a-jwt",
         "wrong-signature": f"Bearer {header}.{payload}.{base64.urlsafe_b64encode(b'x' * 32).decode().rstrip('=')}",
         "expired": f"Bearer {backend.mint_token('someone', -5)}",
         "not-bearer": f"Basic {valid}",
     }
-    headers = {} if tokens[kind] is None else {"Authorization": tokens[kind]}
+    token = tokens[kind]
+    headers = {} if token is None else {"Authorization": token}
     response = httpx.post(f"{backend.url}/api/media/v1/generate", json={"capability": "icon"}, headers=headers)
     assert response.status_code == 401
     assert response.json() == AUTH_REQUIRED_BODY

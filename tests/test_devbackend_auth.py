@@ -48,7 +48,8 @@ def test_the_session_cookie_fetches_a_token_that_works(backend: DevBackend) -> N
     answer = httpx.get(backend.token_url, headers=backend.session_headers())
     assert answer.status_code == 200 and set(answer.json()) == {"token"}
     token = answer.json()["token"]
-    assert unverified_claims(token)["sub"] == "demo-user"
+    claims = unverified_claims(token)
+    assert claims is not None and claims["sub"] == "demo-user"
     assert backend.query("media_jobs:listSucceededSince", {"since": 0}, token).status_code == 200
     admin = httpx.get(backend.token_url, headers={"X-Dev-Admin-Key": backend.admin_key})
     assert admin.status_code == 200 and admin.json()["token"]

@@ -81,7 +81,8 @@ def test_only_new_npm_clients_take_transition_chunks() -> None:
              for header in ("npm-1.28.0", "npm-1.49.0", "npm-1.27.9", "npm-1.28.0-alpha", "npm-cli-1.45.0",
                             "python-convex-0.8.1", "rust-0.5.0", "stella-materializer-0.1.0")}
     assert [header for header, yes in takes.items() if yes] == ["npm-1.28.0", "npm-1.49.0"]
-    assert Semver.parse("1.28.0-alpha") < Semver(1, 28, 0)
+    alpha = Semver.parse("1.28.0-alpha")
+    assert alpha is not None and alpha < Semver(1, 28, 0)
 
 
 # -- on the wire ---------------------------------------------------------------------------------------
@@ -121,6 +122,7 @@ def test_upgrade_required_client_is_served_with_the_headers(backend: DevBackend)
     assert served.headers["x-convex-deprecation-message"] == PYTHON_SOON
     with connect(backend.url.replace("http://", "ws://") + "/api/sync",
                  additional_headers={"Convex-Client": "python-convex-0.1.0"}) as ws:
+        assert ws.response is not None
         assert ws.response.headers["x-convex-deprecation-state"] == "UpgradeRequired"
 
 
@@ -158,7 +160,7 @@ def test_refused_clients_never_get_a_websocket(backend: DevBackend, path: str, h
     url = backend.url.replace("http://", "ws://") + path
     if opens:
         with connect(url, additional_headers=headers) as ws:
-            assert ws.response.status_code == 101
+            assert ws.response is not None and ws.response.status_code == 101
         return
     with pytest.raises(InvalidStatus) as refused:
         connect(url, additional_headers=headers)

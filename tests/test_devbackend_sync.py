@@ -212,7 +212,9 @@ def expire_mid_session(backend: DevBackend, raw: Raw, owner: str = "demo-user") 
     raw.authenticate(token)
     raw.add(0, "media_jobs:listSucceededSince", {"since": 0})
     raw.transition_at(1)
-    exp = unverified_claims(token)["exp"]
+    claims = unverified_claims(token)
+    assert claims is not None
+    exp = claims["exp"]
     wait_until(lambda: time.time() > exp + 0.05, what="the token's exp")
 
 

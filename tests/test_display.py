@@ -277,8 +277,10 @@ async def test_backlog_switches_to_live_without_hole_or_duplicate(
 
     # (since, connect once this many are published)
     plans = [(0, 0), (700, 50), (1199, 120), (0, 200), (None, 250), (1300, 300), (5, 420), (None, 599)]
-    results = await asyncio.gather(publisher(), *(client(since, after) for since, after in plans))
-    for (since, _), (welcome_since, seqs) in zip(plans, results[1:], strict=True):
+    publishing = asyncio.create_task(publisher())
+    results = await asyncio.gather(*(client(since, after) for since, after in plans))
+    await publishing
+    for (since, _), (welcome_since, seqs) in zip(plans, results, strict=True):
         if since is not None:
             assert welcome_since == since
         assert seqs == list(range(welcome_since + 1, 1801)), f"client since={since}"

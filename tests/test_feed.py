@@ -222,10 +222,10 @@ def test_the_succeeded_feed_never_passes_an_unfinished_job_or_hides_one_and_repo
 
 def test_the_failed_feed_notes_jobs_moves_its_cursor_and_follows_it_past_the_overlap() -> None:
     feed = FailedFeed(limit=50, overlap_ms=2000)
-    docs = [{"jobId": "a", "completedAt": 5000.0, "status": "failed"}, "not a job",
-            {"jobId": "b", "completedAt": 9000.0, "status": "unknown"}]
-    decisions = feed.answer(1000, docs, now_ms=8000)
-    assert decisions == [NoteFailed((docs[0], docs[2])), AdvanceCursor("failed", 1000, 8000)]  # never past now
+    first: dict[str, Any] = {"jobId": "a", "completedAt": 5000.0, "status": "failed"}
+    second: dict[str, Any] = {"jobId": "b", "completedAt": 9000.0, "status": "unknown"}
+    decisions = feed.answer(1000, [first, "not a job", second], now_ms=8000)
+    assert decisions == [NoteFailed((first, second)), AdvanceCursor("failed", 1000, 8000)]  # never past now
     assert feed.cursor_moved(2500) == []
     assert feed.cursor_moved(6000) == [Narrow("failed", 6000, 50)]
 
