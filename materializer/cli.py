@@ -43,13 +43,16 @@ def _settings(args: argparse.Namespace) -> tuple[Any, dict[str, Any]] | None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from materializer.early_stop import EarlyStop
+
+    early_stop = EarlyStop.install()  # before the heavy imports below
     from materializer.service import run_service
 
     loaded = _settings(args)
     if loaded is None:
         return exits.USAGE
     settings, overrides = loaded
-    return run_service(settings, args.config, overrides)
+    return run_service(settings, args.config, overrides, early_stop)
 
 
 def _replay(args: argparse.Namespace) -> int:

@@ -162,6 +162,7 @@ class Materializer:
         succeeded = self.client.subscribe(SUCCEEDED_QUERY, {"since": since, "limit": limit})
         failed = self.client.subscribe(FAILED_QUERY, {"since": failed_since, "limit": limit})
         self._subscriptions = {"succeeded": succeeded, "failed": failed}
+        self._gallery_dirty.set()  # a daemon killed before its last rewrite left gallery.json behind the ledger
         loops: dict[str, Callable[[], Awaitable[None]]] = {
             "succeeded feed": lambda: self._follow_succeeded(succeeded),
             "failed feed": lambda: self._follow_failed(failed),

@@ -22,6 +22,7 @@ from materializer import exits
 from materializer.config import ConfigError, ConfigReloader, Settings
 from materializer.daemon import Materializer
 from materializer.display import DisplayServer
+from materializer.early_stop import EarlyStop
 from materializer.layout import AlreadyRunning
 from materializer.logs import setup_logging
 from materializer.options import DaemonOptions
@@ -81,7 +82,8 @@ def _bound_malloc_retention() -> None:
     mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES)
 
 
-def run_service(settings: Settings, config_file: Path | None, overrides: dict[str, Any]) -> int:
+def run_service(settings: Settings, config_file: Path | None, overrides: dict[str, Any],
+                early_stop: EarlyStop | None = None) -> int:
     """Run the daemon until stopped; return the exit code (0 clean stop, 1 already running, 2 bad config)."""
     _bound_malloc_retention()
     setup_logging(settings.log.level, settings.log.format)
@@ -92,11 +94,11 @@ def run_service(settings: Settings, config_file: Path | None, overrides: dict[st
     except (ConfigError, TokenSourceError) as exc:
         print(f"materializer run: {exc}", file=sys.stderr)
         return exits.USAGE
-    return asyncio.run(_serve(settings, options, provider, config_file, overrides))
+    return asyncio.run(_serve(settings, options, provider, config_file, overrides, early_stop))
 
 
 async def _serve(settings: Settings, options: DaemonOptions, provider: TokenProvider, config_file: Path | None,
-                 overrides: dict[str, Any]) -> int:
+                 overrides: dict[str, Any], early_stop: EarlyStop | None) -> int:
     daemon = Materializer(options, provider, display_factory=DisplayServer)
     notifier = Notifier()
 
@@ -117,6 +119,9 @@ async def _serve(settings: Settings, options: DaemonOptions, provider: TokenProv
     loop.add_signal_handler(signal.SIGTERM, daemon.stop)
     loop.add_signal_handler(signal.SIGINT, daemon.stop)
     loop.add_signal_handler(signal.SIGHUP, reloader.reload)
+    if early_stop is not None and early_stop.requested:
+        log.info("asked to stop while starting: stopping")
+        daemon.stop()
     helpers: list[asyncio.Task[None]] = []
 
     def ready() -> None:

@@ -18,12 +18,13 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Protocol
 
 from materializer.layout import STATE_DIR_ENV
 
-__all__ = ["CALLER_SETTINGS", "DaemonProcess", "Endpoint", "clean_env"]
+__all__ = ["CALLER_SETTINGS", "DaemonProcess", "Endpoint", "catches", "clean_env"]
 
 #: Variables of the caller's that a harnessed process never inherits (besides ``MATERIALIZER_*``).
 CALLER_SETTINGS = ("STELLA_TOKEN", STATE_DIR_ENV)
@@ -34,6 +35,16 @@ def clean_env(**extra: str) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items()
            if not key.startswith("MATERIALIZER_") and key not in CALLER_SETTINGS}
     return {**env, **extra}
+
+
+def catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler of its own for ``signum`` (its ``SigCgt`` mask in /proc)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = next((line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), "0")
+    return bool(int(mask, 16) >> (signum - 1) & 1)
 
 
 class Endpoint(Protocol):
@@ -99,6 +110,7 @@ class DaemonProcess:
         if self.process is None:
             return None
         if self.process.poll() is None:
+            self.wait_catching(signal.SIGTERM, timeout)
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout=timeout)
@@ -106,6 +118,20 @@ class DaemonProcess:
                 self.process.kill()
                 self.process.wait()
         return self.process.returncode
+
+    def wait_catching(self, signum: int, timeout: float = 30.0) -> bool:
+        """Wait until the process has its own handler for ``signum`` (``SigCgt`` in /proc), or it exits.
+
+        A signal sent before the interpreter got that far would kill it with the default
+        action, which says nothing about how the daemon stops.
+        """
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        while self.process.poll() is None and time.monotonic() < deadline:
+            if catches(self.process.pid, signum):
+                return True
+            time.sleep(0.005)
+        return False
 
     def check_alive(self) -> None:
         """Raise, with the log's tail, if the daemon has exited."""

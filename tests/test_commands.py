@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from materializer.daemon import AUTH_ACTION
+from materializer.layout import default_layout
 from stella_devbackend.control import DevBackend
 
 from helpers import DaemonProcess, gallery, ledger_events, ledger_jobs, output_files, wait_until
@@ -176,6 +177,34 @@ def test_parent_death_stops_the_daemon_cleanly(backend: DevBackend, tmp_path: Pa
     parent.wait(timeout=10)
     assert daemon.process is not None and daemon.process.wait(timeout=30) == 0
     assert "exited: stopping" in daemon.log.read_text()
+
+
+def test_sigterm_while_starting_stops_cleanly_and_writes_the_gallery(backend: DevBackend, tmp_path: Path) -> None:
+    """systemd may stop the unit at any moment: a SIGTERM during start-up is a clean stop, not a death by signal."""
+    [job_id] = backend.create_jobs(prompt="before the start")
+    root = tmp_path / "root"
+    with DaemonProcess(root, backend) as daemon:
+        wait_until(lambda: job_id in ledger_jobs(root) and ledger_jobs(root)[job_id] == "materialized", timeout=60,
+                   what="the job materialized")
+    (default_layout(root).outputs / "gallery.json").unlink()
+    daemon = DaemonProcess(root, backend).start()
+    assert daemon.wait_catching(signal.SIGTERM), "the daemon never caught SIGTERM"
+    assert daemon.signal(signal.SIGTERM) == 0  # still importing the daemon: remembered, then a normal stop
+    log = daemon.log.read_text()
+    assert "asked to stop while starting" in log and "Traceback" not in log
+    assert [entry["jobId"] for entry in gallery(root)["jobs"]] == [job_id]  # rewritten by the stopped run
+
+
+def test_a_start_rewrites_a_gallery_left_behind_by_a_killed_daemon(backend: DevBackend, tmp_path: Path) -> None:
+    [job_id] = backend.create_jobs(prompt="materialized, then the manifest lost")
+    root = tmp_path / "root"
+    with DaemonProcess(root, backend):
+        wait_until(lambda: ledger_jobs(root).get(job_id) == "materialized", timeout=60, what="the job materialized")
+    manifest = default_layout(root).outputs / "gallery.json"
+    manifest.unlink()
+    with DaemonProcess(root, backend):
+        wait_until(manifest.exists, timeout=30, what="gallery.json written at start")
+        assert [entry["jobId"] for entry in gallery(root)["jobs"]] == [job_id]
 
 
 def test_systemd_notify_ready_status_and_watchdog(backend: DevBackend, tmp_path: Path) -> None:
