@@ -401,6 +401,8 @@ def good_transition(**overrides: Any) -> str:
 MALFORMED = {
     "not-json": "{nope",
     "nan-literal": '{"type": "Ping", "x": NaN}',
+    "infinite-number": good_transition(clientClockSkew=1e999).replace("Infinity", "1e999"),
+    "integer-of-5000-digits": '{"type": "Ping", "x": ' + "1" * 5000 + "}",
     "array": "[]",
     "string": '"Transition"',
     "no-type": "{}",

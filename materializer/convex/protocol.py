@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import uuid
 from dataclasses import dataclass
 from typing import Any, TypeAlias
@@ -476,11 +477,19 @@ def _reject_constant(name: str) -> Any:
     raise _Malformed(f"server message contains the non-JSON number {name}")
 
 
+def _finite_float(text: str) -> float:
+    """JSON has no infinities: ``1e999`` would otherwise decode as one (an infinite clock skew, say)."""
+    number = float(text)
+    if not math.isfinite(number):
+        raise _Malformed(f"server message contains a number out of range ({text[:40]})")
+    return number
+
+
 def _loads(text: str) -> Any:
     try:
-        return json.loads(text, parse_constant=_reject_constant)
-    except json.JSONDecodeError as exc:
-        raise _Malformed(f"server message is not JSON: {exc}") from None
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except ValueError as exc:  # not JSON (JSONDecodeError), or an integer of more digits than Python converts
+        raise _Malformed(f"server message is not JSON: {str(exc)[:200]}") from None
 
 
 def _is_number(value: Any) -> bool:
