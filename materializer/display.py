@@ -479,8 +479,8 @@ class DisplayServer:
 def _parse_line(line: bytes) -> dict[str, Any]:
     try:
         message = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _ProtocolError(f"not a JSON line: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, too deep, or a 5000-digit integer
+        raise _ProtocolError(f"not a JSON line: {str(exc)[:200]}") from None
     if not isinstance(message, dict):
         raise _ProtocolError(f"expected a JSON object, got {type(message).__name__}")
     return message

@@ -117,7 +117,7 @@ class _Follower:
         while (raw := await _read_line(reader)).endswith(b"\n"):  # not: the end, maybe mid-line
             try:
                 message = json.loads(raw)
-            except (UnicodeDecodeError, json.JSONDecodeError):
+            except (ValueError, RecursionError):  # not UTF-8, not JSON, too deep, or a 5000-digit integer
                 continue  # not for us to understand; the next line may be
             if isinstance(message, dict):
                 welcomed |= self._handle(message, raw)

@@ -437,6 +437,8 @@ async def test_a_dropped_client_resumes_with_since(start_server: Any, sock_path:
     [
         (b"not json\n", "not a JSON line"),
         (b"\xff\xfe\n", "not a JSON line"),
+        (b'{"type": "hello", "since": ' + b"1" * 5000 + b"}\n", "not a JSON line"),
+        (b"[" * 30_000 + b"]" * 30_000 + b"\n", "not a JSON line"),
         (b"[1, 2]\n", "expected a JSON object, got list"),
         (b'{"type": "subscribe"}\n', "expected a hello first"),
         (b'{"type": "hello", "since": -1}\n', "since must be an integer from 0"),
