@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -296,20 +297,30 @@ def test_token_fd_rotation_keeps_the_daemon_going_across_token_lifetimes(tmp_pat
         with subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True, pass_fds=[read_end]) as process:
             os.close(read_end)
+            # The app hands a new token every second, on its own timer, well before expiry (not
+            # after each job: a job slowed by a loaded machine must not starve the daemon of tokens).
+            stop_handing = threading.Event()
+
+            def the_app() -> None:
+                while not stop_handing.wait(1.0):
+                    hand_a_token()
+
+            app = threading.Thread(target=the_app, daemon=True)
+            app.start()
             try:
                 jobs: list[str] = []
                 started = time.monotonic()
-                # Jobs keep coming while three lifetimes' worth of tokens go by; the app hands a new
-                # token every second, as the desktop does well before expiry.
+                # Jobs keep coming while three lifetimes' worth of tokens go by.
                 while time.monotonic() - started < 9:
-                    hand_a_token()
                     jobs += backend.create_jobs(count=1, share_files=True)
                     wait_until(lambda: ledger_jobs(root).get(jobs[-1]) == "materialized"
                                if (root / "state").exists() else False, what="the job")
-                    time.sleep(max(0.0, started + len(jobs) - time.monotonic()))  # the app's cadence, not a wait
+                    time.sleep(max(0.0, started + len(jobs) - time.monotonic()))  # a job a second, not a wait
                 assert all(ledger_jobs(root).get(job) == "materialized" for job in jobs)
                 assert backend.stats()["sync_connections"] == 1  # refreshed on the live socket, never closed
             finally:
+                stop_handing.set()
+                app.join()
                 process.send_signal(signal.SIGTERM)
                 _, err = process.communicate(timeout=30)
                 os.close(write_end)
