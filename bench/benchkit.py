@@ -16,6 +16,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -36,12 +37,16 @@ __all__ = [
     "BenchResult",
     "DaemonProcess",
     "Metric",
+    "OfficialPush",
     "Sidebar",
     "backend_for",
     "clean_env",
     "cpu_seconds",
     "daemon_process",
+    "decode",
     "distribution",
+    "durable_write",
+    "fetch_decode_durable",
     "fetch_decode_write",
     "percentile",
     "proc_memory_kib",
@@ -277,15 +282,94 @@ class Sidebar:
             pass
 
 
+class OfficialPush:
+    """The official ``convex`` client in its own process (``harness.py push``): when it yields each job.
+
+    Subscribed beside the daemon in the same run, it is the push part of the durable
+    latency floor: commit -> the official client hands the job to its caller.
+    """
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.first_seen: dict[str, float] = {}  # job id -> wall time (time.time())
+        self.answers = 0
+        self._changed = asyncio.Event()
+        self._task = asyncio.create_task(self._read())
+
+    @classmethod
+    async def start(cls, backend: DevBackend, since_ms: float) -> OfficialPush:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, str(Path(__file__).with_name("harness.py")), "push", backend.url, str(since_ms),
+            stdout=asyncio.subprocess.PIPE, env=clean_env(STELLA_TOKEN=backend.token))
+        watcher = cls(process)
+        await watcher.wait_for(lambda: watcher.answers >= 1, 60.0)  # subscribed: its first answer
+        return watcher
+
+    async def _read(self) -> None:
+        assert self.process.stdout is not None
+        async for line in self.process.stdout:
+            record = json.loads(line)
+            self.answers += 1
+            for job_id in record["ids"]:
+                self.first_seen.setdefault(job_id, record["wall"])
+            event, self._changed = self._changed, asyncio.Event()
+            event.set()
+
+    async def wait_for(self, predicate: Callable[[], Any], timeout: float = 60.0) -> None:
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                if self._task.done():
+                    raise ConnectionError("the official client's process ended")
+                await self._changed.wait()
+
+    async def wait_seen(self, job_ids: list[str], timeout: float = 60.0) -> None:
+        await self.wait_for(lambda: all(j in self.first_seen for j in job_ids), timeout)
+
+    async def close(self) -> None:
+        self._task.cancel()
+        self.process.kill()
+        await self.process.wait()
+
+
 # -- floors ------------------------------------------------------------------------------------------
 
 
 def fetch_decode_write(client: httpx.Client, url: str, dest: Path) -> float:
-    """The floor of materializing one image: a plain GET, a full Pillow decode, a file write; seconds."""
+    """The old floor of materializing one image: a plain GET, a full Pillow decode, a file write; seconds."""
     started = time.perf_counter()
     response = client.get(url)
     response.raise_for_status()
-    with Image.open(io.BytesIO(response.content)) as image:
-        image.load()
+    decode(response.content)
     dest.write_bytes(response.content)
     return time.perf_counter() - started
+
+
+def fetch_decode_durable(client: httpx.Client, url: str, dest: Path) -> float:
+    """The durable floor of materializing one image: GET, full decode, crash-safe write; seconds."""
+    started = time.perf_counter()
+    response = client.get(url)
+    response.raise_for_status()
+    decode(response.content)
+    durable_write(dest, response.content)
+    return time.perf_counter() - started
+
+
+def decode(data: bytes) -> None:
+    """A full Pillow decode, as the daemon's validation does."""
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+
+
+def durable_write(dest: Path, data: bytes) -> None:
+    """What no crash-safe writer can skip: a temporary file in the same folder, fsync, rename, fsync the folder."""
+    partial = dest.with_name(f".{dest.name}.partial")
+    with open(partial, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    os.rename(partial, dest)
+    folder = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)

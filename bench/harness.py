@@ -10,6 +10,12 @@
         The official ``convex`` client subscribed to the daemon's two queries, with
         the token from ``STELLA_TOKEN``; prints ``{"subscribed": true}`` after the
         first answer, then stays connected, blocked on its iterator, until killed.
+
+    python bench/harness.py push URL SINCE
+        The official ``convex`` client subscribed to ``media_jobs:listSucceededSince``
+        from SINCE (ms), with the token from ``STELLA_TOKEN``: prints
+        ``{"wall": time.time(), "ids": [...]}`` for every answer as soon as it yields
+        it, until killed. The push part of the durable latency floor.
 """
 
 from __future__ import annotations
@@ -74,11 +80,23 @@ def idle(url: str) -> None:
         _say({"subscribed": True})
 
 
+def push(url: str, since: float) -> None:
+    from convex import ConvexClient
+
+    client = ConvexClient(url)
+    client.set_auth(os.environ["STELLA_TOKEN"])
+    for value in client.subscribe("media_jobs:listSucceededSince", {"since": since, "limit": 50}):
+        jobs = value if isinstance(value, list) else []
+        _say({"wall": time.time(), "ids": [job["jobId"] for job in jobs if isinstance(job, dict)]})
+
+
 if __name__ == "__main__":
     kind, *arguments = sys.argv[1:]
     if kind == "memory":
         memory(arguments)
     elif kind == "idle":
         idle(arguments[0])
+    elif kind == "push":
+        push(arguments[0], float(arguments[1]))
     else:
         raise SystemExit(f"unknown harness {kind!r}")

@@ -76,7 +76,11 @@ async def test_benchmark_runs_and_reports_sane_figures(name: str) -> None:
 
 async def test_latency_and_realtime_time_every_job_they_submit() -> None:
     timed = await latency.run(jobs=2, warmup=1)
-    assert timed.details["jobs"] == timed.details["ours_ms"]["n"] == timed.details["floor_ms"]["n"] == 2
+    details = timed.details
+    assert details["jobs"] == details["ours_ms"]["n"] == details["durable_floor_ms"]["n"] == 2
+    assert details["official_push_ms"]["n"] == details["old_floor_ms"]["n"] == 2
+    # The durable floor is the official client's push plus the crash-safe fetch/decode/write, per job.
+    assert details["durable_floor_ms"]["p50"] > details["official_push_ms"]["p50"] > 0
 
     stream = await realtime.run(seconds=0.5)
     assert stream.details["frames"] == stream.details["materialized"] == 5
@@ -101,3 +105,21 @@ def test_percentile_is_nearest_rank() -> None:
     assert percentile([3.0], 0.99) == 3.0
     with pytest.raises(ValueError):
         percentile([], 0.5)
+
+
+def test_repetitions_give_medians_the_ratio_spread_and_met_only_if_met_every_time() -> None:
+    def one(ours: float, floor: float, met: bool) -> dict[str, Any]:
+        return {"goal": "g", "goal_met": met, "floor": "f", "details": {},
+                "notes": ["quick"] + ([] if met else ["GOAL MISSED"]),
+                "metrics": {"p50_ms": {"unit": "ms", "ours": ours, "floor": floor, "ratio": ours / floor},
+                            "rss": {"unit": "MB", "ours": ours, "floor": None, "ratio": None}}}
+
+    result = run.aggregate([one(12.0, 10.0, True), one(30.0, 10.0, False), one(11.0, 10.0, True)])
+    p50 = result["metrics"]["p50_ms"]
+    assert (p50["ours"], p50["floor"], p50["ratio"]) == (12.0, 10.0, 1.2)
+    assert (p50["ratio_min"], p50["ratio_max"]) == (1.1, 3.0)
+    assert result["metrics"]["rss"]["ratio"] is None and result["metrics"]["rss"]["ratio_min"] is None
+    assert (result["goal_met"], result["met_in"], result["repetitions"]) == (False, 2, 3)
+    assert result["notes"] == ["quick", "GOAL MISSED"]
+    rendered = run.table({"latency": {**result, "seconds": 1.0}}, quick=False)
+    assert "1.10-3.00" in rendered and "NO 2/3" in rendered
