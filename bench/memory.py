@@ -37,8 +37,8 @@ from benchkit import (
 )
 
 NAME = "memory"
-GOAL_PEAK_MB = 150.0
-GOAL_IDLE_MB = 60.0
+GOAL_PEAK_MB = 100.0
+GOAL_IDLE_MB = 45.0
 FULL_JOBS = 50
 IMAGES_PER_JOB = 4
 EDGE = 1600

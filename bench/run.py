@@ -15,7 +15,7 @@ benchmark could not run, 0 otherwise (missed goals included: they are
 findings, not failures).
 
 Benchmarks (each its own module in this folder): latency, throughput, memory,
-idle_cpu, scale, realtime, subscription.
+idle_cpu, scale, realtime, subscription, startup.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import latency
 import memory
 import realtime
 import scale
+import startup
 import subscription
 import throughput
 
@@ -60,6 +61,7 @@ BENCHMARKS = [
     Benchmark(scale.NAME, scale.run, {"jobs": scale.FULL_JOBS, "bursts": scale.FULL_BURSTS}, {"jobs": 50, "bursts": 2}),
     Benchmark(realtime.NAME, realtime.run, {"seconds": realtime.FULL_SECONDS}, {"seconds": 10.0}),
     Benchmark(subscription.NAME, subscription.run, {"jobs": subscription.FULL_JOBS}, {"jobs": subscription.FULL_JOBS}),
+    Benchmark(startup.NAME, startup.run, {"runs": startup.FULL_RUNS}, {"runs": 3}),
 ]
 
 

@@ -35,7 +35,7 @@ from materializer.options import DaemonOptions
 from benchkit import BenchResult, Metric, Sidebar, cpu_seconds, daemon_process, scratch_backend
 
 NAME = "scale"
-GOAL_RATIO = 1.2
+GOAL_RATIO = 1.1
 HISTORIES = (0, 10_000, 100_000)
 FULL_JOBS = 90
 FULL_BURSTS = 3
