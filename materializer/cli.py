@@ -54,6 +54,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _replay(args: argparse.Namespace) -> int:
     from materializer.config import ConfigError
+    from materializer.layout import UntrustedPath
     from materializer.logs import setup_logging
     from materializer.options import DaemonOptions
     from materializer.replay import parse_when, print_summary, replay
@@ -82,6 +83,9 @@ def _replay(args: argparse.Namespace) -> int:
         try:
             code, summary = await replay(options, provider, since=since, until=until, job_ids=args.job,
                                          dry_run=args.dry_run)
+        except UntrustedPath as exc:
+            print(f"materializer replay: {exc}", file=sys.stderr)
+            return exits.USAGE
         finally:
             await provider.aclose()
         if code != exits.SIGN_IN_NEEDED:
@@ -103,6 +107,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _watch(args: argparse.Namespace) -> int:
+    from materializer.layout import layout_folders
     from materializer.watch import run_watch
 
     loaded = _settings(args)
@@ -111,8 +116,10 @@ def _watch(args: argparse.Namespace) -> int:
     if args.since is not None and args.since < 0:
         print("materializer watch: --since must not be negative", file=sys.stderr)
         return exits.USAGE
+    daemon = loaded[0].daemon
+    folders = layout_folders(daemon.layout, daemon.root)[:-1]  # down to the socket's folder (not outputs)
     try:
-        return asyncio.run(run_watch(loaded[0].daemon.layout.display_socket, args.since, args.json, sys.stdout))
+        return asyncio.run(run_watch(daemon.layout.display_socket, args.since, args.json, sys.stdout, folders=folders))
     except (KeyboardInterrupt, BrokenPipeError):
         return exits.OK
 

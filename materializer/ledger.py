@@ -38,6 +38,7 @@ and materialization times) are Unix seconds from the ledger's clock.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -51,6 +52,7 @@ from typing import Any, Literal
 
 from materializer.feed import next_cursor
 from materializer.finite import finite_number
+from materializer.layout import Finding, UntrustedPath, check_file, open_nofollow
 
 __all__ = [
     "DEFAULT_CURSOR_OVERLAP_MS",
@@ -331,18 +333,47 @@ def _is_busy(exc: sqlite3.Error) -> bool:
     return getattr(exc, "sqlite_errorcode", 0) & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
 
 
+def _refuse_untrusted(path: Path) -> None:
+    """Raise :class:`UntrustedPath` if the ledger or its -wal/-shm is a symlink, not a file, or someone else's.
+
+    SQLite follows symlinks (and creates the -wal and -shm files through planted ones), so a link here
+    would make every write land wherever it points.
+    """
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        finding = check_file(file)
+        if finding is not None:
+            raise UntrustedPath(finding)
+
+
+def _open_checked(path: Path, busy_timeout: float) -> sqlite3.Connection:
+    """Connect to the file at ``path`` and make sure SQLite opened the very file that was checked."""
+    held = open_nofollow(path, os.O_RDONLY)
+    try:
+        try:
+            conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise LedgerOpenError(f"cannot open ledger {path}: {exc}") from exc
+        checked, now = os.fstat(held), os.lstat(path)
+        if (checked.st_dev, checked.st_ino) != (now.st_dev, now.st_ino):
+            conn.close()
+            raise UntrustedPath(Finding(path, "was replaced while it was being opened",
+                                        "make sure no other program writes in this folder"))
+        return conn
+    finally:
+        os.close(held)
+
+
 def _connect(path: Path, *, create: bool, busy_timeout: float) -> sqlite3.Connection:
+    _refuse_untrusted(path)
     if not path.exists():
         if not create:
             raise LedgerOpenError(f"no ledger at {path}")
         path.parent.mkdir(parents=True, exist_ok=True)
         # Prompts are private. SQLite gives the -wal and -shm files the
         # database file's mode, so creating it 0600 covers all three.
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-    try:
-        conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
-    except sqlite3.Error as exc:
-        raise LedgerOpenError(f"cannot open ledger {path}: {exc}") from exc
+        with contextlib.suppress(FileExistsError):  # another process made it meanwhile
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+    conn = _open_checked(path, busy_timeout)
     try:
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode != "wal":
