@@ -135,7 +135,12 @@ def _query(args: argparse.Namespace) -> int:
         return exits.USAGE
     provider: TokenProvider
     if args.token is not None:
+        print("materializer query: warning: --token puts the token on the command line, where other users of "
+              "this machine can read it (ps, /proc/<pid>/cmdline); use --token-file FILE or --token-stdin",
+              file=sys.stderr)
         provider = StaticTokenProvider(args.token)
+    elif args.token_stdin:
+        provider = StaticTokenProvider(sys.stdin.readline())
     elif args.token_file is not None:
         provider = FileTokenProvider(args.token_file)
     else:
@@ -249,8 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("args_json", metavar="ARGS_JSON", nargs="?", default="{}", help="arguments as a JSON object")
     query.add_argument("--url", required=True, help="deployment URL, e.g. http://127.0.0.1:8000")
     token = query.add_mutually_exclusive_group()
-    token.add_argument("--token", help="the user's token (prefer --token-file or $STELLA_TOKEN: argv is visible)")
+    token.add_argument("--token", help="the user's token (warns: other users can read the command line; prefer "
+                       "--token-file, --token-stdin or $STELLA_TOKEN)")
     token.add_argument("--token-file", type=Path, metavar="FILE", help="read the token from FILE")
+    token.add_argument("--token-stdin", action="store_true", help="read the token from the first line of stdin")
     query.add_argument("--watch", action="store_true", help="subscribe and print every new result")
     query.set_defaults(handler=_query)
 
