@@ -7,7 +7,6 @@ root (``os.chown`` to uid 65534, ``nobody``); the few tests that make them say s
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -17,7 +16,6 @@ import stat
 import subprocess
 import sys
 import tempfile
-import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,11 +39,9 @@ from stella_devbackend.control import DevBackend
 from stella_devbackend.harness import DaemonProcess, clean_env
 
 from helpers import ledger_jobs, wait_until
+from impostor import OTHER_UID, can_impersonate, foreign_server
 
-OTHER_UID = 65534  # nobody
-as_root = pytest.mark.skipif(os.geteuid() != 0, reason="making files of another user (uid 65534) needs root")
-FORGED = ('{"seq":1,"type":"media.materialized","payload":{"kind":"media","jobId":"forged",'
-          '"asset":{"kind":"image","filePaths":["/etc/shadow"]},"createdAt":1}}')
+as_root = pytest.mark.skipif(not can_impersonate(), reason="making files of another user (uid 65534) needs root")
 
 
 @pytest.fixture
@@ -297,35 +293,6 @@ def test_status_reports_what_run_would_refuse(base: Path) -> None:
 
 
 # -- `materializer watch` against sockets it must not trust ---------------------------------------------------------
-
-_SERVER = textwrap.dedent("""
-    import os, socket, sys
-    os.setgid({uid}); os.setuid({uid})        # before listen(): SO_PEERCRED reports who listened
-    server = socket.socket(socket.AF_UNIX)
-    server.bind({path!r}); server.listen(1)
-    print("ready", flush=True)
-    server.settimeout(60)
-    try:
-        client, _ = server.accept()
-    except OSError:
-        sys.exit(0)
-    client.recv(1000)
-    client.sendall(b'{{"type":"welcome","since":0}}\\n' + {forged!r}.encode() + b"\\n")
-    client.recv(1000)                          # until the client goes away
-""")
-
-
-@contextlib.contextmanager
-def foreign_server(bind_path: Path) -> Iterator[subprocess.Popen[str]]:
-    """A sidebar impostor: a process running as uid 65534 listening at ``bind_path``, serving a forged event."""
-    code = _SERVER.format(uid=OTHER_UID, path=str(bind_path), forged=FORGED)
-    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=clean_env()) as server:
-        assert server.stdout is not None and server.stdout.readline() == "ready\n"
-        try:
-            yield server
-        finally:
-            server.kill()
-
 
 def watch(root: Path, base: Path) -> subprocess.CompletedProcess[str]:
     """``materializer watch --since 0 --json`` as a process; a trusted daemon would make it run until stopped."""
