@@ -215,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the daemon in the foreground",
                               description="Follow the signed-in user's succeeded media jobs and materialize them. "
                               "SIGTERM/SIGINT stop it, SIGHUP reloads the configuration. Exit 1 when another "
-                              "daemon holds the root, 2 on a configuration error.")
+                              "daemon holds the root, 2 on a configuration error or a state folder it cannot trust "
+                              "(a symlink, another user's folder or file: the message names it and the fix).")
     _common(run)
     run.add_argument("--parent-pid", type=int, metavar="PID", help="exit cleanly when process PID exits")
     run.set_defaults(handler=_run)
@@ -238,7 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print one JSON object")
     status.set_defaults(handler=_status)
 
-    watch = commands.add_parser("watch", help="follow the sidebar socket and print its events")
+    watch = commands.add_parser("watch", help="follow the sidebar socket and print its events",
+                                description="Follow the daemon's sidebar socket and print its events until Ctrl-C "
+                                "(exit 0). Exit 1 when the socket cannot be used or the daemon refuses the request, "
+                                "2 when the socket cannot be trusted (a symlink, not a socket, another user's socket "
+                                "or folder, a server run by another user).")
     _common(watch, daemon=False)
     watch.add_argument("--since", type=int, metavar="N", help="first replay every event after sequence number N")
     watch.add_argument("--json", action="store_true", help="print each event as one JSON line")
