@@ -429,7 +429,9 @@ class Ledger:
     ``event_cap`` is how many sidebar events are kept (older ones are pruned);
     ``busy_timeout`` is how many seconds a call waits for another process's
     write lock before raising :class:`LedgerBusyError`. ``create=False`` (for
-    ``materializer status``) refuses to create a missing ledger.
+    ``materializer status``) refuses to create a missing ledger. A ledger (or
+    ``-wal``/``-shm``) that is a symlink, not a regular file, or another user's
+    raises :class:`~materializer.layout.UntrustedPath` before SQLite opens it.
     """
 
     def __init__(
