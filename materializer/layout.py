@@ -152,8 +152,13 @@ def judge_folder(path: Path, st: os.stat_result | None, euid: int, link_target: 
     mode = stat.S_IMODE(st.st_mode)
     if mode & _OTHERS_WRITE:
         who = " and ".join(name for bit, name in ((stat.S_IWGRP, "group"), (stat.S_IWOTH, "others")) if mode & bit)
-        return Finding(path, f"is writable by {who} (mode {mode:04o})", f"chmod go-w {path}",
-                       tighten_to=mode & ~_OTHERS_WRITE if st.st_uid == euid else None)
+        problem = f"is writable by {who} (mode {mode:04o})"
+        if mode & stat.S_ISVTX:  # sticky: shared on purpose (like /tmp), never ours to close
+            return Finding(path, f"{problem}, a shared folder", "point --root/--state-dir at a folder of your own")
+        if st.st_uid != euid:
+            return Finding(path, problem, f"point --root/--state-dir at a folder of your own, or have its owner "
+                                          f"run chmod go-w {path}")
+        return Finding(path, problem, f"chmod go-w {path}", tighten_to=mode & ~_OTHERS_WRITE)
     return None
 
 

@@ -81,13 +81,19 @@ def test_judge_folder() -> None:
     assert judge_folder(path, _stat(stat.S_IFDIR | 0o700, uid=OTHER_UID), 1000) == Finding(
         path, f"belongs to uid {OTHER_UID}, not to us (uid 1000)",
         "chown 1000 /s/media, or point --root/--state-dir at a folder of your own")
-    # Ours and too open: tightened (only the write bits go); root's and too open: refused.
+    # Ours and too open: tightened (only the write bits go); root's and too open: refused; shared on
+    # purpose (sticky, like /tmp), even when ours (a daemon run as root given --root /tmp): refused, untouched.
     assert judge_folder(path, _stat(stat.S_IFDIR | 0o777), 1000) == Finding(
         path, "is writable by group and others (mode 0777)", "chmod go-w /s/media", tighten_to=0o755)
-    assert judge_folder(path, _stat(stat.S_IFDIR | 0o1770), 1000) == Finding(
-        path, "is writable by group (mode 1770)", "chmod go-w /s/media", tighten_to=0o1750)
+    assert judge_folder(path, _stat(stat.S_IFDIR | 0o2770), 1000) == Finding(
+        path, "is writable by group (mode 2770)", "chmod go-w /s/media", tighten_to=0o2750)
     assert judge_folder(path, _stat(stat.S_IFDIR | 0o777, uid=0), 1000) == Finding(
-        path, "is writable by group and others (mode 0777)", "chmod go-w /s/media")
+        path, "is writable by group and others (mode 0777)",
+        "point --root/--state-dir at a folder of your own, or have its owner run chmod go-w /s/media")
+    for uid in (0, 1000):
+        assert judge_folder(path, _stat(stat.S_IFDIR | 0o1777, uid=0), uid) == Finding(
+            path, "is writable by group and others (mode 1777), a shared folder",
+            "point --root/--state-dir at a folder of your own")
 
 
 def test_judge_file() -> None:
@@ -245,6 +251,18 @@ def test_run_refuses_a_symlinked_root(base: Path) -> None:
     assert log.splitlines() == [f"materializer run: {base / 'root'} is a symlink (to {base / 'real'}); refusing to "
                                 "follow it; remove the link, or point --root/--state-dir at the real folder"]
     assert os.listdir(base / "real") == []
+
+
+def test_run_leaves_a_shared_folder_alone(base: Path) -> None:
+    """A root that is shared on purpose (sticky and world-writable, like /tmp) is refused, never chmod-ed."""
+    root = base / "root"
+    root.mkdir()
+    os.chmod(root, 0o1777)
+    code, log = _refused_start(root)
+    assert code == exits.USAGE
+    assert log.splitlines() == [f"materializer run: {root} is writable by group and others (mode 1777), a shared "
+                                "folder; point --root/--state-dir at a folder of your own"]
+    assert stat.S_IMODE(os.lstat(root).st_mode) == 0o1777 and os.listdir(root) == []
 
 
 @as_root
