@@ -57,6 +57,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _replay(args: argparse.Namespace) -> int:
     from materializer.config import ConfigError
+    from materializer.layout import UntrustedPath
     from materializer.logs import setup_logging
     from materializer.options import DaemonOptions
     from materializer.replay import parse_when, print_summary, replay
@@ -85,6 +86,9 @@ def _replay(args: argparse.Namespace) -> int:
         try:
             code, summary = await replay(options, provider, since=since, until=until, job_ids=args.job,
                                          dry_run=args.dry_run)
+        except UntrustedPath as exc:
+            print(f"materializer replay: {exc}", file=sys.stderr)
+            return exits.USAGE
         finally:
             await provider.aclose()
         if code != exits.SIGN_IN_NEEDED:
@@ -106,6 +110,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _watch(args: argparse.Namespace) -> int:
+    from materializer.layout import layout_folders
     from materializer.watch import run_watch
 
     loaded = _settings(args)
@@ -114,8 +119,10 @@ def _watch(args: argparse.Namespace) -> int:
     if args.since is not None and args.since < 0:
         print("materializer watch: --since must not be negative", file=sys.stderr)
         return exits.USAGE
+    daemon = loaded[0].daemon
+    folders = layout_folders(daemon.layout, daemon.root)[:-1]  # down to the socket's folder (not outputs)
     try:
-        return asyncio.run(run_watch(loaded[0].daemon.layout.display_socket, args.since, args.json, sys.stdout))
+        return asyncio.run(run_watch(daemon.layout.display_socket, args.since, args.json, sys.stdout, folders=folders))
     except (KeyboardInterrupt, BrokenPipeError):
         return exits.OK
 
@@ -131,7 +138,12 @@ def _query(args: argparse.Namespace) -> int:
         return exits.USAGE
     provider: TokenProvider
     if args.token is not None:
+        print("materializer query: warning: --token puts the token on the command line, where other users of "
+              "this machine can read it (ps, /proc/<pid>/cmdline); use --token-file FILE or --token-stdin",
+              file=sys.stderr)
         provider = StaticTokenProvider(args.token)
+    elif args.token_stdin:
+        provider = StaticTokenProvider(sys.stdin.readline())
     elif args.token_file is not None:
         provider = FileTokenProvider(args.token_file)
     else:
@@ -206,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the daemon in the foreground",
                               description="Follow the signed-in user's succeeded media jobs and materialize them. "
                               "SIGTERM/SIGINT stop it, SIGHUP reloads the configuration. Exit 1 when another "
-                              "daemon holds the root, 2 on a configuration error.")
+                              "daemon holds the root, 2 on a configuration error or a state folder it cannot trust "
+                              "(a symlink, another user's folder or file: the message names it and the fix).")
     _common(run)
     run.add_argument("--parent-pid", type=int, metavar="PID", help="exit cleanly when process PID exits")
     run.set_defaults(handler=_run)
@@ -229,7 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print one JSON object")
     status.set_defaults(handler=_status)
 
-    watch = commands.add_parser("watch", help="follow the sidebar socket and print its events")
+    watch = commands.add_parser("watch", help="follow the sidebar socket and print its events",
+                                description="Follow the daemon's sidebar socket and print its events until Ctrl-C "
+                                "(exit 0). Exit 1 when the socket cannot be used or the daemon refuses the request, "
+                                "2 when the socket cannot be trusted (a symlink, not a socket, another user's socket "
+                                "or folder, a server run by another user).")
     _common(watch, daemon=False)
     watch.add_argument("--since", type=int, metavar="N", help="first replay every event after sequence number N")
     watch.add_argument("--json", action="store_true", help="print each event as one JSON line")
@@ -245,8 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("args_json", metavar="ARGS_JSON", nargs="?", default="{}", help="arguments as a JSON object")
     query.add_argument("--url", required=True, help="deployment URL, e.g. http://127.0.0.1:8000")
     token = query.add_mutually_exclusive_group()
-    token.add_argument("--token", help="the user's token (prefer --token-file or $STELLA_TOKEN: argv is visible)")
+    token.add_argument("--token", help="the user's token (warns: other users can read the command line; prefer "
+                       "--token-file, --token-stdin or $STELLA_TOKEN)")
     token.add_argument("--token-file", type=Path, metavar="FILE", help="read the token from FILE")
+    token.add_argument("--token-stdin", action="store_true", help="read the token from the first line of stdin")
     query.add_argument("--watch", action="store_true", help="subscribe and print every new result")
     query.set_defaults(handler=_query)
 

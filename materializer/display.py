@@ -59,7 +59,6 @@ import json
 import logging
 import os
 import socket
-import stat
 import tempfile
 from collections import deque
 from collections.abc import Callable
@@ -68,6 +67,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from materializer.layout import UntrustedPath, check_file
 from materializer.ledger import Event, EventPage, Ledger, LedgerError
 
 __all__ = [
@@ -191,8 +191,9 @@ class DisplayServer:
         """Bind the socket (replacing a stale one) and start serving.
 
         Raises :class:`DisplaySocketInUseError` if another process answers on
-        the socket, :class:`DisplaySocketError` if something other than a
-        socket is at its path or it cannot be created.
+        the socket, :class:`~materializer.layout.UntrustedPath` if something
+        other than a socket of ours is at its path (a symlink, a file, another
+        user's socket), :class:`DisplaySocketError` if it cannot be created.
         """
         if self._server is not None or self._closed:
             raise RuntimeError("a DisplayServer starts once")
@@ -562,11 +563,12 @@ def _bind_private_socket(path: Path) -> tuple[socket.socket, tuple[int, int]]:
 def _remove_stale_socket(path: Path) -> None:
     """Remove a socket nobody answers on (left by a crash); refuse anything else."""
     try:
-        info = os.lstat(path)
+        os.lstat(path)
     except FileNotFoundError:
         return
-    if not stat.S_ISSOCK(info.st_mode):
-        raise DisplaySocketError(f"{path} exists and is not a socket; refusing to replace it")
+    finding = check_file(path, "socket")  # a symlink, a file, another user's socket: never replaced
+    if finding is not None:
+        raise UntrustedPath(finding)
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(2.0)
     try:

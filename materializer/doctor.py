@@ -7,8 +7,12 @@ source holds a live token the deployment accepts (``token``); the three real
 queries answer with the shapes the daemon relies on (``get_by_job_id``,
 ``list_succeeded_since``, ``list_failed_since``); whether the optional page
 query exists (``page_query``: its absence is normal); the sync socket
-delivers a first result (``sync_socket``); and the outputs folder takes a
-durable write (``outputs_folder``).
+delivers a first result (``sync_socket``); the state folder can be trusted
+(``state_folder``: its folders and the ledger, lock and socket are no
+symlinks, ours, and writable by nobody else, as ``run`` requires); and the
+outputs folder takes a durable write (``outputs_folder``, skipped when the
+state folder is refused: writing through a planted symlink is what the
+check is there to prevent).
 
 Each check gathers plain facts at the edge (an HTTP answer or the exception
 that stopped it, a query's value, a folder's free space) and hands them to a
@@ -55,6 +59,7 @@ from materializer.convex.protocol import QueryFailure, QueryResult, QueryValue
 from materializer.convex.token_timing import token_timing
 from materializer.convex.transport import ConnectionState, SyncClient
 from materializer.finite import is_finite_number
+from materializer.layout import Finding, inspect_layout
 from materializer.logs import redact
 from materializer.queries import FAILED_QUERY, JOB_QUERY, PAGE_QUERY, SUCCEEDED_QUERY
 from materializer.store import OutputStore, StorageError
@@ -78,6 +83,7 @@ __all__ = [
     "render_text",
     "run_checks",
     "run_doctor",
+    "state_folder_verdict",
     "sync_verdict",
     "tls_verdict",
     "token_verdict",
@@ -388,6 +394,19 @@ def sync_verdict(outcome: SyncOutcome, timeout: float, limit: int) -> Check:
     return Check(name, "fail", f"the socket ended before a first result{why}")
 
 
+def state_folder_verdict(state: Path, findings: Sequence[Finding]) -> Check:
+    """The layout's folders and files as ``run`` judges them: a refusal fails, a folder ``run`` would tighten warns."""
+    name = "state_folder"
+    refused = [finding for finding in findings if finding.tighten_to is None]
+    if refused:
+        more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
+        return Check(name, "fail", f"{refused[0].message}{more}; the daemon refuses to start")
+    if findings:
+        return Check(name, "warn", "; ".join(f"{finding.path} {finding.problem}" for finding in findings)
+                     + "; the daemon tightens it at start (chmod go-w)")
+    return Check(name, "ok", f"{state}: no symlinks, ours, writable by nobody else")
+
+
 def outputs_verdict(path: Path, free_bytes: int | None, error: str | None, needed_bytes: int) -> Check:
     """The outputs folder took a durable write; warn when it lacks room for the downloads that may run at once."""
     name = "outputs_folder"
@@ -526,6 +545,13 @@ async def run_checks(settings: Settings, url: str, provider: TokenProvider, *,
         checks[1].status)
     async with ConvexHttpClient(url, timeout=timeout) as http:
         checks += await _server_checks(url, http, provider, blocked, timeout)
+    daemon = settings.daemon
+    findings = await asyncio.to_thread(inspect_layout, daemon.layout, daemon.root)
+    trust = state_folder_verdict(daemon.layout.state, findings)
+    checks.append(trust)
+    if trust.status == "fail":
+        checks.append(Check("outputs_folder", "skip", "the state folder is refused"))
+        return checks
     path, free, error = await asyncio.to_thread(_outputs_facts, settings)
     checks.append(outputs_verdict(path, free, error, settings.fetch.max_bytes * settings.daemon.download_concurrency))
     return checks

@@ -46,6 +46,7 @@ from typing import BinaryIO, TypeAlias
 import anyio
 import httpcore
 import httpx
+import idna
 
 from materializer import __version__
 from materializer.limits import MAX_DOWNLOAD_BYTES
@@ -235,10 +236,27 @@ def _check_url(url: httpx.URL) -> None:
     """Refuse what no request may go to, whatever the address."""
     if url.scheme not in ("http", "https"):
         raise FetchError(f"refused URL scheme {url.scheme!r}", retryable=False)
+    _check_punycode(url)
     if not url.host:
         raise FetchError("refused URL without a host", retryable=False)
     if url.userinfo:
         raise FetchError("refused URL with embedded credentials", retryable=False)
+
+
+def _check_punycode(url: httpx.URL) -> None:
+    """Refuse a host with an ``xn--`` label that is not valid IDNA (``xn--a.example``), naming the label.
+
+    httpx keeps the encoded name and decodes it lazily, only when it starts with ``xn--`` and then on
+    every use, so such a name would otherwise fail deep inside a request (or, further in, reach DNS).
+    """
+    host = url.raw_host.decode("ascii", "backslashreplace")
+    for label in host.split("."):
+        if label[:4].lower() == "xn--":
+            try:
+                idna.decode(label)
+            except UnicodeError as exc:  # idna.IDNAError and its kinds
+                raise FetchError(f"refused URL: host {host[:100]!r} has a malformed punycode label {label[:70]!r} "
+                                 f"({exc})", retryable=False) from None
 
 
 def _parse_url(text: str) -> httpx.URL:
@@ -530,6 +548,9 @@ class Fetcher:
                 # httpx prepares the request after every redirect, even one it is not to follow, and
                 # raises for a Location it cannot turn into one (``data:...``, say).
                 raise FetchError("redirected to an invalid URL", retryable=False) from None
+            except UnicodeError as exc:  # the same, for a Location whose host is malformed punycode (idna)
+                raise FetchError(f"redirected to a host with a malformed punycode label ({exc})",
+                                 retryable=False) from None
             finally:
                 _private_addresses_allowed.reset(permission)
             location = response.headers.get("location")

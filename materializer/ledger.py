@@ -31,6 +31,16 @@ dedicated worker thread (a single-thread executor): calls then run in order
 and a slow fsync never ties up the event loop or the default thread pool.
 Every call is short (index lookups and small writes).
 
+Secrets. Everything stored here may be read by ``status``, sent to sidebar
+clients or written to the gallery, so what comes from a server passes through
+:func:`materializer.logs.redact` on the way in: event payloads, state, reasons,
+the prompt and other columns the gallery shows, and the documents of finished
+jobs. A finished job's document is also kept without the query strings of its
+URLs (``X-Amz-Signature``, ``X-Amz-Credential`` and the like): nothing reads
+it again to download (``replay`` lists jobs afresh from the backend), and a
+signed URL must not outlive its use. Only a pending job's document is kept as
+the server sent it: it is what the download needs.
+
 Units. Times taken from job documents keep Stella's Unix milliseconds
 (``*_ms``); times the ledger keeps itself (attempt schedules, leases, event
 and materialization times) are Unix seconds from the ledger's clock.
@@ -38,8 +48,10 @@ and materialization times) are Unix seconds from the ledger's clock.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -51,6 +63,8 @@ from typing import Any, Literal
 
 from materializer.feed import next_cursor
 from materializer.finite import finite_number
+from materializer.layout import Finding, UntrustedPath, check_file, open_nofollow
+from materializer.logs import redact, redact_value
 
 __all__ = [
     "DEFAULT_CURSOR_OVERLAP_MS",
@@ -331,24 +345,55 @@ def _is_busy(exc: sqlite3.Error) -> bool:
     return getattr(exc, "sqlite_errorcode", 0) & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
 
 
+def _refuse_untrusted(path: Path) -> None:
+    """Raise :class:`UntrustedPath` if the ledger or its -wal/-shm is a symlink, not a file, or someone else's.
+
+    SQLite follows symlinks (and creates the -wal and -shm files through planted ones), so a link here
+    would make every write land wherever it points.
+    """
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        finding = check_file(file)
+        if finding is not None:
+            raise UntrustedPath(finding)
+
+
+def _open_checked(path: Path, busy_timeout: float) -> sqlite3.Connection:
+    """Connect to the file at ``path`` and make sure SQLite opened the very file that was checked."""
+    held = open_nofollow(path, os.O_RDONLY)
+    try:
+        try:
+            conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise LedgerOpenError(f"cannot open ledger {path}: {exc}") from exc
+        checked, now = os.fstat(held), os.lstat(path)
+        if (checked.st_dev, checked.st_ino) != (now.st_dev, now.st_ino):
+            conn.close()
+            raise UntrustedPath(Finding(path, "was replaced while it was being opened",
+                                        "make sure no other program writes in this folder"))
+        return conn
+    finally:
+        os.close(held)
+
+
 def _connect(path: Path, *, create: bool, busy_timeout: float) -> sqlite3.Connection:
+    _refuse_untrusted(path)
     if not path.exists():
         if not create:
             raise LedgerOpenError(f"no ledger at {path}")
         path.parent.mkdir(parents=True, exist_ok=True)
         # Prompts are private. SQLite gives the -wal and -shm files the
         # database file's mode, so creating it 0600 covers all three.
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-    try:
-        conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
-    except sqlite3.Error as exc:
-        raise LedgerOpenError(f"cannot open ledger {path}: {exc}") from exc
+        with contextlib.suppress(FileExistsError):  # another process made it meanwhile
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+    conn = _open_checked(path, busy_timeout)
     try:
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode != "wal":
             raise LedgerOpenError(f"{path}: SQLite refused WAL mode (journal_mode is {mode!r})")
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA foreign_keys = ON")
+        # Zero what a write frees: a finished job's old document (its signed URLs) must not linger in free space.
+        conn.execute("PRAGMA secure_delete = ON")
         _migrate(conn, path)
         problems = [row[0] for row in conn.execute("PRAGMA quick_check(5)")]
         if problems != ["ok"]:
@@ -384,7 +429,9 @@ class Ledger:
     ``event_cap`` is how many sidebar events are kept (older ones are pruned);
     ``busy_timeout`` is how many seconds a call waits for another process's
     write lock before raising :class:`LedgerBusyError`. ``create=False`` (for
-    ``materializer status``) refuses to create a missing ledger.
+    ``materializer status``) refuses to create a missing ledger. A ledger (or
+    ``-wal``/``-shm``) that is a symlink, not a regular file, or another user's
+    raises :class:`~materializer.layout.UntrustedPath` before SQLite opens it.
     """
 
     def __init__(
@@ -592,7 +639,7 @@ class Ledger:
                 " lease_owner = nullif(lease_owner, :owner),"
                 " lease_expires_at = CASE WHEN lease_owner = :owner THEN NULL ELSE lease_expires_at END"
                 " WHERE job_id = :job_id AND status = 'pending' RETURNING attempts",
-                {"retry_at": retry_at, "reason": _text(reason), "owner": _text(owner), "job_id": job_id},
+                {"retry_at": retry_at, "reason": _reason(reason), "owner": _text(owner), "job_id": job_id},
             ).fetchone()
             if row is None:
                 _require_job(conn, job_id)
@@ -607,7 +654,7 @@ class Ledger:
             changed = conn.execute(
                 "UPDATE jobs SET status = 'quarantined', attempts = attempts + 1, last_error = ?,"
                 " lease_owner = NULL, lease_expires_at = NULL WHERE job_id = ? AND status = 'pending'",
-                (_text(reason), job_id),
+                (_reason(reason), job_id),
             ).rowcount
             if not changed:
                 _require_job(conn, job_id)
@@ -649,11 +696,12 @@ class Ledger:
         payload = _payload_json(event_payload)
         note = f"materialized without {len(missing)} extra output(s): {'; '.join(missing)}" if missing else None
         with self._write() as conn:
-            row = conn.execute("SELECT status FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            row = conn.execute("SELECT status, doc FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
             if row is None:
                 raise UnknownJobError(f"job {job_id!r} was never observed; observe it before materializing")
             if row[0] == "materialized":
                 return None
+            record = _dump_json(_finished_document(json.loads(row[1])), f"job {job_id!r}")
             conn.executemany(
                 f"INSERT INTO outputs ({_OUTPUT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [
@@ -663,9 +711,9 @@ class Ledger:
             )
             event = self._append_event(conn, "media.materialized", job_id, payload)
             conn.execute(
-                "UPDATE jobs SET status = 'materialized', materialized_at = ?, event_seq = ?,"
+                "UPDATE jobs SET status = 'materialized', materialized_at = ?, event_seq = ?, doc = ?,"
                 " last_error = coalesce(?, last_error), lease_owner = NULL, lease_expires_at = NULL WHERE job_id = ?",
-                (event.created_at, event.seq, None if note is None else _text(note), job_id),
+                (event.created_at, event.seq, record, None if note is None else _reason(note), job_id),
             )
         return event
 
@@ -679,7 +727,7 @@ class Ledger:
             raise ValueError(f"a job document must be an object, got {type(doc).__name__}")
         job_id = _job_id(doc)
         completed_at = finite_number(doc.get("completedAt"))
-        doc_json = _dump_json(doc, f"job {job_id!r}")
+        doc_json = _dump_json(_finished_document(doc), f"job {job_id!r}")
         payload = _payload_json(event_payload)
         with self._write() as conn:
             if conn.execute("SELECT 1 FROM failed_jobs WHERE job_id = ?", (job_id,)).fetchone():
@@ -793,7 +841,7 @@ class Ledger:
 
     def set_state(self, key: str, value: Any) -> None:
         """Keep a small JSON value (connection state, daemon pid and heartbeat, ...)."""
-        value_json = _dump_json(value, f"state {key!r}")
+        value_json = _dump_json(redact_value(value), f"state {key!r}")
         with self._write() as conn:
             conn.execute(
                 "INSERT INTO kv (key, value, updated_at) VALUES (?, ?, ?)"
@@ -911,6 +959,31 @@ def _text(value: str) -> str:
     return value.encode("utf-8", "replace").decode("utf-8")
 
 
+def _reason(value: str) -> str:
+    """Text from a server or a job, as stored: redacted (see :mod:`materializer.logs`), then storable."""
+    return _text(redact(value))
+
+
+#: A string that is one ``http(s)`` URL with a query or fragment (text that merely mentions a URL is not).
+_URL_WITH_QUERY = re.compile(r"(?i)(https?://[^?#\s]*)[?#]\S*")
+
+
+def _finished_document(doc: Any) -> Any:
+    """A finished job's document as the record keeps it: URLs without query or fragment, secrets redacted.
+
+    Every ``http(s)`` URL anywhere in the document loses what follows its path (a CDN's signature,
+    credential and expiry); nothing downloads from a finished job's stored document again.
+    """
+    if isinstance(doc, str):
+        url = _URL_WITH_QUERY.fullmatch(doc)
+        return redact(url[1] if url else doc)
+    if isinstance(doc, dict):
+        return {key: _finished_document(value) for key, value in doc.items()}
+    if isinstance(doc, list):
+        return [_finished_document(value) for value in doc]
+    return doc
+
+
 def _finite(value: Any, name: str) -> float:
     """``value`` as a float, or ValueError naming the argument when it is not a finite number."""
     number = finite_number(value)
@@ -935,7 +1008,7 @@ def _dump_json(value: Any, what: str) -> str:
 def _payload_json(payload: Any) -> str:
     if not isinstance(payload, Mapping):
         raise ValueError(f"an event payload must be an object, got {type(payload).__name__}")
-    return _dump_json(dict(payload), "event payload")
+    return _dump_json(redact_value(dict(payload)), "event payload")
 
 
 def _job_id(doc: Mapping[str, Any]) -> str:
@@ -964,9 +1037,9 @@ def _job_fields(doc: Any) -> dict[str, Any]:
     return {
         "job_id": job_id,
         "completed_at_ms": completed_at,
-        "capability": _text(capability) if isinstance(capability, str) else "",
-        "profile": _text(profile) if isinstance(profile, str) else "",
-        "prompt": _text(prompt) if isinstance(prompt, str) else None,
+        "capability": _reason(capability) if isinstance(capability, str) else "",
+        "profile": _reason(profile) if isinstance(profile, str) else "",
+        "prompt": _reason(prompt) if isinstance(prompt, str) else None,
         "created_at_ms": finite_number(doc.get("createdAt")),
         "doc": _dump_json(doc, f"job {job_id!r}"),
     }

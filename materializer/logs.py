@@ -14,6 +14,13 @@ Everything written passes through :func:`redact`: anything shaped like a JWT,
 ``Bearer <credential>``, and every string given to :func:`register_secret`
 (the token sources register each token they hand out) become
 ``[redacted]``, in messages, arguments, extra fields and tracebacks alike.
+
+Logs are not the only sink. The same function guards everything the
+materializer keeps or sends: :func:`redact_value` applies it to every string
+of a JSON value, and the ledger passes through it what it stores (event
+payloads, which the sidebar receives, state, reasons, the gallery's
+columns, finished job documents), so a server that quotes a token in an
+error message cannot get it stored or sent either.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import threading
 from datetime import UTC, datetime
 from typing import Any, Literal, TextIO
 
-__all__ = ["REDACTED", "redact", "register_secret", "setup_logging"]
+__all__ = ["REDACTED", "redact", "redact_value", "register_secret", "setup_logging"]
 
 REDACTED = "[redacted]"
 
@@ -85,6 +92,21 @@ def redact(text: str) -> str:
         text = pattern.sub(REDACTED, text)
     text = _JWT.sub(REDACTED, text)
     return _BEARER.sub(lambda match: match.group(1) + REDACTED, text)
+
+
+def redact_value(value: Any) -> Any:
+    """A JSON value (dicts, lists, strings, numbers) with :func:`redact` applied to every string and key.
+
+    Structural, not on serialized text: a credential that ends in a JSON escape cannot take the escape
+    with it and break the document.
+    """
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {redact(key) if isinstance(key, str) else key: redact_value(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact_value(item) for item in value]
+    return value
 
 
 def _extras(record: logging.LogRecord) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from materializer.fetch import Fetcher, FetchError
 from materializer.gallery import MANIFEST_NAME, render_manifest
 from materializer.images import ImageLimits, ImageRejected, validate_image
 from materializer.jobs import Job, JobRejected, OutputRef, choose_asset, extract_outputs
+from materializer.layout import secure_layout
 from materializer.ledger import Event, GalleryEntry, Ledger, OutputFile
 from materializer.media_files import SNIFF_BYTES, MediaRejected, looks_like_image, needs_whole_file, output_type
 from materializer.options import DaemonOptions
@@ -253,7 +254,7 @@ class Workspace:
     def __init__(self, options: DaemonOptions, owner: str) -> None:
         self.options = options
         layout = options.layout
-        layout.media.mkdir(parents=True, exist_ok=True, mode=0o700)
+        secure_layout(layout, options.root)  # UntrustedPath: refused before anything is opened in it
         self.ledger = Ledger(layout.ledger)
         self.store = OutputStore(layout.outputs)
         #: The ledger's own thread: every ledger call, in order (the sidebar server reads through it too).

@@ -21,9 +21,9 @@ from typing import Any
 from materializer import exits
 from materializer.config import ConfigError, ConfigReloader, Settings
 from materializer.daemon import Materializer
-from materializer.display import DisplayServer
+from materializer.display import DisplayServer, DisplaySocketError
 from materializer.early_stop import EarlyStop
-from materializer.layout import AlreadyRunning
+from materializer.layout import AlreadyRunning, UntrustedPath
 from materializer.logs import setup_logging
 from materializer.options import DaemonOptions
 from materializer.sdnotify import Notifier, run_watchdog
@@ -84,7 +84,8 @@ def _bound_malloc_retention() -> None:
 
 def run_service(settings: Settings, config_file: Path | None, overrides: dict[str, Any],
                 early_stop: EarlyStop | None = None) -> int:
-    """Run the daemon until stopped; return the exit code (0 clean stop, 1 already running, 2 bad config)."""
+    """Run the daemon until stopped; return the exit code (0 clean stop, 1 already running, 2 bad config or an
+    untrusted state folder: a symlink, another user's folder or file, see :mod:`materializer.layout`)."""
     _bound_malloc_retention()
     setup_logging(settings.log.level, settings.log.format)
     try:
@@ -99,7 +100,12 @@ def run_service(settings: Settings, config_file: Path | None, overrides: dict[st
 
 async def _serve(settings: Settings, options: DaemonOptions, provider: TokenProvider, config_file: Path | None,
                  overrides: dict[str, Any], early_stop: EarlyStop | None) -> int:
-    daemon = Materializer(options, provider, display_factory=DisplayServer)
+    try:
+        daemon = Materializer(options, provider, display_factory=DisplayServer)
+    except UntrustedPath as exc:
+        print(f"materializer run: {exc}", file=sys.stderr)
+        await provider.aclose()
+        return exits.USAGE
     notifier = Notifier()
 
     def on_state(payload: dict[str, Any]) -> None:
@@ -137,6 +143,9 @@ async def _serve(settings: Settings, options: DaemonOptions, provider: TokenProv
     except AlreadyRunning as exc:
         print(f"materializer run: {exc}", file=sys.stderr)
         return exits.FAILED
+    except (UntrustedPath, DisplaySocketError) as exc:  # the lock or the socket: a setup restarting cannot fix
+        print(f"materializer run: {exc}", file=sys.stderr)
+        return exits.USAGE
     finally:
         notifier.stopping("stopping")
         for task in helpers:

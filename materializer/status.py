@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, TextIO
 
-from materializer.layout import InstanceLock, Layout
+from materializer.layout import InstanceLock, Layout, UntrustedPath, inspect_layout
 from materializer.ledger import Ledger, LedgerError
 
 __all__ = ["collect_status", "print_status"]
@@ -19,6 +19,9 @@ def collect_status(root: Path, layout: Layout) -> dict[str, Any]:
     pid = InstanceLock.holder(layout)
     report: dict[str, Any] = {"root": str(root), "stateDir": str(layout.state), "running": pid is not None,
                               "pid": pid if pid and pid > 0 else None}
+    # What `run` would refuse (or tighten), so that a refused start is explained here too.
+    report["untrusted"] = [{"path": str(finding.path), "problem": finding.problem, "fix": finding.fix}
+                           for finding in inspect_layout(layout, root)]
     path = layout.ledger
     if not path.exists():
         report["ledger"] = None
@@ -26,7 +29,7 @@ def collect_status(root: Path, layout: Layout) -> dict[str, Any]:
     try:
         with Ledger(path, create=False) as ledger:
             status = ledger.status()
-    except LedgerError as exc:
+    except (LedgerError, UntrustedPath) as exc:
         report["ledger"] = {"error": str(exc)}
         return report
     connection = status.state.get("connection") or {}
@@ -67,6 +70,8 @@ def print_status(report: dict[str, Any], as_json: bool, out: TextIO) -> None:
         return
     running = f"running (pid {report['pid']})" if report["running"] else "not running"
     out.write(f"daemon:      {running}\nroot:        {report['root']}\n")
+    for item in report["untrusted"]:
+        out.write(f"untrusted:   {item['path']} {item['problem']}; {item['fix']}\n")
     if report.get("ledger") is None:
         out.write("ledger:      none yet (the daemon has never run for this root)\n")
         return

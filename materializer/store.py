@@ -11,8 +11,9 @@ Every operation goes through a descriptor of the folder opened once with
 ``O_NOFOLLOW`` (``dir_fd=`` calls, plain names, never paths), so:
 
 - the outputs folder itself must be a real directory owned by us: a symlink
-  planted at its path is refused rather than followed (its *parents* may be
-  symlinks: keeping ``~/.stella`` on another disk is the user's choice);
+  planted at its path is refused rather than followed (the daemon checks the
+  folders above it the same way first, see :func:`materializer.layout.secure_layout`;
+  folders above the root may be symlinks: that is the user's choice);
 - a symlink planted at a temporary name makes creation pick another name;
 - a symlink planted at a final name is replaced by the rename, never written
   through;

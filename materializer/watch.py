@@ -21,21 +21,32 @@ stderr and waits for it. Status messages go to stderr, events to ``out``.
 :func:`run_watch` runs until cancelled (Ctrl-C); it returns 1 only when
 waiting cannot help: the socket path cannot be used at all, or the daemon
 refused the request.
+
+It trusts only the daemon's own socket: before every connection the folders
+above it must be real folders of ours that nobody else may write to and the
+socket a socket of ours (:mod:`materializer.layout`), and the process that
+answers must run as us (``SO_PEERCRED``). Anything else (a symlink, another
+user's folder or socket, a server of another user's) could forge events, so
+``watch`` says what it found and the fix, and returns 2.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shlex
+import socket
+import struct
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
 from materializer import exits
 from materializer.display import ERROR, HELLO, PRUNED, WELCOME
+from materializer.layout import Finding, check_file, check_folder
 
 __all__ = ["format_event", "run_watch"]
 
@@ -56,18 +67,26 @@ async def run_watch(
     *,
     err: TextIO | None = None,
     max_retry_delay: float = 5.0,
+    folders: Sequence[Path] | None = None,
 ) -> int:
     """Print the sidebar events of the daemon at ``socket_path`` until cancelled.
 
     ``since``: also print the kept events after this seq (``None``: only new
-    ones). Returns 1, after a message on ``err`` (stderr by default), if the
-    socket cannot be used or the daemon refuses the request.
+    ones). ``folders``: the folders to check above the socket, outermost
+    first (default: the socket's own). Returns 1, after a message on ``err``
+    (stderr by default), if the socket cannot be used or the daemon refuses
+    the request; 2 if the socket cannot be trusted.
     """
     err = err if err is not None else sys.stderr
     follower = _Follower(since, as_json, out)
+    folders = [socket_path.parent] if folders is None else list(folders)
     delay = _FIRST_RETRY_DELAY
     said_waiting = False
     while True:
+        untrusted = _untrusted(socket_path, folders)
+        if untrusted is not None:
+            _say(err, f"refusing the sidebar socket: {untrusted.message}")
+            return exits.USAGE
         try:
             reader, writer = await asyncio.open_unix_connection(socket_path, limit=_MAX_LINE)
         except (FileNotFoundError, ConnectionRefusedError):
@@ -79,6 +98,11 @@ async def run_watch(
             _say(err, f"cannot connect to {socket_path}: {exc.strerror or exc}")
             return exits.FAILED
         else:
+            impostor = _foreign_peer(socket_path, writer)
+            if impostor is not None:
+                writer.transport.abort()
+                _say(err, f"refusing the sidebar socket: {impostor.message}")
+                return exits.USAGE
             if said_waiting:
                 _say(err, "connected")
             try:
@@ -95,6 +119,34 @@ async def run_watch(
             said_waiting = True
         await asyncio.sleep(delay)
         delay = min(delay * 2, max_retry_delay)
+
+
+def _untrusted(socket_path: Path, folders: Sequence[Path]) -> Finding | None:
+    """Why the socket cannot be trusted as the daemon's, before connecting (None: missing or fine).
+
+    A folder of ours that others may write to counts: the daemon tightens it at start, but until then
+    anyone could have put their own socket there.
+    """
+    for folder in folders:
+        finding = check_folder(folder)
+        if finding is not None:
+            return finding
+    return check_file(socket_path, "socket")
+
+
+#: ``struct ucred`` (pid, uid, gid), as ``SO_PEERCRED`` returns it (Linux).
+_UCRED = struct.Struct("3i")
+
+
+def _foreign_peer(socket_path: Path, writer: asyncio.StreamWriter) -> Finding | None:
+    """A finding if the process serving the socket runs as someone else (neither us nor root)."""
+    sock = writer.get_extra_info("socket")
+    pid, uid, _gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    euid = os.geteuid()
+    if uid in (euid, 0):
+        return None
+    return Finding(socket_path, f"is served by uid {uid} (pid {pid}), not by us (uid {euid})",
+                   "stop that process, remove the socket and restart the daemon")
 
 
 class _Follower:

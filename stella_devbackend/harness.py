@@ -48,10 +48,13 @@ def catches(pid: int, signum: int) -> bool:
 
 
 class Endpoint(Protocol):
-    """What the daemon is pointed at: a backend's URL and a token for it."""
+    """What the daemon is pointed at: a backend's URL and a token for it (read-only, so frozen dataclasses fit)."""
 
-    url: str
-    token: str
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def token(self) -> str: ...
 
 
 class DaemonProcess:

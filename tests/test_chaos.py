@@ -50,10 +50,15 @@ import os
 import random
 import re
 import secrets
+import shutil
 import signal
 import socket
 import sqlite3
+import stat
 import struct
+import subprocess
+import sys
+import tempfile
 import time
 import zlib
 from collections import Counter
@@ -82,7 +87,7 @@ from materializer.convex.values import Int64, encode_ts
 from materializer.daemon import Materializer
 from materializer.images import validate_image
 from materializer.jobs import Job, JobRejected, extract_outputs, safe_job_id
-from materializer.layout import default_layout
+from materializer.layout import Layout, default_layout, inspect_layout, secure_layout
 from materializer.ledger import Ledger
 from materializer.materialize import Attempt
 from materializer.options import DaemonOptions
@@ -90,9 +95,11 @@ from materializer.store import PARTIAL_PREFIX
 from materializer.tokens import StaticTokenProvider
 from stella_devbackend.app import ADMIN_HEADER
 from stella_devbackend.control import DevBackend
+from stella_devbackend.harness import clean_env
 
 from helpers import DaemonProcess, partial_files, wait_until
 from hostile_server import Close, Frame, HostileConvex, SocketState
+from impostor import OTHER_UID, can_impersonate, foreign_server
 from ledger_checks import check_integrity
 
 chaos = pytest.mark.chaos
@@ -1156,6 +1163,9 @@ HOSTILE_CASES = [
                 "whitespace or control characters", doc=lambda _c: _image("http://exa mple.com/\nx.png")),
     HostileCase("url-not-a-string", "url 42", "quarantined", "url is a float, not a string",
                 doc=lambda _c: _image(42)),
+    HostileCase("url-malformed-punycode", "http://xn--a.example/ (an xn-- label that is not punycode)",
+                "quarantined", "has a malformed punycode label 'xn--a'",
+                doc=lambda _c: _image("http://xn--a.example/x.png")),
     HostileCase("data-uri-bad-base64", "data:image/png;base64,!!!!", "quarantined", "malformed base64",
                 doc=lambda _c: _image("data:image/png;base64,!!!!")),
     HostileCase("data-uri-over-limit", "a 600 KB data URI (limit 512 KiB)", "quarantined",
@@ -1482,8 +1492,227 @@ def test_hostile_inputs_doc_lists_every_case() -> None:
     """``docs/hostile-inputs.md`` names every case, with what it is and what must come of it."""
     doc = (Path(__file__).parent.parent / "docs" / "hostile-inputs.md").read_text()
     listed = [line for line in doc.splitlines() if line.startswith("- `")]
-    expected = [f"- `{case.name}` - {case.what} - {case.expected}" for case in HOSTILE_CASES]
+    cases: list[LocalCase | HostileCase] = [*LOCAL_CASES, *HOSTILE_CASES]
+    expected = [f"- `{case.name}` - {case.what} - {case.expected}" for case in cases]
     assert listed == expected, "the list in docs/hostile-inputs.md should read:\n" + "\n".join(expected)
+
+
+# -- the local machine: what another user of the machine (or an accident) could plant ----------------------------
+
+
+@dataclass(frozen=True)
+class LocalCase:
+    """A hostile local machine and what must come of it (issue 13: checked, not trusted).
+
+    ``refused``: ``materializer run`` exits 2 with one line (no traceback) containing ``reason``, and
+    nothing outside the root changes (the planted link's target least of all); ``tightened``: it
+    runs, logs ``reason`` and a normal job materializes; ``watch refused``: ``materializer watch``
+    exits 2, prints no event and says ``reason``. ``plant`` prepares the root (and may keep a process
+    of another user's running in the stack); ``as_root``: it makes files of another user.
+    """
+
+    name: str
+    what: str
+    outcome: Literal["refused", "tightened", "watch refused"]
+    reason: str
+    plant: Callable[[Path, Path, contextlib.ExitStack], object]  # what it returns is not used
+    as_root: bool = False
+
+    @property
+    def expected(self) -> str:
+        return {"refused": f"run exits 2, one line: {self.reason}",
+                "tightened": f"tightened and running, logged: {self.reason}",
+                "watch refused": f"watch exits 2, prints nothing, says: {self.reason}"}[self.outcome]
+
+
+def _fresh_layout(root: Path) -> Layout:
+    layout = default_layout(root)
+    secure_layout(layout, root)
+    return layout
+
+
+def _link_to_outside(where: Callable[[Layout], Path], target: Literal["file", "missing", "folder", "socket"]
+                     ) -> Callable[[Path, Path, contextlib.ExitStack], None]:
+    """Replace a path of a fresh layout with a symlink to something outside the root."""
+
+    def plant(base: Path, root: Path, stack: contextlib.ExitStack) -> None:
+        path = where(_fresh_layout(root))
+        if path.is_dir():
+            shutil.rmtree(path)
+        outside = base / "outside"
+        outside.mkdir(exist_ok=True)
+        victim = outside / "victim"
+        if target == "file":
+            victim.write_bytes(b"")  # empty: what SQLite would turn into a database
+        elif target == "folder":
+            victim.mkdir()
+        elif target == "socket":
+            listener = stack.enter_context(socket.socket(socket.AF_UNIX))
+            listener.bind(str(victim))
+            listener.listen(1)
+        path.symlink_to(victim)
+
+    return plant
+
+
+def _owned_by_other(where: Callable[[Layout], Path], mode: int | None = None
+                    ) -> Callable[[Path, Path, contextlib.ExitStack], None]:
+    def plant(_base: Path, root: Path, _stack: contextlib.ExitStack) -> None:
+        path = where(_fresh_layout(root))
+        if path.name == "materializer.db":
+            Ledger(path).close()
+        os.chown(path, OTHER_UID, OTHER_UID)
+        if mode is not None:
+            os.chmod(path, mode)
+
+    return plant
+
+
+def _opened(where: Callable[[Layout], Path], mode: int) -> Callable[[Path, Path, contextlib.ExitStack], None]:
+    def plant(_base: Path, root: Path, _stack: contextlib.ExitStack) -> None:
+        os.chmod(where(_fresh_layout(root)), mode)
+
+    return plant
+
+
+def _foreign_folder_and_server(base: Path, root: Path, stack: contextlib.ExitStack) -> None:
+    """The issue's case: state/media of another user's, world-writable, and their server at display.sock."""
+    for folder in (base, root, root / "state"):
+        folder.mkdir(exist_ok=True)
+        os.chmod(folder, 0o755)
+    media = default_layout(root).media
+    media.mkdir()
+    os.chown(media, OTHER_UID, OTHER_UID)
+    os.chmod(media, 0o777)
+    stack.enter_context(foreign_server(default_layout(root).display_socket))
+
+
+def _foreign_server_on_our_socket_file(base: Path, root: Path, stack: contextlib.ExitStack) -> None:
+    """Every folder and the socket file ours (moved and chowned into place); the process behind it is not."""
+    layout = _fresh_layout(root)
+    os.chmod(base, 0o755)
+    drop = base / "outside"
+    drop.mkdir()
+    os.chown(drop, OTHER_UID, OTHER_UID)
+    stack.enter_context(foreign_server(drop / "s"))
+    os.replace(drop / "s", layout.display_socket)
+    os.chown(layout.display_socket, os.geteuid(), os.getegid())
+
+
+LOCAL_CASES = [
+    LocalCase("local-ledger-symlink", "materializer.db a symlink to an empty file outside the root", "refused",
+              "materializer.db is a symlink", _link_to_outside(lambda layout: layout.ledger, "file")),
+    LocalCase("local-ledger-dangling-symlink", "materializer.db a symlink to a path that does not exist yet",
+              "refused", "materializer.db is a symlink", _link_to_outside(lambda layout: layout.ledger, "missing")),
+    LocalCase("local-wal-symlink", "materializer.db-wal a symlink to a file outside the root", "refused",
+              "materializer.db-wal is a symlink",
+              _link_to_outside(lambda layout: layout.media / "materializer.db-wal", "file")),
+    LocalCase("local-outputs-symlink", "outputs/ a symlink to a folder outside the root", "refused",
+              "outputs is a symlink", _link_to_outside(lambda layout: layout.outputs, "folder")),
+    LocalCase("local-media-symlink", "state/media a symlink to a folder outside the root", "refused",
+              "media is a symlink", _link_to_outside(lambda layout: layout.media, "folder")),
+    LocalCase("local-lock-symlink", "materializer.lock a symlink to a file outside the root", "refused",
+              "materializer.lock is a symlink", _link_to_outside(lambda layout: layout.lock, "file")),
+    LocalCase("local-socket-symlink", "display.sock a symlink to a live socket outside the root", "refused",
+              "display.sock is a symlink", _link_to_outside(lambda layout: layout.display_socket, "socket")),
+    LocalCase("local-socket-a-file", "display.sock a regular file", "refused", "display.sock is not a socket",
+              lambda _b, root, _s: _fresh_layout(root).display_socket.write_text("not a socket")),
+    LocalCase("local-media-other-user", "state/media owned by uid 65534, mode 0777", "refused",
+              "media belongs to uid 65534", _owned_by_other(lambda layout: layout.media, 0o777), as_root=True),
+    LocalCase("local-outputs-other-user", "outputs/ owned by uid 65534", "refused", "outputs belongs to uid 65534",
+              _owned_by_other(lambda layout: layout.outputs), as_root=True),
+    LocalCase("local-ledger-other-user", "materializer.db owned by uid 65534", "refused",
+              "materializer.db belongs to uid 65534", _owned_by_other(lambda layout: layout.ledger), as_root=True),
+    LocalCase("local-media-world-writable", "state/media ours, mode 0777", "tightened",
+              "to mode 0755: it is writable by group and others (mode 0777)",
+              _opened(lambda layout: layout.media, 0o777)),
+    LocalCase("local-outputs-group-writable", "outputs/ ours, mode 0770", "tightened",
+              "to mode 0750: it is writable by group (mode 0770)", _opened(lambda layout: layout.outputs, 0o770)),
+    LocalCase("local-watch-foreign-folder",
+              "state/media of uid 65534 (0777), that user's server at display.sock sending filePaths /etc/shadow",
+              "watch refused", "media belongs to uid 65534", _foreign_folder_and_server, as_root=True),
+    LocalCase("local-watch-foreign-server", "a socket file of ours at display.sock, served by a process of uid 65534",
+              "watch refused", "display.sock is served by uid 65534", _foreign_server_on_our_socket_file,
+              as_root=True),
+    LocalCase("local-watch-symlinked-socket", "display.sock a symlink to a live socket outside the root",
+              "watch refused", "display.sock is a symlink",
+              _link_to_outside(lambda layout: layout.display_socket, "socket")),
+]
+LOCAL_COUNTS = ("wrong_exit_codes", "missing_reasons", "extra_output_lines", "written_outside_root",
+                "sentinel_failures", "forged_events_printed", "untightened_folders")
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, bytes | str | None]]:
+    """Every path under ``folder`` (not followed through links): its type and its bytes or link target."""
+    if not folder.exists():
+        return {}
+    found: dict[str, tuple[int, bytes | str | None]] = {}
+    for path in [folder, *folder.rglob("*")]:
+        info = os.lstat(path)
+        content: bytes | str | None = None
+        if stat.S_ISREG(info.st_mode):
+            content = path.read_bytes()
+        elif stat.S_ISLNK(info.st_mode):
+            content = os.readlink(path)
+        found[str(path.relative_to(folder))] = (stat.S_IFMT(info.st_mode), content)
+    return found
+
+
+def run_local_case(case: LocalCase, base: Path, backend: DevBackend | None) -> None:
+    if case.as_root and not can_impersonate():
+        pytest.skip("making files and processes of another user (uid 65534) needs root")
+    root = base / "root"
+    counts: Counter[str] = Counter()
+    recorded = ""
+    with contextlib.ExitStack() as stack:
+        case.plant(base, root, stack)
+        outside_before = _snapshot(base / "outside")
+        others_before = sorted(path.name for path in base.iterdir())
+        if case.outcome == "watch refused":
+            result = subprocess.run([sys.executable, "-m", "materializer", "watch", "--root", str(root), "--since",
+                                     "0", "--json"], capture_output=True, text=True, timeout=60,
+                                    env=clean_env(XDG_CONFIG_HOME=str(base / "watch.config")))
+            recorded = result.stderr.strip()
+            counts["wrong_exit_codes"] += result.returncode != 2
+            counts["forged_events_printed"] += bool(result.stdout)
+            counts["extra_output_lines"] += len(result.stderr.splitlines()) != 1
+        else:
+            daemon = DaemonProcess(root, backend or Endpoint("http://127.0.0.1:9"))
+            daemon.start()
+            assert daemon.process is not None
+            if case.outcome == "refused":
+                code = daemon.process.wait(timeout=60)
+                recorded = daemon.log.read_text(errors="replace").strip()
+                counts["wrong_exit_codes"] += code != 2
+                counts["extra_output_lines"] += len(recorded.splitlines()) != 1
+            else:
+                assert backend is not None
+                [sentinel] = backend.create_jobs(prompt="sentinel")
+                with contextlib.closing(LedgerProbe(root)) as probe:
+                    counts["sentinel_failures"] += not poll(lambda: probe.job(sentinel) == ("materialized", None))
+                counts["wrong_exit_codes"] += daemon.stop() != 0
+                recorded = daemon.log.read_text(errors="replace")
+                counts["untightened_folders"] += len(inspect_layout(default_layout(root), root, files=False))
+        counts["missing_reasons"] += case.reason not in recorded
+        counts["written_outside_root"] += _snapshot(base / "outside") != outside_before
+        counts["written_outside_root"] += len(set(path.name for path in base.iterdir()) - set(others_before)
+                                              - {"root.log", "root.token", "root.config", "watch.config"})
+    line = next((line for line in recorded.splitlines() if case.reason in line), recorded[-200:])
+    figures = {name: counts[name] for name in LOCAL_COUNTS}
+    report("hostile", case.name, figures, {"outcome": case.outcome, "recorded": line[:200]})
+    assert_all_zero(figures, f"hostile local machine {case.name} (recorded: {recorded!r})")
+
+
+@chaos
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("case", LOCAL_CASES, ids=lambda case: case.name)
+def test_hostile_input_local_machine(case: LocalCase, request: pytest.FixtureRequest) -> None:
+    # A short base: the sidebar socket's path must fit AF_UNIX's 108 bytes. A backend only where the daemon runs.
+    base = Path(tempfile.mkdtemp(prefix="local", dir="/tmp"))
+    try:
+        run_local_case(case, base, request.getfixturevalue("backend") if case.outcome == "tightened" else None)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 # =================================================================================================

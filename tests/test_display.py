@@ -24,7 +24,7 @@ from materializer.display import (
     DisplaySocketInUseError,
     encode_event,
 )
-from materializer.layout import default_layout
+from materializer.layout import UntrustedPath, default_layout
 from materializer.ledger import Event, Ledger
 from materializer.watch import format_event, run_watch
 
@@ -167,7 +167,8 @@ async def test_anything_but_a_socket_is_refused(kind: str, sock_path: Path, ledg
         sock_path.symlink_to(short_dir / "missing")
     before = os.lstat(sock_path)
 
-    with pytest.raises(DisplaySocketError, match="is not a socket; refusing to replace it"):
+    problem = "is a symlink .*; refusing to follow it" if "symlink" in kind else "is not a socket; move it away"
+    with pytest.raises(UntrustedPath, match=problem):
         await DisplayServer(sock_path, ledger).start()
 
     after = os.lstat(sock_path)

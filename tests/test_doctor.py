@@ -56,7 +56,7 @@ from stella_devbackend.control import DevBackend
 from stella_devbackend.jwt import sign_hs256
 
 NAMES = ["reachable", "client_version", "tls", "token", "get_by_job_id", "list_succeeded_since",
-         "list_failed_since", "page_query", "sync_socket", "outputs_folder"]
+         "list_failed_since", "page_query", "sync_socket", "state_folder", "outputs_folder"]
 UNSUPPORTED_MESSAGE = ("The Convex npm package at version 0.1.0 is no longer supported. Update your Convex npm "
                        "version with `npx convex update` or `npm update`.")
 MISSING = ("Could not find public function for '{path}'. Did you forget to run `npx convex dev` or "
@@ -506,8 +506,10 @@ def test_outputs_folder_that_cannot_be_created(backend: DevBackend, tmp_path: Pa
     result = doctor("--convex-url", backend.url, "--token-file", str(token_file(tmp_path, backend.token)),
                     "--root", str(tmp_path))
     assert result.returncode == 1
-    label, detail = lines(result)["outputs_folder"]
-    assert label == "FAIL" and str(blocker / "media" / "outputs") in detail
+    checks = lines(result)
+    assert checks["state_folder"] == ("FAIL", f"{blocker} is not a folder; move it away; the daemon creates its own "
+                                              "folder there; the daemon refuses to start")
+    assert checks["outputs_folder"] == ("skip", "the state folder is refused")
 
 
 def test_usage_and_configuration_errors(tmp_path: Path) -> None:

@@ -19,10 +19,11 @@ from email.utils import formatdate
 from ipaddress import ip_address
 from pathlib import Path
 
+import httpx
 import pytest
 from aiohttp import web
 
-from materializer.fetch import Fetcher, FetchError, _forbidden_kind
+from materializer.fetch import Fetcher, FetchError, _check_punycode, _forbidden_kind
 from materializer.limits import MAX_DOWNLOAD_BYTES
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -555,6 +556,10 @@ async def test_redirect_to_a_loopback_port_not_allowlisted_is_refused(
         ("http://169.254.169.254/latest/meta-data/", "refused: address 169.254.169.254 is link-local"),
         ("http://user:pass@example.com/", "refused URL with embedded credentials"),
         ("data:image/png;base64,iVBORw0KGgo=", "redirected to an invalid URL"),
+        ("http://xn--a.example/x.png", "redirected to a host with a malformed punycode label "
+                                       "(Codepoint U+0080 at position 1 of '\\x80' not allowed)"),
+        ("http://cdn.xn--a.example/x.png", "refused URL: host 'cdn.xn--a.example' has a malformed punycode label "
+                                           "'xn--a' (Codepoint U+0080 at position 1 of '\\x80' not allowed)"),
     ],
 )
 async def test_redirect_to_forbidden_targets_is_refused(
@@ -674,3 +679,27 @@ async def test_invalid_urls_are_refused(make_fetcher, tmp_path: Path) -> None:
     assert invalid.reason == "invalid URL: Invalid port: 'notaport'"
     not_a_string = await fetch_error(fetcher, 42, tmp_path / "o")  # type: ignore[arg-type]
     assert not_a_string.reason == "output URL is not a string"
+
+
+@pytest.mark.parametrize(
+    ("url", "label", "why"),
+    [
+        ("http://xn--a.example/x.png", "xn--a", "Codepoint U+0080 at position 1 of '\\x80' not allowed"),
+        ("https://cdn.xn--.example/", "xn--", "Malformed A-label, no Punycode eligible content found"),
+        ("http://XN--ZZ.com/", "xn--zz", "Invalid A-label"),
+    ],
+)
+async def test_malformed_punycode_hosts_are_refused_for_good(make_fetcher, tmp_path: Path, url: str, label: str,
+                                                             why: str) -> None:
+    """Not a traceback and a retry: httpx decodes the name lazily, and idna's error used to escape the fetcher
+    (or, for a label further in, the name went to DNS)."""
+    error = await fetch_error(make_fetcher(), url, tmp_path / "o")
+    host = url.split("/")[2].lower()
+    assert (error.reason, error.retryable) == (
+        f"refused URL: host {host!r} has a malformed punycode label {label!r} ({why})", False)
+
+
+def test_valid_punycode_hosts_pass_the_check() -> None:
+    """``xn--bcher-kva`` is bücher, ``xn--nxasmq6b`` is βόλοσ: names like these are not refused."""
+    for url in ("http://xn--bcher-kva.example/x.png", "https://cdn.XN--NXASMQ6B.example/", "http://bücher.example/"):
+        _check_punycode(httpx.URL(url))

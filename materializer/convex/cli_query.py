@@ -1,4 +1,9 @@
-"""``materializer query PATH [ARGS_JSON] --url URL (--token T | --token-file F) [--watch]``.
+"""``materializer query PATH [ARGS_JSON] --url URL [--token-file F | --token-stdin | --token T] [--watch]``.
+
+The token comes from a file, the first line of stdin, ``$STELLA_TOKEN``, or
+``--token`` (which warns: a command line is visible to every user of the
+machine). What the server says on stderr (errors, refusals, states) passes
+through :func:`materializer.logs.redact`: a server may quote the token back.
 
 Without ``--watch`` the query runs once over HTTP (``POST /api/query``) and
 its value is printed as one JSON line. With ``--watch`` it is subscribed over
@@ -29,6 +34,7 @@ from materializer.convex.http import ConvexAuthError, ConvexFunctionError, Conve
 from materializer.convex.protocol import QueryFailure, QueryValue
 from materializer.convex.transport import ConnectionState, StateChange, SyncClient
 from materializer.convex.values import ConvexValueError, to_convex_json
+from materializer.logs import redact
 from materializer.tokens import TokenProvider
 
 __all__ = ["display_json", "run_query_command"]
@@ -52,7 +58,7 @@ def _tidy(wire: Any) -> Any:
 
 
 def _error_line(message: str, error_data: Any) -> str:
-    body: dict[str, Any] = {"error": message}
+    body: dict[str, Any] = {"error": redact(message)}
     if error_data is not None:
         body["errorData"] = _tidy(to_convex_json(error_data))
     return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
@@ -88,10 +94,10 @@ async def _once(path: str, args: dict[str, Any], url: str, token_provider: Token
             print(_error_line(exc.error_message, exc.error_data), file=sys.stderr)
             return exits.FAILED
         except ConvexAuthError as exc:
-            print(f"materializer query: {exc}", file=sys.stderr)
+            print(f"materializer query: {redact(str(exc))}", file=sys.stderr)
             return exits.SIGN_IN_NEEDED
         except ConvexHttpError as exc:
-            print(f"materializer query: {exc}", file=sys.stderr)
+            print(f"materializer query: {redact(str(exc))}", file=sys.stderr)
             return exits.FAILED
     print(display_json(value), file=out, flush=True)
     return exits.OK
@@ -118,5 +124,5 @@ async def _report_states(states: AsyncIterator[StateChange]) -> None:
     """Tell the person at the terminal when the connection drops, needs sign-in, or is back."""
     async for change in states:
         if change.state in (ConnectionState.DISCONNECTED, ConnectionState.AUTH_REQUIRED, ConnectionState.CONNECTED):
-            detail = f": {change.detail}" if change.detail else ""
+            detail = f": {redact(change.detail)}" if change.detail else ""
             print(f"materializer query: {change.state.value}{detail}", file=sys.stderr, flush=True)
