@@ -23,12 +23,13 @@ from materializer.config import ConfigError, ConfigReloader, Settings
 from materializer.daemon import Materializer
 from materializer.display import DisplayServer
 from materializer.layout import AlreadyRunning
+from materializer.ledger import LedgerDamagedError, LedgerOpenError
 from materializer.logs import setup_logging
 from materializer.options import DaemonOptions
 from materializer.sdnotify import Notifier, run_watchdog
 from materializer.tokens import TokenProvider, TokenSourceError, provider_for
 
-__all__ = ["run_service"]
+__all__ = ["ledger_trouble", "run_service"]
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,8 @@ def _bound_malloc_retention() -> None:
 
 
 def run_service(settings: Settings, config_file: Path | None, overrides: dict[str, Any]) -> int:
-    """Run the daemon until stopped; return the exit code (0 clean stop, 1 already running, 2 bad config)."""
+    """Run the daemon until stopped; return the exit code (0 clean stop, 1 already running, 2 bad config,
+    4 a damaged ledger)."""
     _bound_malloc_retention()
     setup_logging(settings.log.level, settings.log.format)
     try:
@@ -97,7 +99,12 @@ def run_service(settings: Settings, config_file: Path | None, overrides: dict[st
 
 async def _serve(settings: Settings, options: DaemonOptions, provider: TokenProvider, config_file: Path | None,
                  overrides: dict[str, Any]) -> int:
-    daemon = Materializer(options, provider, display_factory=DisplayServer)
+    try:
+        daemon = Materializer(options, provider, display_factory=DisplayServer)
+    except LedgerOpenError as exc:
+        await provider.aclose()
+        print(f"materializer run: {ledger_trouble(exc)}", file=sys.stderr)
+        return exits.LEDGER_DAMAGED
     notifier = Notifier()
 
     def on_state(payload: dict[str, Any]) -> None:
@@ -142,6 +149,15 @@ async def _serve(settings: Settings, options: DaemonOptions, provider: TokenProv
         notifier.close()
     log.info("materializer stopped")
     return exits.OK
+
+
+def ledger_trouble(exc: LedgerOpenError) -> str:
+    """The one line a command prints for a ledger it cannot open: what is wrong, and the way out when there is one."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, LedgerDamagedError):
+        return (f"{text}. It was left as it is: `materializer repair` (with the same --root or --state-dir) moves "
+                "it aside and rebuilds the ledger from the files on disk and the backend")
+    return text
 
 
 async def _stop_with_parent(pid: int, daemon: Materializer) -> None:
