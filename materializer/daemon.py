@@ -403,6 +403,7 @@ class Materializer:
             seen = store.generation
             log.warning("the outputs folder %s was removed, replaced or moved: it is open again at its path",
                         store.path)
+            self._gallery_dirty.set()  # the folder there now needs its manifest
             after, vanished = "", 0
             while page := await self.db(self.ledger.materialized_outputs, after, _CHECK_PAGE):
                 after = page[-1][0]

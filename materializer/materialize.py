@@ -17,6 +17,7 @@ with its reason.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -46,7 +47,7 @@ from materializer.media_files import (
 )
 from materializer.options import DaemonOptions
 from materializer.payloads import materialized_payload, media_asset
-from materializer.store import OutputStore, PartialFile, StorageError
+from materializer.store import FolderReplaced, OutputStore, PartialFile, StorageError
 
 __all__ = ["Attempt", "JobMaterializer", "JobRunner", "Materialized", "Permanent", "Retry", "RetryPolicy",
            "Workspace", "printable"]
@@ -55,6 +56,8 @@ log = logging.getLogger("materializer.daemon")
 #: The extensions a committed output can have, by what the output is (the bytes decide among them).
 _TEXT_EXTENSIONS = (TEXT.ext,)
 _ANY_EXTENSIONS = (*IMAGE_EXTENSIONS, *MEDIA_TYPES, BINARY.ext)
+#: How many times one attempt writes an output when the outputs folder is found replaced at its commit.
+_FOLDER_REPLACED_TRIES = 3
 T = TypeVar("T")
 LedgerCall = Callable[..., Awaitable[Any]]
 
@@ -165,6 +168,11 @@ class JobMaterializer:
     async def _materialize_output(self, ref: OutputRef) -> OutputFile:
         async with self._slots:
             try:
+                for _ in range(_FOLDER_REPLACED_TRIES - 1):
+                    # The folder at the path is open again: write the file there now. A folder that
+                    # someone replaces over and over makes this a failed attempt, counted as any other.
+                    with contextlib.suppress(FolderReplaced):
+                        return await self._output(ref)
                 return await self._output(ref)
             except FetchError as exc:
                 if exc.retryable:
@@ -287,11 +295,9 @@ class JobRunner:
         # The outputs folder may have been removed or moved between a commit and this record: then the
         # files are not at their paths, and the job is done again (see Workspace.check_files).
         problem = await asyncio.to_thread(self.materializer.files_problem, done.files, hashes=False)
-        if problem is not None:
+        if problem is not None:  # pending again and due now, in the folder as it is: not the job's failure
             reason = f"its files vanished right after they were committed ({problem})"
             await self.db(self.ledger.mark_vanished, {job_id: reason})
-            delay = self.retry.delay(attempts, None, self._rng)
-            await self.db(self.ledger.record_failure, job_id, reason, time.time() + delay, owner=self.owner)
             return Attempt("retry", reason, event=event)
         return Attempt("materialized", event=event)
 

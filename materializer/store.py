@@ -62,7 +62,7 @@ from types import TracebackType
 
 from materializer.images import IMAGE_EXTENSIONS
 
-__all__ = ["PARTIAL_PREFIX", "OutputStore", "PartialFile", "StorageError"]
+__all__ = ["PARTIAL_PREFIX", "FolderReplaced", "OutputStore", "PartialFile", "StorageError"]
 
 #: Start of every temporary file name; final names may not start with ".".
 PARTIAL_PREFIX = ".partial-"
@@ -89,6 +89,13 @@ class StorageError(Exception):
         self.reason = reason
         self.retryable = retryable
         self.errno = errno
+
+
+class FolderReplaced(StorageError):
+    """The outputs folder was removed, replaced or moved while a file was being written; it is open again."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, retryable=True)
 
 
 def _storage_error(action: str, exc: OSError) -> StorageError:
@@ -290,9 +297,9 @@ class OutputStore:
             raise ValueError(f"{partial.partial_name} is closed (already committed or discarded)")
         if self.check_folder() or partial.dir_fd != self._fd():
             partial.discard()
-            raise StorageError(
+            raise FolderReplaced(
                 f"the outputs folder {self.path} was removed, replaced or moved while {final_name} was being"
-                " written; it is open again, and the file will be written there", retryable=True
+                " written; it is open again, and the file will be written there"
             )
         dir_fd = self._fd()
         action = f"flushing {partial.partial_name} to disk"
