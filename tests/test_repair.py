@@ -66,10 +66,14 @@ def materialized_root(backend: DevBackend, root: Path, **spec: Any) -> list[str]
 def test_run_stops_with_exit_4_and_one_line_on_a_damaged_ledger(backend: DevBackend, tmp_path: Path,
                                                                how: str) -> None:
     root = tmp_path / "root"
-    materialized_root(backend, root, count=3, width=32, height=32)
     ledger = default_layout(root).ledger
+    with Ledger(ledger) as made:
+        made.observe_jobs([{"jobId": f"job_{i}", "status": "succeeded", "completedAt": 1_000.0 + i,
+                            "output": {"images": [{"url": f"https://cdn.example/{i}.png"}]}} for i in range(300)])
     damaged = damage(ledger, how)
-    manifest = (default_layout(root).outputs / "gallery.json").read_bytes()
+    manifest = b'{"version": 1, "jobs": []}\n'
+    default_layout(root).outputs.mkdir(mode=0o700)
+    (default_layout(root).outputs / "gallery.json").write_bytes(manifest)
     daemon = DaemonProcess(root, backend)
     daemon.log = tmp_path / "damaged.log"
     daemon.start()
@@ -84,13 +88,6 @@ def test_run_stops_with_exit_4_and_one_line_on_a_damaged_ledger(backend: DevBack
     replay = materializer(root, backend, "replay")
     assert replay.returncode == exits.LEDGER_DAMAGED
     assert replay.stderr.splitlines()[-1] == line.replace("materializer run:", "materializer replay:", 1)
-
-
-def test_a_fresh_root_has_no_ledger_and_that_is_fine(backend: DevBackend, tmp_path: Path) -> None:
-    root = tmp_path / "root"
-    with DaemonProcess(root, backend):
-        jobs = backend.create_jobs(count=2, width=16, height=16)
-        wait_until(lambda: all(ledger_jobs(root).get(j) == "materialized" for j in jobs), what="the jobs")
 
 
 # -- repair ------------------------------------------------------------------------------------------------
