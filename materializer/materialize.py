@@ -17,6 +17,7 @@ with its reason.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -31,19 +32,33 @@ from urllib.parse import urlsplit
 
 from materializer.fetch import Fetcher, FetchError
 from materializer.gallery import MANIFEST_NAME, render_manifest
-from materializer.images import ImageLimits, ImageRejected, validate_image
+from materializer.images import IMAGE_EXTENSIONS, ImageLimits, ImageRejected, validate_image
 from materializer.jobs import Job, JobRejected, OutputRef, choose_asset, extract_outputs
 from materializer.layout import secure_layout
 from materializer.ledger import Event, GalleryEntry, Ledger, OutputFile
-from materializer.media_files import SNIFF_BYTES, MediaRejected, looks_like_image, needs_whole_file, output_type
+from materializer.media_files import (
+    BINARY,
+    MEDIA_TYPES,
+    SNIFF_BYTES,
+    TEXT,
+    MediaRejected,
+    looks_like_image,
+    needs_whole_file,
+    output_type,
+)
 from materializer.options import DaemonOptions
 from materializer.payloads import materialized_payload, media_asset
-from materializer.store import OutputStore, PartialFile, StorageError
+from materializer.store import FolderReplaced, OutputStore, PartialFile, StorageError
 
 __all__ = ["Attempt", "JobMaterializer", "JobRunner", "Materialized", "Permanent", "Retry", "RetryPolicy",
            "Workspace", "printable"]
 
 log = logging.getLogger("materializer.daemon")
+#: The extensions a committed output can have, by what the output is (the bytes decide among them).
+_TEXT_EXTENSIONS = (TEXT.ext,)
+_ANY_EXTENSIONS = (*IMAGE_EXTENSIONS, *MEDIA_TYPES, BINARY.ext)
+#: How many times one attempt writes an output when the outputs folder is found replaced at its commit.
+_FOLDER_REPLACED_TRIES = 3
 T = TypeVar("T")
 LedgerCall = Callable[..., Awaitable[Any]]
 
@@ -154,6 +169,11 @@ class JobMaterializer:
     async def _materialize_output(self, ref: OutputRef) -> OutputFile:
         async with self._slots:
             try:
+                for _ in range(_FOLDER_REPLACED_TRIES - 1):
+                    # The folder at the path is open again: write the file there now. A folder that
+                    # someone replaces over and over makes this a failed attempt, counted as any other.
+                    with contextlib.suppress(FolderReplaced):
+                        return await self._output(ref)
                 return await self._output(ref)
             except FetchError as exc:
                 if exc.retryable:
@@ -168,15 +188,9 @@ class JobMaterializer:
                 raise Retry(f"{ref.where}: {exc}") from None
 
     async def _output(self, ref: OutputRef) -> OutputFile:
-        if ref.media_kind == "image":
-            existing = await asyncio.to_thread(self.store.existing, ref.stem)
-            if existing is not None:
-                try:
-                    info = await asyncio.to_thread(validate_image, existing, self.image_limits)
-                    return _output_file(ref.index, existing.name, info.mime, info.width, info.height, info.bytes,
-                                        info.sha256)
-                except ImageRejected:
-                    log.warning("replacing invalid existing file %s", existing.name)
+        committed = await asyncio.to_thread(self._committed, ref)
+        if committed is not None:
+            return committed
         with self.store.temp_file(ref.stem) as partial:
             if ref.data is not None:
                 await asyncio.to_thread(partial.write, ref.data)
@@ -185,6 +199,48 @@ class JobMaterializer:
                 assert ref.url is not None
                 fetched_sha = (await self.fetcher.fetch(ref.url, partial)).sha256
             return await asyncio.to_thread(self._validate_and_commit, partial, ref, fetched_sha)
+
+    def _committed(self, ref: OutputRef) -> OutputFile | None:
+        """The file already committed for this output, if it is one this output would give; else None.
+
+        An attempt cut short after its commits, or a ledger rebuilt by ``materializer repair``,
+        finds the files in place: they are checked as a download would be (an image decoded, other
+        bytes named by their signature, the text or data compared) instead of fetched again.
+        """
+        extensions = _TEXT_EXTENSIONS if ref.media_kind == "text" else \
+            IMAGE_EXTENSIONS if ref.media_kind == "image" else _ANY_EXTENSIONS
+        path = self.store.existing(ref.stem, extensions)
+        if path is None:
+            return None
+        ext = path.suffix[1:]
+        try:
+            if ext in IMAGE_EXTENSIONS:
+                info = validate_image(path, self.image_limits)
+                if info.ext == ext and (ref.data is None or hashlib.sha256(ref.data).hexdigest() == info.sha256):
+                    return _output_file(ref.index, path.name, info.mime, info.width, info.height, info.bytes,
+                                        info.sha256)
+            else:
+                with open(path, "rb") as handle:
+                    data = handle.read(self.max_data_bytes + 1 if ref.data is not None else SNIFF_BYTES)
+                    if ref.data is None and needs_whole_file(data):
+                        data += handle.read(self.max_data_bytes)
+                kind = output_type(data, media_kind=ref.media_kind, url=ref.url, declared_mime=ref.declared_mime)
+                if kind.ext == ext and (ref.data is None or data == ref.data):
+                    return _output_file(ref.index, path.name, kind.mime, None, None, path.stat().st_size,
+                                        _sha256_file(path))
+        except (ImageRejected, MediaRejected, OSError) as exc:
+            log.warning("replacing %s: %s", path.name, exc)
+            return None
+        log.warning("replacing %s: it is not what %s gives", path.name, ref.where)
+        return None
+
+    def files_problem(self, files: list[OutputFile], *, hashes: bool) -> str | None:
+        """Why committed files are not all in the outputs folder as recorded, or None (OutputStore.file_problem)."""
+        for f in files:
+            problem = self.store.file_problem(f.path, f.size_bytes, f.sha256 if hashes else None)
+            if problem is not None:
+                return problem
+        return None
 
     def _validate_and_commit(self, partial: PartialFile, ref: OutputRef, fetched_sha: str | None) -> OutputFile:
         """Decide what a written output is from its bytes and commit it under that name (one worker-thread trip).
@@ -237,6 +293,13 @@ class JobRunner:
             await self.db(self.ledger.record_failure, job_id, str(exc), time.time() + delay, owner=self.owner)
             return Attempt("retry", str(exc))
         event = await self.db(self.ledger.mark_materialized, job_id, done.files, done.payload, done.missing)
+        # The outputs folder may have been removed or moved between a commit and this record: then the
+        # files are not at their paths, and the job is done again (see Workspace.check_files).
+        problem = await asyncio.to_thread(self.materializer.files_problem, done.files, hashes=False)
+        if problem is not None:  # pending again and due now, in the folder as it is: not the job's failure
+            reason = f"its files vanished right after they were committed ({problem})"
+            await self.db(self.ledger.mark_vanished, {job_id: reason})
+            return Attempt("retry", reason, event=event)
         return Attempt("materialized", event=event)
 
     async def _give_up(self, job_id: str, reason: str) -> Attempt:
@@ -285,6 +348,31 @@ class Workspace:
                 except ValueError as exc:
                     log.warning("ignoring a job document the ledger cannot keep: %s", exc)
         return new
+
+    async def check_files(self, jobs: list[tuple[str, list[OutputFile]]], *, hashes: bool) -> list[str]:
+        """Make the materialized ``jobs`` whose files are not in the outputs folder as recorded pending again.
+
+        ``hashes`` also compares every file with its recorded SHA-256 (at start, and for ``replay``'s
+        "already present"), not only its presence and size. Returns the jobs made pending again;
+        they keep their announcement and are materialized again at the same paths.
+        """
+        problems = await asyncio.to_thread(self._problems, jobs, hashes)
+        if not problems:
+            return []
+        for job_id, problem in problems.items():
+            log.warning("job %s: %s; materializing it again", printable(job_id), problem)
+        reasons = {job_id: f"its files vanished ({problem}); materializing it again"
+                   for job_id, problem in problems.items()}
+        vanished: list[str] = await self.db(self.ledger.mark_vanished, reasons)
+        return vanished
+
+    def _problems(self, jobs: list[tuple[str, list[OutputFile]]], hashes: bool) -> dict[str, str]:
+        found = {}
+        for job_id, files in jobs:
+            problem = self.materializer.files_problem(files, hashes=hashes)
+            if problem is not None:
+                found[job_id] = problem
+        return found
 
     async def write_gallery(self) -> None:
         entries = await self.db(self.ledger.gallery_entries, self.options.gallery_size)

@@ -100,7 +100,7 @@ from stella_devbackend.harness import clean_env
 from helpers import DaemonProcess, partial_files, wait_until
 from hostile_server import Close, Frame, HostileConvex, SocketState
 from impostor import OTHER_UID, can_impersonate, foreign_server
-from ledger_checks import check_integrity
+from ledger_checks import check_integrity, flip_stored_byte
 
 chaos = pytest.mark.chaos
 
@@ -976,6 +976,9 @@ class HostileCase:
     query_value: Any = None
     #: Daemon settings for this case, over the suite's.
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Backend cases: what is done to the root once the outcome is recorded, while the daemon runs. It waits
+    #: for the daemon to recover and returns the output files it expects besides the case's (None: no recovery).
+    meddle: Callable[[Hostile, Path, str], set[str] | None] | None = None
 
     @property
     def scripted(self) -> bool:
@@ -1018,6 +1021,107 @@ def _plant_symlink(ctx: Hostile, root: Path, job_id: str) -> None:
     folder = default_layout(root).outputs
     folder.mkdir(parents=True, mode=0o700)
     (folder / f"{job_id}_0.png").symlink_to(outside / "target.png")
+
+
+def _plant_damaged_document(ctx: Hostile, root: Path, job_id: str) -> None:
+    """The job already in the ledger, pending, with one byte of its stored document flipped on disk.
+
+    The cursors are past it, so the feed does not bring the document again (which would heal it).
+    """
+    assert ctx.backend is not None
+    doc = ctx.backend.query("media_jobs:getByJobId", {"jobId": job_id}).json()["value"]
+    path = default_layout(root).ledger
+    with Ledger(path) as ledger:
+        ledger.observe_jobs([doc])
+        for feed in ("succeeded", "failed"):
+            ledger.ensure_cursor(doc["completedAt"] + 1, feed)  # type: ignore[arg-type]
+    flip_stored_byte(path, f'"jobId":"{job_id}"'.encode())
+
+
+def _plant_damaged_event(_ctx: Hostile, root: Path, _job_id: str) -> None:
+    """A ledger whose second event's stored payload has one byte flipped on disk."""
+    path = default_layout(root).ledger
+    with Ledger(path) as ledger:
+        for state in ("before", "damaged", "after"):
+            ledger.append_event("materializer.state", {"state": state})
+    flip_stored_byte(path, b'{"state":"damaged"}')
+
+
+def _sidebar_reads_past_the_damage(_ctx: Hostile, root: Path, job_id: str) -> set[str] | None:
+    """A sidebar client with since=0 gets event 1, the notice for event 2, then the rest up to the job's event."""
+    with socket.socket(socket.AF_UNIX) as client:
+        client.settimeout(30)
+        client.connect(str(default_layout(root).display_socket))
+        client.sendall(b'{"type": "hello", "since": 0}\n')
+        lines: list[dict[str, Any]] = []
+        with client.makefile("rb") as reader:
+            while not lines or lines[-1].get("payload", {}).get("jobId") != job_id:
+                line = reader.readline()
+                if not line:
+                    return None
+                lines.append(json.loads(line))
+    kinds = [(line.get("seq"), line["type"]) for line in lines[:4]]
+    notice = lines[2].get("payload", {})
+    good = kinds == [(None, "welcome"), (1, "materializer.state"), (None, "materializer.skipped"),
+                     (3, "materializer.state")] and notice.get("seq") == 2
+    return set() if good else None
+
+
+def _remove_folder(path: Path) -> bool:
+    """``rm -rf``, again until the folder at the path is gone or another (the daemon may write meanwhile)."""
+    inode = os.lstat(path).st_ino
+
+    def gone() -> bool:
+        shutil.rmtree(path, ignore_errors=True)
+        return not path.exists() or os.lstat(path).st_ino != inode
+
+    return bool(poll(gone))
+
+
+def _all_back(root: Path, job_ids: list[str]) -> bool:
+    """Every job materialized, with its file under the outputs folder and in the gallery."""
+    folder = default_layout(root).outputs
+    with Ledger(default_layout(root).ledger) as ledger:
+        if any((job := ledger.job(j)) is None or job.status != "materialized" for j in job_ids):
+            return False
+        listed = {entry.job_id for entry in ledger.gallery_entries(len(job_ids) + 10)}
+    manifest = manifest_figures(root)[2]
+    return all((folder / f"{j}_0.png").is_file() for j in job_ids) and set(job_ids) <= listed & set(manifest)
+
+
+def _outputs_removed(ctx: Hostile, root: Path, job_id: str) -> set[str] | None:
+    removed = _remove_folder(default_layout(root).outputs)
+    return set() if removed and poll(lambda: _all_back(root, [job_id])) else None
+
+
+def _outputs_moved(ctx: Hostile, root: Path, job_id: str) -> set[str] | None:
+    (ctx.base / "outside").mkdir(exist_ok=True)
+    default_layout(root).outputs.rename(ctx.base / "outside" / "moved-outputs")
+    return set() if poll(lambda: _all_back(root, [job_id])) else None
+
+
+def _outputs_churned(ctx: Hostile, root: Path, job_id: str) -> set[str] | None:
+    """A burst of jobs while the outputs folder is removed and moved away, in turns, four times."""
+    assert ctx.backend is not None
+    burst = ctx.backend.create_jobs(count=40, width=48, height=48, prompt="churn")
+    (ctx.base / "outside").mkdir(exist_ok=True)
+    folder = default_layout(root).outputs
+    for turn in range(4):
+        poll(folder.exists)  # the daemon has made it again
+        target = min(40, sum(status == "materialized" for status in ledger_statuses(root, burst)) + 5)
+        poll(lambda: sum(s == "materialized" for s in ledger_statuses(root, burst)) >= target)
+        if turn % 2:
+            folder.rename(ctx.base / "outside" / f"moved-{turn}")
+        elif not _remove_folder(folder):
+            return None
+    if not poll(lambda: _all_back(root, [job_id, *burst]), timeout=120):
+        return None
+    return {f"{j}_0.png" for j in burst}
+
+
+def ledger_statuses(root: Path, job_ids: list[str]) -> list[str | None]:
+    with Ledger(default_layout(root).ledger) as ledger:
+        return [None if (job := ledger.job(j)) is None else job.status for j in job_ids]
 
 
 def _frames(*frames: Frame) -> Callable[[SocketState], list[Frame]]:
@@ -1261,6 +1365,20 @@ HOSTILE_CASES = [
                 "a symlink planted at the job's file name (jobId_0.png), pointing outside: replaced, never followed",
                 "materialized",
                 "image/png", plant=_plant_symlink),
+    HostileCase("outputs-removed-while-running", "rm -rf outputs/ once the job is materialized: recreated, the file "
+                "back", "materialized", "image/png", meddle=_outputs_removed),
+    HostileCase("outputs-moved-while-running", "mv outputs/ elsewhere once the job is materialized (the daemon holds "
+                "it open): a new outputs/ gets the file", "materialized", "image/png", meddle=_outputs_moved),
+    HostileCase("outputs-churned-during-a-burst", "outputs/ removed and moved away in turns, 4 times, while 40 more "
+                "jobs materialize: every file ends under outputs/", "materialized", "image/png",
+                meddle=_outputs_churned),
+    # -- the ledger -----------------------------------------------------------------------------------------
+    HostileCase("ledger-document-flipped-byte", "one flipped byte in the pending job's stored document (PRAGMA "
+                "quick_check still ok)", "quarantined", "stored document does not decode",
+                plant=_plant_damaged_document),
+    HostileCase("ledger-event-flipped-byte", "one flipped byte in an event's stored payload: a sidebar client with "
+                "since=0 gets a notice in its place and every later event", "materialized", "image/png",
+                plant=_plant_damaged_event, meddle=_sidebar_reads_past_the_damage),
     # -- job documents over the sync protocol -------------------------------------------------------------
     HostileCase("result-not-a-list", "the succeeded feed's value is a string", "logged",
                 "media_jobs:listSucceededSince answered str, not a list", script=_update("nope")),
@@ -1453,6 +1571,10 @@ def run_hostile_case(case: HostileCase, base: Path, backend: DevBackend | None) 
         counts["wrong_outcomes"] += not right_outcome
         if case.outcome == "materialized":
             expected_outputs.add(f"{job_id}_0.png")
+        if case.meddle is not None:
+            extra = case.meddle(ctx, root, job_id)
+            counts["wrong_outcomes"] += extra is None
+            expected_outputs |= extra or set()
         # Alive and well: a normal job still materializes.
         if backend is not None:
             [sentinel] = backend.create_jobs(prompt="sentinel")
@@ -1470,7 +1592,7 @@ def run_hostile_case(case: HostileCase, base: Path, backend: DevBackend | None) 
     counts["files_outside_outputs"] += len(stray_paths(base, HOSTILE_TOP_LEVEL))
     log = daemon.log.read_text(errors="replace")
     counts["forged_log_lines"] += sum(line.startswith(FORGED) for line in log.splitlines())
-    if case.plant is not None:
+    if case.plant is _plant_symlink:
         planted = folder / f"{job_id}_0.png"
         counts["followed_symlinks"] += (planted.is_symlink() or (base / "outside" / "target.png").read_bytes()
                                         != b"precious")
