@@ -21,12 +21,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["STATE_DIR_ENV", "AlreadyRunning", "InstanceLock", "Layout", "default_layout", "resolve_state_dir"]
+__all__ = ["STATE_DIR_ENV", "THUMBNAILS_DIR", "AlreadyRunning", "InstanceLock", "Layout", "default_layout",
+           "resolve_state_dir"]
 
 #: The desktop app's variable for its state folder.
 STATE_DIR_ENV = "STELLA_DATA_DIR"
 #: The state folder inside a root when nothing else names one.
 ROOT_STATE_SUBDIR = "state"
+#: The thumbnails' folder inside the outputs folder (hidden: it holds derived data, not outputs).
+THUMBNAILS_DIR = ".thumbs"
 
 
 def resolve_state_dir(root: Path, state_dir: Path | None) -> Path:
@@ -53,6 +56,11 @@ class Layout:
     @property
     def outputs(self) -> Path:
         return self.media / "outputs"
+
+    @property
+    def thumbnails(self) -> Path:
+        """``<outputs>/.thumbs``: a small WebP per image output (:mod:`materializer.thumbnails`)."""
+        return self.outputs / THUMBNAILS_DIR
 
     @property
     def ledger(self) -> Path:

@@ -58,8 +58,11 @@ def desktop_accepts(payload: Any) -> bool:
 
 
 #: MediaAsset's variants: required keys and optional keys, every value a string (filePaths: strings).
+#: ``thumbnailPaths`` (strings or nulls, one per file path) is this project's addition: the desktop's
+#: reader passes a payload through unchanged (``normalizeDisplayPayload`` returns the very object) and
+#: ``isMediaAsset`` looks at ``filePaths`` only, so a sidebar that does not know it ignores it.
 ASSET_KEYS: dict[str, tuple[set[str], set[str]]] = {
-    "image": ({"kind", "filePaths"}, set()),
+    "image": ({"kind", "filePaths"}, {"thumbnailPaths"}),
     "video": ({"kind", "filePath"}, set()),
     "audio": ({"kind", "filePath"}, set()),
     "model3d": ({"kind", "filePath"}, {"label"}),
@@ -81,7 +84,11 @@ def matches_media_type(payload: dict[str, Any]) -> bool:
     required, optional = ASSET_KEYS[asset["kind"]]
     if not required <= set(asset) <= required | optional:
         return False
-    if not all(isinstance(asset[key], str) for key in asset if key != "filePaths"):
+    if not all(isinstance(asset[key], str) for key in asset if key not in ("filePaths", "thumbnailPaths")):
+        return False
+    thumbnails = asset.get("thumbnailPaths", [])
+    if "thumbnailPaths" in asset and not (isinstance(thumbnails, list) and len(thumbnails) == len(asset["filePaths"])
+                                          and all(p is None or isinstance(p, str) for p in thumbnails)):
         return False
     if not set(payload) - {"kind", "asset", "createdAt"} <= set(MEDIA_OPTIONAL):
         return False
