@@ -12,6 +12,10 @@ the backend's ``/api/auth/convex/token`` with its session cookie and handing
 it over a pipe, the daemon's ``--token-fd`` channel. The realtime frames are
 spread over several token lifetimes, so the run shows the daemon keeping one
 socket alive on tokens that each expire mid-run.
+
+With ``--gallery`` it also serves the live gallery page (:mod:`materializer.gallery_server`)
+from the start, so the jobs can be watched landing, and keeps the daemon and the page up
+after the table until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -40,7 +45,7 @@ DEMO_TOKEN_TTL = 4.0
 REALTIME_FRAMES = 10
 
 
-def run_demo(root: Path | None) -> int:
+def run_demo(root: Path | None, gallery: bool = False) -> int:
     """Run the demo; 0 when every job was materialized, 1 otherwise (saying what failed)."""
     try:
         from stella_devbackend.control import DevBackend
@@ -53,7 +58,7 @@ def run_demo(root: Path | None) -> int:
         print("starting the local Stella backend ...")
         with DevBackend.start(Path(scratch), token_ttl=DEMO_TOKEN_TTL) as backend:
             print(f"  backend at {backend.url} (only the real queries; tokens live {DEMO_TOKEN_TTL:g} s)")
-            return asyncio.run(_demo(backend, root))
+            return asyncio.run(_demo(backend, root, gallery))
 
 
 class _LaunchingApp:
@@ -77,8 +82,9 @@ class _LaunchingApp:
                 os.close(fd)
 
 
-async def _demo(backend: Any, root: Path) -> int:
+async def _demo(backend: Any, root: Path, gallery: bool) -> int:
     from materializer.display import DisplayServer
+    from materializer.gallery_server import GalleryServer
 
     app = _LaunchingApp(backend)
     handing = asyncio.create_task(app.hand_tokens())
@@ -90,6 +96,9 @@ async def _demo(backend: Any, root: Path) -> int:
     running = asyncio.create_task(daemon.run(on_ready=ready.set))
     await ready.wait()
     print(f"materializer running, root {root}, tokens over a pipe (--token-fd)")
+    page = GalleryServer(daemon.options.layout, gallery_size=daemon.options.gallery_size) if gallery else None
+    if page is not None:
+        print(f"gallery: {await page.start()}  (open it to watch the jobs land)", flush=True)
     started = time.monotonic()
     try:
         job_ids = await _submit_all(backend)
@@ -105,25 +114,42 @@ async def _demo(backend: Any, root: Path) -> int:
         outcome = await daemon.db(_report, daemon, job_ids)
         client = daemon.client
         sockets, reauthentications = (client.connection_attempts, client.reauthentications) if client else (0, 0)
+        rows, problems = outcome
+        _print_table(rows)
+        print(f"\ngallery manifest: {daemon.options.layout.outputs / MANIFEST_NAME}")
+        print(f"{len(rows)} files from {len(job_ids)} jobs in {time.monotonic() - started:.1f}s")
+        print(f"tokens: {app.handed} handed over the pipe, each living {DEMO_TOKEN_TTL:g} s; the daemon "
+              f"re-authenticated {reauthentications} time(s) on {sockets} socket(s)", flush=True)
+        if problems:
+            print("\nnot materialized:", file=sys.stderr)
+            for job_id, reason in problems:
+                print(f"  {job_id}: {reason}", file=sys.stderr)
+        if page is not None:
+            print(f"\nthe gallery stays up at {page.url} (the daemon too) until Ctrl-C", flush=True)
+            await _interrupted()
     finally:
+        if page is not None:
+            await page.close()
         daemon.stop()
         await running
         await daemon.aclose()
         handing.cancel()
         await provider.aclose()
         app.close()
-    rows, problems = outcome
-    _print_table(rows)
-    print(f"\ngallery manifest: {daemon.options.layout.outputs / MANIFEST_NAME}")
-    print(f"{len(rows)} files from {len(job_ids)} jobs in {time.monotonic() - started:.1f}s")
-    print(f"tokens: {app.handed} handed over the pipe, each living {DEMO_TOKEN_TTL:g} s; the daemon "
-          f"re-authenticated {reauthentications} time(s) on {sockets} socket(s)")
-    if problems:
-        print("\nnot materialized:", file=sys.stderr)
-        for job_id, reason in problems:
-            print(f"  {job_id}: {reason}", file=sys.stderr)
-        return exits.FAILED
-    return exits.OK
+    return exits.FAILED if problems else exits.OK
+
+
+async def _interrupted() -> None:
+    """Wait for Ctrl-C (SIGINT) or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
 
 
 async def _submit_all(backend: Any) -> list[str]:

@@ -59,6 +59,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "Event",
     "EventPage",
+    "FailedEntry",
     "Feed",
     "GalleryEntry",
     "Job",
@@ -178,6 +179,17 @@ class GalleryEntry:
     completed_at_ms: float
     materialized_at: float
     files: list[OutputFile]
+
+
+@dataclass(frozen=True, slots=True)
+class FailedEntry:
+    """A job that failed upstream (``failed`` or ``unknown``), as noted with its ``media.failed`` event."""
+
+    job_id: str
+    completed_at_ms: float | None
+    noted_at: float
+    event_seq: int
+    doc: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,6 +380,30 @@ def _connect(path: Path, *, create: bool, busy_timeout: float) -> sqlite3.Connec
     return conn
 
 
+def _connect_read_only(path: Path, busy_timeout: float) -> sqlite3.Connection:
+    """A connection that can only read: SQLite's ``mode=ro``, on a ledger of exactly this schema version."""
+    if not path.exists():
+        raise LedgerOpenError(f"no ledger at {path}")
+    try:
+        conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=busy_timeout,
+                               isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise LedgerOpenError(f"cannot open ledger {path}: {exc}") from exc
+    try:
+        application_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise LedgerOpenError(f"{path} is not a usable materializer ledger: {exc}") from exc
+    if application_id != _APPLICATION_ID or version != SCHEMA_VERSION:
+        conn.close()
+        what = "not a materializer ledger" if application_id != _APPLICATION_ID else (
+            f"ledger schema version {version}, not this materializer's {SCHEMA_VERSION}"
+            + ("; upgrade stella-materializer" if version > SCHEMA_VERSION else "; run the daemon once to upgrade it"))
+        raise LedgerOpenError(f"{path} is {what}")
+    return conn
+
+
 # -- the ledger ------------------------------------------------------------------
 
 _JOB_COLUMNS = (
@@ -384,7 +420,10 @@ class Ledger:
     ``event_cap`` is how many sidebar events are kept (older ones are pruned);
     ``busy_timeout`` is how many seconds a call waits for another process's
     write lock before raising :class:`LedgerBusyError`. ``create=False`` (for
-    ``materializer status``) refuses to create a missing ledger.
+    ``materializer status``) refuses to create a missing ledger. ``read_only=True``
+    (for ``materializer gallery``) opens an existing ledger of this schema version for
+    reading alone: it never creates, migrates or writes it, and writes raise
+    :class:`LedgerError`.
     """
 
     def __init__(
@@ -395,6 +434,7 @@ class Ledger:
         busy_timeout: float = 10.0,
         event_cap: int = DEFAULT_EVENT_CAP,
         clock: Callable[[], float] = time.time,
+        read_only: bool = False,
     ) -> None:
         if event_cap < 1:
             raise ValueError(f"event_cap must be at least 1, got {event_cap}")
@@ -402,7 +442,8 @@ class Ledger:
         self._event_cap = event_cap
         self._clock = clock
         self._lock = threading.Lock()
-        self._conn = _connect(self.path, create=create, busy_timeout=busy_timeout)
+        self._conn = (_connect_read_only(self.path, busy_timeout) if read_only
+                      else _connect(self.path, create=create, busy_timeout=busy_timeout))
 
     def close(self) -> None:
         with self._lock:
@@ -821,6 +862,17 @@ class Ledger:
             ).fetchall()
             files = _outputs_of(conn, [row[0] for row in rows])
         return [GalleryEntry(*row, files=files.get(row[0], [])) for row in rows]  # type: ignore[misc]
+
+    def failed_entries(self, limit: int) -> list[FailedEntry]:
+        """The newest ``limit`` jobs noted as failed upstream (newest noted first), with their documents."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT job_id, completed_at_ms, noted_at, event_seq, doc FROM failed_jobs"
+                " ORDER BY noted_at DESC, job_id DESC LIMIT ?",
+                (_count(limit, "limit"),),
+            ).fetchall()
+        return [FailedEntry(job_id, completed_at_ms, noted_at, event_seq, json.loads(doc))
+                for job_id, completed_at_ms, noted_at, event_seq, doc in rows]
 
     def status(self, quarantined_limit: int = 100) -> LedgerStatus:
         """Counts, quarantined jobs with reasons, cursors, last event and state, in one snapshot."""

@@ -21,7 +21,7 @@ from stella_devbackend.control import DevBackend
 
 from helpers import DaemonProcess, gallery, ledger_events, ledger_jobs, output_files, wait_until
 
-COMMANDS = ["run", "replay", "status", "watch", "query", "doctor", "demo", "dev-backend"]
+COMMANDS = ["run", "replay", "status", "watch", "query", "doctor", "demo", "gallery", "dev-backend"]
 
 
 def materializer(*args: str, env: dict[str, str] | None = None,
