@@ -36,7 +36,7 @@ from materializer.gallery import MANIFEST_NAME
 from materializer.options import DaemonOptions
 from materializer.tokens import FdTokenProvider
 
-__all__ = ["run_demo"]
+__all__ = ["run_demo", "submit_demo_jobs"]
 
 DEMO_TIMEOUT = 120.0
 #: Seconds each demo token lives (the real ones: 300). The app hands a new one every half lifetime.
@@ -101,7 +101,7 @@ async def _demo(backend: Any, root: Path, gallery: bool) -> int:
         print(f"gallery: {await page.start()}  (open it to watch the jobs land)", flush=True)
     started = time.monotonic()
     try:
-        job_ids = await _submit_all(backend)
+        job_ids = await submit_demo_jobs(backend)
         print(f"submitted {len(job_ids)} jobs; waiting for them to land ...")
         deadline = time.monotonic() + DEMO_TIMEOUT
         while True:
@@ -152,7 +152,12 @@ async def _interrupted() -> None:
             loop.remove_signal_handler(signum)
 
 
-async def _submit_all(backend: Any) -> list[str]:
+async def submit_demo_jobs(backend: Any, realtime_frames: int = REALTIME_FRAMES, pace: float = 1.0) -> list[str]:
+    """Submit the demo's jobs through the media API (the browser tests submit them too); their ids.
+
+    ``realtime_frames`` frames follow, ``pace`` seconds apart (a person drawing).
+    """
+
     def submit(body: dict[str, Any]) -> str:
         # Like any client of the media API: a fresh session token for each call (they live seconds here).
         response = backend.generate(body, token=backend.fetch_token())
@@ -173,9 +178,9 @@ async def _submit_all(backend: Any) -> list[str]:
     edit_of = source["output"]["images"][0]["url"]
     ids.append(await asyncio.to_thread(submit, {"capability": "image_edit", "prompt": "make it winter",
                                                 "sourceUrl": edit_of}))
-    for frame in range(REALTIME_FRAMES):
+    for frame in range(realtime_frames):
         ids.append(await asyncio.to_thread(submit, {"capability": "realtime", "prompt": f"sketch frame {frame}"}))
-        await asyncio.sleep(1.0)  # a person drawing: one frame a second, across several token lifetimes
+        await asyncio.sleep(pace)  # a person drawing: one frame a second, across several token lifetimes
     return ids
 
 

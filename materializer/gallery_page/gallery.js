@@ -40,10 +40,13 @@
   const fileUrl = (name) => "files/" + encodeURIComponent(name);
   const thumbUrl = (name) => "thumbs/" + encodeURIComponent(name);
 
-  function when(ms) {
+  function when(ms, full) {
     const date = new Date(ms);
-    return Number.isFinite(date.getTime())
-      ? date.toLocaleString(undefined, { dateStyle: "medium", timeStyle: "medium" }) : "unknown time";
+    if (!Number.isFinite(date.getTime())) return "unknown time";
+    const thisYear = date.getFullYear() === new Date().getFullYear();
+    return date.toLocaleString(undefined, full || !thisYear
+      ? { dateStyle: "medium", timeStyle: "medium" }
+      : { month: "short", day: "numeric", hour: "numeric", minute: "2-digit" });
   }
 
   function iso(ms) {
@@ -104,22 +107,22 @@
   }
 
   function downloadTile(file) {
-    const link = el("a", { class: "download", href: fileUrl(file.name), download: file.name, text: "Download " + file.name });
+    const ext = file.name.includes(".") ? file.name.split(".").pop().toUpperCase() + " " : "";
+    const link = el("a", { class: "download", href: fileUrl(file.name), download: file.name, title: file.name,
+      text: "Download " + ext + "file" });
     return el("p", { class: "tile download" }, link, " ", el("span", { class: "size", text: bytes(file.bytes) }));
   }
 
   function jobCard(job) {
     const images = job.files.filter((file) => file.mimeType.startsWith("image/"));
     const others = job.files.filter((file) => !file.mimeType.startsWith("image/"));
-    const count = job.files.length === 1 ? "1 file" : job.files.length + " files";
     const card = el("article", { class: "card job", dataset: { jobId: job.jobId } },
       el("header", {},
         el("h2", { class: "prompt", text: job.prompt || "(no prompt)" }),
         el("p", { class: "meta" },
           el("span", { class: "capability", text: words(job.capability) || "media" }),
           job.profile ? el("span", { class: "profile", text: job.profile }) : null,
-          el("time", { datetime: iso(job.completedAt), text: when(job.completedAt) }),
-          el("span", { text: count }))),
+          el("time", { datetime: iso(job.completedAt), title: when(job.completedAt, true), text: when(job.completedAt) }))),
       images.length ? el("div", { class: images.length > 1 ? "images group" : "images" },
         ...images.map((file) => imageTile(job, file))) : null,
       ...others.map((file) => {
@@ -138,7 +141,7 @@
       el("p", { class: "meta" },
         el("span", { class: "capability", text: words(notice.capability) || "media" }),
         el("span", { text: notice.status === "unknown" ? "ended in an unknown state" : "failed" }),
-        el("time", { text: when(notice.notedAt) })),
+        el("time", { datetime: iso(notice.notedAt), title: when(notice.notedAt, true), text: when(notice.notedAt) })),
       notice.detail ? el("p", { class: "detail", text: notice.detail }) : null);
     card.dataset.sort = String(notice.notedAt);
     return card;
@@ -226,7 +229,7 @@
     for (const gap of state.gaps) {
       notices.push(el("li", { class: "notice gap" },
         el("strong", { text: "Jobs may be missing. " }),
-        "Jobs completed from " + when(gap.fromMs) + " until " + when(gap.untilMs) + " may be missing: at least "
+        "Jobs completed from " + when(gap.fromMs, true) + " until " + when(gap.untilMs, true) + " may be missing: at least "
           + gap.jobsAtLeast + " jobs completed since then and the backend lists only the newest of them"
           + (gap.reason ? " (" + gap.reason + ")." : ".")));
     }
