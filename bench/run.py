@@ -12,7 +12,7 @@ benchmark could not run, 0 otherwise (missed goals included: they are
 findings, not failures).
 
 Benchmarks (each its own module in this folder): latency, throughput, memory,
-idle_cpu, scale, realtime, subscription.
+idle_cpu, scale, realtime, subscription, thumbnails.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import realtime
 import scale
 import subscription
 import throughput
+import thumbnails
 
 from benchkit import BenchResult
 
@@ -56,6 +57,7 @@ BENCHMARKS = [
     Benchmark(scale.NAME, scale.run, {"jobs": scale.FULL_JOBS, "bursts": scale.FULL_BURSTS}, {"jobs": 50, "bursts": 2}),
     Benchmark(realtime.NAME, realtime.run, {"seconds": realtime.FULL_SECONDS}, {"seconds": 10.0}),
     Benchmark(subscription.NAME, subscription.run, {"jobs": subscription.FULL_JOBS}, {"jobs": subscription.FULL_JOBS}),
+    Benchmark(thumbnails.NAME, thumbnails.run, {"jobs": thumbnails.FULL_JOBS}, {"jobs": 50}),
 ]
 
 

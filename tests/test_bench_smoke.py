@@ -27,6 +27,7 @@ import run  # noqa: E402
 import scale  # noqa: E402
 import subscription  # noqa: E402
 import throughput  # noqa: E402
+import thumbnails  # noqa: E402
 
 from materializer.layout import default_layout  # noqa: E402
 from materializer.ledger import Ledger  # noqa: E402
@@ -43,6 +44,7 @@ TINY: dict[str, tuple[Callable[..., Awaitable[BenchResult]], dict[str, Any]]] = 
     "scale": (scale.run, {"jobs": 3, "bursts": 1, "histories": (0, 50)}),
     "realtime": (realtime.run, {"seconds": 0.5}),
     "subscription": (subscription.run, {"jobs": 3, "warmup": 1}),
+    "thumbnails": (thumbnails.run, {"jobs": 2, "warmup": 1}),
 }
 
 
