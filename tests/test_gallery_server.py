@@ -171,9 +171,15 @@ async def test_nothing_is_served_without_the_secret(server: GalleryServer, made:
         rebound = await http.get(server.url + "api/snapshot", headers={"Host": f"evil.example:{server.port}"})
         assert rebound.status_code == 403
         assert (await http.get(server.url.replace("127.0.0.1", "localhost"))).status_code == 200
-        # Behind the secret: only reads, only files directly in outputs and .thumbs.
+        # Behind the secret: only reads, only files directly in outputs and .thumbs, never through a symlink.
         assert (await http.post(server.url + "api/snapshot")).status_code == 405
-        for path in ("files/..%2Fmaterializer.db", "files/.thumbs", "files/%2e%2e", "thumbs/..%2f" + name,
+        secret_file = made[0] / "private.txt"
+        secret_file.write_text("not for the page")
+        outputs = default_layout(made[0]).outputs
+        (outputs / "planted.png").symlink_to(secret_file)
+        (outputs / ".thumbs" / "planted.webp").symlink_to(secret_file)
+        for path in ("files/planted.png", "thumbs/planted.webp", "files/..%2Fmaterializer.db", "files/.thumbs",
+                     "files/%2e%2e", "thumbs/..%2f" + name,
                      "files/gallery.jsonx", "nope", f"files/{name}/x"):
             assert (await http.get(server.url + path)).status_code == 404, path
 
