@@ -35,6 +35,8 @@ from test_output_kinds import ZIP, serve
 
 from materializer.daemon import AUTH_ACTION
 from materializer.demo import submit_demo_jobs
+from materializer.layout import default_layout
+from materializer.ledger import Ledger
 from stella_devbackend.control import DevBackend
 from stella_devbackend.harness import clean_env
 
@@ -292,6 +294,30 @@ def test_the_page_makes_no_request_outside_its_origin(page: Page, site: Site, re
     assert {"", "gallery.js", "gallery.css", "favicon.svg", "api", "thumbs", "files"} <= kinds
     assert len(recorder.requests) > 20
     # the page fixture asserts that every one of them was to the gallery's own origin
+
+
+def test_quarantined_jobs_and_gaps_appear_as_notices_live(page: Page, site: Site) -> None:
+    open_gallery(page, site)
+    # A job whose image the daemon must refuse (not http): quarantined at once, with its reason.
+    [job_id] = site.backend.create_jobs(prompt="never fetched", doc={
+        "output": {"images": [{"url": "ftp://example.com/x.png"}]}, "request": {"prompt": "never fetched"}})
+    notice = page.locator(f'li.notice.quarantined[data-job-id="{job_id}"]')
+    notice.wait_for(timeout=30_000)
+    assert notice.inner_text().startswith(f"Given up on job {job_id}: ")
+    assert "ftp" in notice.inner_text()
+    # A gap as the daemon reports one (the real backend's 200-job window, which this site cannot overflow
+    # cheaply): written to the ledger's event log as the daemon writes it, shown with its time range.
+    with Ledger(default_layout(site.root).ledger) as ledger:
+        ledger.append_event("materializer.state", {"state": "gap", "fromMs": 1_700_000_000_000,
+                                                   "untilMs": 1_700_000_600_000, "jobsAtLeast": 200,
+                                                   "reason": "the backend has no gap-free page query"})
+    gap = page.locator("li.notice.gap")
+    gap.wait_for(timeout=30_000)
+    text = gap.inner_text()
+    assert "at least 200 jobs" in text and "the backend has no gap-free page query" in text
+    expected = page.evaluate("() => [1700000000000, 1700000600000].map(ms => new Date(ms).toLocaleString("
+                             "undefined, {dateStyle: 'medium', timeStyle: 'medium'}))")
+    assert all(moment in text for moment in expected)
 
 
 def test_a_refused_token_shows_the_action_text_in_the_banner_live(page: Page, site: Site) -> None:
