@@ -203,9 +203,14 @@ class JobMaterializer:
         if ref.media_kind == "image" or (ref.media_kind != "text" and looks_like_image(head)):
             frame = FirstFrame() if self.thumbnails is not None else None
             info = validate_image(partial, self.image_limits, frame)
-            path = self.store.commit(partial, f"{ref.stem}.{info.ext}")
-            if self.thumbnails is not None and frame is not None:
-                self.thumbnails.save(path.name, frame)
+            name = f"{ref.stem}.{info.ext}"
+            # Encoded and committed beside the file's commit (which waits on fsyncs), not after it.
+            thumbnail = self.thumbnails.save_soon(name, frame) if self.thumbnails and frame else None
+            try:
+                path = self.store.commit(partial, name)
+            finally:
+                if thumbnail is not None:
+                    thumbnail.result()
             return _output_file(ref.index, path.name, info.mime, info.width, info.height, info.bytes, info.sha256)
         size = os.fstat(partial.fileno()).st_size
         data = os.pread(partial.fileno(), size, 0) if needs_whole_file(head) else head
@@ -276,7 +281,8 @@ class Workspace:
         layout.media.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.ledger = Ledger(layout.ledger)
         self.store = OutputStore(layout.outputs)
-        self.thumbnails = Thumbnails(layout.thumbnails, options.image_limits) if options.thumbnails else None
+        self.thumbnails = (Thumbnails(layout.thumbnails, options.image_limits, options.download_concurrency)
+                           if options.thumbnails else None)
         self._thumbnails_missing: list[OutputFile] = []
         self._thumbnails_tried: set[str] = set()
         #: The ledger's own thread: every ledger call, in order (the sidebar server reads through it too).

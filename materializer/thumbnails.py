@@ -8,10 +8,13 @@ animation.
 
 They are derived data, so nothing here may hold a job back or fail it:
 
-- the pipeline makes a thumbnail right after the image's file commits, from the first
-  frame validation has just decoded (:class:`FirstFrame`, the ``on_first_frame`` hook of
+- the pipeline makes a thumbnail from the first frame validation has just decoded
+  (:class:`FirstFrame`, the ``on_first_frame`` hook of
   :func:`materializer.images.validate_image`): no second decode, only a box-filter
-  reduction and a fast WebP encode (``bench/thumbnails.py`` measures the cost per job);
+  reduction and a fast WebP encode, on a thread of its own while the image's file
+  commits (:meth:`Thumbnails.save_soon`: the encode overlaps the commit's fsyncs), and
+  the job is announced once both are in place (``bench/thumbnails.py`` measures the
+  cost per job);
 - a thumbnail that cannot be made is logged and left out (the sidebar payload and
   ``gallery.json`` list only thumbnails that exist), and :meth:`Thumbnails.repair`
   rebuilds missing or broken ones from the file later (the daemon at start and whenever
@@ -34,6 +37,7 @@ import os
 import stat
 import threading
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from PIL import Image, ImageOps
@@ -133,18 +137,21 @@ class Thumbnails:
     """The thumbnails of one outputs folder, in ``folder`` (``<outputs>/.thumbs``).
 
     ``limits`` bound the decoding of a file when a thumbnail is rebuilt from it (the image
-    limits of the configuration; may be replaced while running).
+    limits of the configuration; may be replaced while running). ``workers`` threads make
+    the thumbnails handed to :meth:`save_soon` (one per download slot).
     """
 
-    def __init__(self, folder: Path, limits: ImageLimits) -> None:
+    def __init__(self, folder: Path, limits: ImageLimits, workers: int = 4) -> None:
         self.folder = Path(folder)
         self.outputs = self.folder.parent
         self.limits = limits
         self._store: OutputStore | None = None
         self._lock = threading.Lock()
         self._failing = False
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="thumbnails")
 
     def close(self) -> None:
+        self._pool.shutdown(wait=True)
         with self._lock:
             if self._store is not None:
                 self._store.close()
@@ -158,6 +165,10 @@ class Thumbnails:
             self._note_failure(file_name, frame.error or "no frame was decoded")
             return False
         return self._commit(file_name, frame.small)
+
+    def save_soon(self, file_name: str, frame: FirstFrame) -> Future[bool]:
+        """:meth:`save` on a thread of this object's own (a caller may wait for it from any thread)."""
+        return self._pool.submit(self.save, file_name, frame)
 
     def rebuild(self, file_name: str) -> bool:
         """Make the thumbnail of ``<outputs>/file_name`` again from the file; False (logged) if it cannot be."""
