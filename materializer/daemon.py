@@ -4,7 +4,7 @@ Data path, one stage per module:
 
     SyncClient (convex/) -> SucceededFeed / FailedFeed (feed.py: what to observe, gaps, the cursor)
     -> Ledger.observe_jobs (ledger.py) -> scheduler (here) -> JobRunner / JobMaterializer
-    (materialize.py: jobs.py -> fetch.py -> images.py, media_files.py -> store.py -> payloads.py)
+    (materialize.py: jobs.py -> fetch.py -> images.py, media_files.py -> store.py, thumbnails.py -> payloads.py)
     -> Ledger.mark_materialized -> DisplayServer (display.py) -> gallery.json (gallery.py)
 
 This module only wires them: it carries out the feeds' decisions, runs the
