@@ -222,10 +222,21 @@ def _dev_backend(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _gallery(args: argparse.Namespace) -> int:
+    from materializer.gallery_server import run_gallery
+
+    loaded = _settings(args)
+    if loaded is None:
+        return exits.USAGE
+    daemon = loaded[0].daemon
+    return run_gallery(daemon.layout, host=args.host, port=args.port, open_browser=args.open,
+                       gallery_size=daemon.gallery_size)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from materializer.demo import run_demo
 
-    return run_demo(args.root)
+    return run_demo(args.root, gallery=args.gallery)
 
 
 def _common(parser: argparse.ArgumentParser, *, daemon: bool = True) -> None:
@@ -340,7 +351,22 @@ def build_parser() -> argparse.ArgumentParser:
                                description="Start the local backend and the materializer, submit jobs of every "
                                "capability, and show the files that land on disk.")
     demo.add_argument("--root", type=Path, help="materializer root (default: a new temporary folder, kept)")
+    demo.add_argument("--gallery", action="store_true",
+                      help="also serve the live gallery page (its URL is printed) and keep it up until Ctrl-C")
     demo.set_defaults(handler=_demo)
+
+    gallery = commands.add_parser(
+        "gallery", help="serve a live web page of what was made (loopback only, behind a secret URL)",
+        description="Serve the gallery of a root on a loopback address and print its URL once; the URL holds a "
+        "random secret that every request needs (anything else gets 403). The page shows jobs newest first, "
+        "updates live from the ledger, and works with the daemon stopped. Runs until Ctrl-C (exit 0); exit 1 "
+        "when it cannot listen, 2 on a usage or configuration error.",
+    )
+    _common(gallery, daemon=False)
+    gallery.add_argument("--host", default="127.0.0.1", help="loopback address to listen on (default 127.0.0.1)")
+    gallery.add_argument("--port", type=int, default=0, help="port (default 0: any free port)")
+    gallery.add_argument("--open", action="store_true", help="open the page in the default browser")
+    gallery.set_defaults(handler=_gallery)
 
     _add_dev_backend(commands)
     return parser

@@ -4,7 +4,7 @@ Data path, one stage per module:
 
     SyncClient (convex/) -> SucceededFeed / FailedFeed (feed.py: what to observe, gaps, the cursor)
     -> Ledger.observe_jobs (ledger.py) -> scheduler (here) -> JobRunner / JobMaterializer
-    (materialize.py: jobs.py -> fetch.py -> images.py, media_files.py -> store.py -> payloads.py)
+    (materialize.py: jobs.py -> fetch.py -> images.py, media_files.py -> store.py, thumbnails.py -> payloads.py)
     -> Ledger.mark_materialized -> DisplayServer (display.py) -> gallery.json (gallery.py)
 
 This module only wires them: it carries out the feeds' decisions, runs the
@@ -99,6 +99,7 @@ class Materializer:
         self._work = asyncio.Event()
         self._announce = asyncio.Event()
         self._gallery_dirty = asyncio.Event()
+        self._thumbnails_wanted = asyncio.Event()
         self._stopping = asyncio.Event()
         self._announced_seq = 0
         self._feed = SucceededFeed(options.subscription_limit)
@@ -145,6 +146,8 @@ class Materializer:
         # process is working right now (it holds leases): then only old partials are surely stale.
         max_age = 0.0 if await self.db(self.ledger.live_leases) == 0 else 600.0
         removed = await asyncio.to_thread(self.work.store.cleanup_stale_partials, max_age)
+        if self.work.thumbnails is not None:
+            removed += await asyncio.to_thread(self.work.thumbnails.cleanup_stale_partials, max_age)
         if removed:
             log.info("removed %d partial file(s) left by an earlier run", removed)
         lookback_ms = (time.time() - self.options.lookback_hours * 3600) * 1000
@@ -175,6 +178,7 @@ class Materializer:
             "scheduler": self._schedule,
             "announcer": self._announcer,
             "gallery writer": self._gallery_writer,
+            "thumbnail keeper": self._keep_thumbnails,
             "connection watcher": self._watch_connection,
             "outputs watcher": self._watch_outputs,
         }
@@ -379,7 +383,8 @@ class Materializer:
             await self._gallery_dirty.wait()
             self._gallery_dirty.clear()
             started = time.monotonic()
-            await self.work.write_gallery()
+            if await self.work.write_gallery():
+                self._thumbnails_wanted.set()
             # A rate limit, so that a burst rewrites the manifest a few times a second, not once per job.
             await asyncio.sleep(GALLERY_MIN_INTERVAL - (time.monotonic() - started))
 
@@ -425,6 +430,17 @@ class Materializer:
         detail = f"{why}: {count} job(s) whose files are gone are being materialized again"
         log.warning("%s", detail)
         await self._state_event({"state": "files_missing", "jobs": count, "detail": detail})
+    async def _keep_thumbnails(self) -> None:
+        """Rebuild missing or broken thumbnails, off the jobs' path: every image of the gallery's jobs at
+        start-up, then those a gallery write finds missing; the gallery is rewritten to list them."""
+        entries = await self.db(self.ledger.gallery_entries, self.options.gallery_size)
+        files: list[OutputFile] | None = [f for entry in entries for f in entry.files]
+        while True:
+            if await self.work.repair_thumbnails(files):
+                self._gallery_dirty.set()
+            files = None
+            await self._thumbnails_wanted.wait()
+            self._thumbnails_wanted.clear()
 
     async def _state_event(self, payload: dict[str, Any]) -> Event:
         event = await self.db(self.ledger.append_event, "materializer.state", payload)

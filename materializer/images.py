@@ -45,12 +45,14 @@ Safe to call from several worker threads at once: no global state is changed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import re
 import struct
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, Literal
 
@@ -66,7 +68,8 @@ from PIL import (
 
 from materializer.limits import MAX_DECODED_BYTES, MAX_DOWNLOAD_BYTES, MAX_EDGE, MAX_FRAMES, MAX_PIXELS
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFormat", "ImageInfo", "ImageLimits", "ImageRejected", "validate_image"]
+__all__ = ["IMAGE_EXTENSIONS", "IMAGE_MIME_TYPES", "ImageFormat", "ImageInfo", "ImageLimits", "ImageRejected",
+           "open_first_frame", "probe_image", "validate_image"]
 
 ImageFormat = Literal["png", "jpeg", "webp", "gif"]
 
@@ -80,6 +83,8 @@ _FORMATS: dict[ImageFormat, tuple[str, str, str]] = {
 
 #: The extensions a validated image can have, in no particular order.
 IMAGE_EXTENSIONS: tuple[str, ...] = tuple(ext for _, ext, _ in _FORMATS.values())
+#: The MIME type of each of those extensions.
+IMAGE_MIME_TYPES: dict[str, str] = {ext: mime for _, ext, mime in _FORMATS.values()}
 
 #: Bytes per pixel in the decoded-size limit: RGBA, as a viewer holds every frame.
 _DECODED_BYTES_PER_PIXEL = 4
@@ -147,12 +152,17 @@ class _Header:
     frames: int
 
 
-def validate_image(source: str | os.PathLike[str] | BinaryIO, limits: ImageLimits = ImageLimits()) -> ImageInfo:
+def validate_image(source: str | os.PathLike[str] | BinaryIO, limits: ImageLimits = ImageLimits(),
+                   on_first_frame: Callable[[Image.Image], None] | None = None) -> ImageInfo:
     """Validate an image file (a path, or a binary file open for reading); raise :class:`ImageRejected`.
 
     A file object is read from its start and left open. Reads the whole file
     into memory (at most ``limits.max_file_bytes``) so that the bytes
     hashed, checked and decoded are the same bytes.
+
+    ``on_first_frame`` is handed the first frame once Pillow has decoded it (to make a thumbnail
+    from pixels already decoded, not decode them twice). It must not raise, keep or change the
+    image: the decoder moves on to the next frame when it returns.
     """
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         # Process-wide Pillow setting that makes it accept truncated images; someone turned it on.
@@ -161,7 +171,7 @@ def validate_image(source: str | os.PathLike[str] | BinaryIO, limits: ImageLimit
     image_format = _sniff(data)
     header = _PROBES[image_format](data)
     _check_limits(header.width, header.height, header.frames, limits)
-    width, height, frames = _decode(data, image_format, limits)
+    width, height, frames = _decode(data, image_format, limits, on_first_frame)
     _, ext, mime = _FORMATS[image_format]
     return ImageInfo(
         format=image_format,
@@ -481,20 +491,30 @@ def _check_limits(width: int, height: int, frames: int, limits: ImageLimits) -> 
         )
 
 
-def _decode(data: bytes, image_format: ImageFormat, limits: ImageLimits) -> tuple[int, int, int]:
+def _decode(data: bytes, image_format: ImageFormat, limits: ImageLimits,
+            on_first_frame: Callable[[Image.Image], None] | None = None) -> tuple[int, int, int]:
     """Decode every frame with Pillow; return ``(width, height, frames)`` as Pillow saw them."""
     pil_format = _FORMATS[image_format][0]
+    with _pillow_errors(image_format), Image.open(io.BytesIO(data), formats=[pil_format]) as image:
+        if image.format != pil_format:
+            raise ImageRejected(f"Pillow reads the {image_format.upper()} bytes as {image.format}")
+        frames = getattr(image, "n_frames", 1)
+        _check_limits(*image.size, frames, limits)
+        for frame in range(frames):
+            image.seek(frame)
+            _check_limits(*image.size, frames, limits)  # a GIF frame can grow the canvas
+            image.load()
+            if frame == 0 and on_first_frame is not None:
+                on_first_frame(image)
+        return image.size[0], image.size[1], frames
+
+
+@contextlib.contextmanager
+def _pillow_errors(image_format: ImageFormat) -> Iterator[None]:
+    """Whatever Pillow raises on these bytes, as an :class:`ImageRejected` saying why."""
+    pil_format = _FORMATS[image_format][0]
     try:
-        with Image.open(io.BytesIO(data), formats=[pil_format]) as image:
-            if image.format != pil_format:
-                raise ImageRejected(f"Pillow reads the {image_format.upper()} bytes as {image.format}")
-            frames = getattr(image, "n_frames", 1)
-            _check_limits(*image.size, frames, limits)
-            for frame in range(frames):
-                image.seek(frame)
-                _check_limits(*image.size, frames, limits)  # a GIF frame can grow the canvas
-                image.load()
-            return image.size[0], image.size[1], frames
+        yield
     except ImageRejected:
         raise
     except Image.DecompressionBombError as exc:
@@ -510,3 +530,49 @@ def _decode(data: bytes, image_format: ImageFormat, limits: ImageLimits) -> tupl
         # broken data, SyntaxError for broken PNG structure, ValueError, struct.error, ...).
         # Whatever it is, these bytes are refused.
         raise ImageRejected(f"Pillow cannot decode it: {type(exc).__name__}: {exc}") from None
+
+
+# --- first frames and headers, for thumbnails -----------------------------------------------
+
+
+def probe_image(data: bytes) -> tuple[ImageFormat, int, int, int]:
+    """``(format, width, height, frames)`` as the container structure says, without decoding any pixels.
+
+    The same sniffing and structure walk as :func:`validate_image` (so truncation, bad chunk sizes and
+    trailing bytes are refused); cheap enough to check many small files.
+    """
+    image_format = _sniff(data)
+    header = _PROBES[image_format](data)
+    return image_format, header.width, header.height, header.frames
+
+
+def open_first_frame(source: str | os.PathLike[str] | BinaryIO, limits: ImageLimits = ImageLimits(), *,
+                     draft_edge: int | None = None) -> Image.Image:
+    """The first frame of an image file, decoded under ``limits``; raise :class:`ImageRejected`.
+
+    The structure and the limits are checked as :func:`validate_image` checks them, before Pillow
+    decodes anything; only the first frame is decoded. ``draft_edge`` lets a JPEG decode at a
+    reduced DCT scale (1/2 to 1/8) whose longest edge stays at least that long: a fraction of the
+    work, for a thumbnail. The caller closes the image.
+    """
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is on in this process; refusing to decode images")
+    data = _read_all(source, limits.max_file_bytes)
+    image_format, width, height, frames = probe_image(data)
+    _check_limits(width, height, frames, limits)
+    pil_format = _FORMATS[image_format][0]
+    with _pillow_errors(image_format):
+        image = Image.open(io.BytesIO(data), formats=[pil_format])
+        try:
+            if image.format != pil_format:
+                raise ImageRejected(f"Pillow reads the {image_format.upper()} bytes as {image.format}")
+            _check_limits(*image.size, frames, limits)
+            if draft_edge is not None and image_format == "jpeg":
+                longest = max(image.size)
+                image.draft(None, (max(1, image.size[0] * draft_edge // longest),
+                                   max(1, image.size[1] * draft_edge // longest)))
+            image.load()
+        except BaseException:
+            image.close()
+            raise
+        return image

@@ -75,6 +75,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "Event",
     "EventPage",
+    "FailedEntry",
     "Feed",
     "GalleryEntry",
     "Job",
@@ -215,6 +216,17 @@ class GalleryEntry:
     completed_at_ms: float
     materialized_at: float
     files: list[OutputFile]
+
+
+@dataclass(frozen=True, slots=True)
+class FailedEntry:
+    """A job that failed upstream (``failed`` or ``unknown``), as noted with its ``media.failed`` event."""
+
+    job_id: str
+    completed_at_ms: float | None
+    noted_at: float
+    event_seq: int
+    doc: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -512,6 +524,32 @@ def _lenient_text(raw: bytes) -> str:
     return raw.decode("utf-8", "replace")
 
 
+def _connect_read_only(path: Path, busy_timeout: float) -> sqlite3.Connection:
+    """A connection that can only read: SQLite's ``mode=ro``, on a ledger of exactly this schema version."""
+    _refuse_untrusted(path)
+    if not path.exists():
+        raise LedgerOpenError(f"no ledger at {path}")
+    try:
+        conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=busy_timeout,
+                               isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise LedgerOpenError(f"cannot open ledger {path}: {exc}") from exc
+    conn.text_factory = _lenient_text  # as for writers: one flipped byte must not stop every read
+    try:
+        application_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise LedgerOpenError(f"{path} is not a usable materializer ledger: {exc}") from exc
+    if application_id != _APPLICATION_ID or version != SCHEMA_VERSION:
+        conn.close()
+        what = "not a materializer ledger" if application_id != _APPLICATION_ID else (
+            f"ledger schema version {version}, not this materializer's {SCHEMA_VERSION}"
+            + ("; upgrade stella-materializer" if version > SCHEMA_VERSION else "; run the daemon once to upgrade it"))
+        raise LedgerOpenError(f"{path} is {what}")
+    return conn
+
+
 # -- the ledger ------------------------------------------------------------------
 
 # The rowid names a row whose job id itself may be garbled; the document is read as bytes and
@@ -534,7 +572,10 @@ class Ledger:
     write lock before raising :class:`LedgerBusyError`. ``create=False`` (for
     ``materializer status``) refuses to create a missing ledger. A ledger (or
     ``-wal``/``-shm``) that is a symlink, not a regular file, or another user's
-    raises :class:`~materializer.layout.UntrustedPath` before SQLite opens it.
+    raises :class:`~materializer.layout.UntrustedPath` before SQLite opens it. ``read_only=True``
+    (for ``materializer gallery``) opens an existing ledger of this schema version for
+    reading alone: it never creates, migrates or writes it, and writes raise
+    :class:`LedgerError`.
     """
 
     def __init__(
@@ -545,6 +586,7 @@ class Ledger:
         busy_timeout: float = 10.0,
         event_cap: int = DEFAULT_EVENT_CAP,
         clock: Callable[[], float] = time.time,
+        read_only: bool = False,
     ) -> None:
         if event_cap < 1:
             raise ValueError(f"event_cap must be at least 1, got {event_cap}")
@@ -552,7 +594,8 @@ class Ledger:
         self._event_cap = event_cap
         self._clock = clock
         self._lock = threading.Lock()
-        self._conn = _connect(self.path, create=create, busy_timeout=busy_timeout)
+        self._conn = (_connect_read_only(self.path, busy_timeout) if read_only
+                      else _connect(self.path, create=create, busy_timeout=busy_timeout))
 
     def close(self) -> None:
         with self._lock:
@@ -1071,6 +1114,17 @@ class Ledger:
             ).fetchall()
             files = _outputs_of(conn, [row[0] for row in rows])
         return [GalleryEntry(*row, files=files.get(row[0], [])) for row in rows]  # type: ignore[misc]
+
+    def failed_entries(self, limit: int) -> list[FailedEntry]:
+        """The newest ``limit`` jobs noted as failed upstream (newest noted first), with their documents."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT job_id, completed_at_ms, noted_at, event_seq, doc FROM failed_jobs"
+                " ORDER BY noted_at DESC, job_id DESC LIMIT ?",
+                (_count(limit, "limit"),),
+            ).fetchall()
+        return [FailedEntry(job_id, completed_at_ms, noted_at, event_seq, json.loads(doc))
+                for job_id, completed_at_ms, noted_at, event_seq, doc in rows]
 
     def status(self, quarantined_limit: int = 100) -> LedgerStatus:
         """Counts, quarantined jobs with reasons, cursors, last event and state, in one snapshot."""

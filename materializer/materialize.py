@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 
 from materializer.fetch import Fetcher, FetchError
 from materializer.gallery import MANIFEST_NAME, render_manifest
-from materializer.images import IMAGE_EXTENSIONS, ImageLimits, ImageRejected, validate_image
+from materializer.images import IMAGE_EXTENSIONS, ImageInfo, ImageLimits, ImageRejected, validate_image
 from materializer.jobs import Job, JobRejected, OutputRef, choose_asset, extract_outputs
 from materializer.layout import secure_layout
 from materializer.ledger import Event, GalleryEntry, Ledger, OutputFile
@@ -49,6 +49,7 @@ from materializer.media_files import (
 from materializer.options import DaemonOptions
 from materializer.payloads import materialized_payload, media_asset
 from materializer.store import FolderReplaced, OutputStore, PartialFile, StorageError
+from materializer.thumbnails import FirstFrame, Thumbnails, is_image
 
 __all__ = ["Attempt", "JobMaterializer", "JobRunner", "Materialized", "Permanent", "Retry", "RetryPolicy",
            "Workspace", "printable"]
@@ -112,12 +113,15 @@ class JobMaterializer:
     """Commits a job's files and builds its sidebar payload; raises :class:`Permanent` or :class:`Retry`.
 
     ``fetcher``, ``image_limits`` and ``max_data_bytes`` may be replaced while running (a reload);
-    a download under way finishes with what it started with.
+    a download under way finishes with what it started with. With ``thumbnails``, each image gets
+    its thumbnail right after its file commits, made from the pixels validation decoded; one that
+    cannot be made is left out and never fails the job.
     """
 
     def __init__(self, store: OutputStore, fetcher: Fetcher, image_limits: ImageLimits, max_data_bytes: int,
-                 concurrency: int) -> None:
+                 concurrency: int, thumbnails: Thumbnails | None = None) -> None:
         self.store = store
+        self.thumbnails = thumbnails
         self.fetcher = fetcher
         self.image_limits = image_limits
         self.max_data_bytes = max_data_bytes
@@ -163,7 +167,11 @@ class JobMaterializer:
             log.warning("job %s: extra output not kept: %s", printable(job.job_id), printable(reason))
             missing.append(reason)
         files = {index: result for index, result in results.items() if isinstance(result, OutputFile)}
-        payload = materialized_payload(job, media_asset(choice, files, self.outputs_base))
+        thumbnails = None
+        if self.thumbnails is not None:
+            thumbnails = {index: self.thumbnails.path_of(files[index].path) for index in choice.indices
+                          if is_image(files[index])}
+        payload = materialized_payload(job, media_asset(choice, files, self.outputs_base, thumbnails))
         return Materialized(sorted(files.values(), key=lambda f: f.index), payload, missing)
 
     async def _materialize_output(self, ref: OutputRef) -> OutputFile:
@@ -215,7 +223,7 @@ class JobMaterializer:
         ext = path.suffix[1:]
         try:
             if ext in IMAGE_EXTENSIONS:
-                info = validate_image(path, self.image_limits)
+                info = self._validate_existing(path)  # its thumbnail made again too
                 if info.ext == ext and (ref.data is None or hashlib.sha256(ref.data).hexdigest() == info.sha256):
                     return _output_file(ref.index, path.name, info.mime, info.width, info.height, info.bytes,
                                         info.sha256)
@@ -250,14 +258,31 @@ class JobMaterializer:
         """
         head = os.pread(partial.fileno(), SNIFF_BYTES, 0)
         if ref.media_kind == "image" or (ref.media_kind != "text" and looks_like_image(head)):
-            info = validate_image(partial, self.image_limits)
-            path = self.store.commit(partial, f"{ref.stem}.{info.ext}")
+            frame = FirstFrame() if self.thumbnails is not None else None
+            info = validate_image(partial, self.image_limits, frame)
+            name = f"{ref.stem}.{info.ext}"
+            # Encoded and committed beside the file's commit (which waits on fsyncs), not after it.
+            thumbnail = self.thumbnails.save_soon(name, frame) if self.thumbnails and frame else None
+            try:
+                path = self.store.commit(partial, name)
+            finally:
+                if thumbnail is not None:
+                    thumbnail.result()
             return _output_file(ref.index, path.name, info.mime, info.width, info.height, info.bytes, info.sha256)
         size = os.fstat(partial.fileno()).st_size
         data = os.pread(partial.fileno(), size, 0) if needs_whole_file(head) else head
         kind = output_type(data, media_kind=ref.media_kind, url=ref.url, declared_mime=ref.declared_mime)
         path = self.store.commit(partial, f"{ref.stem}.{kind.ext}")
         return _output_file(ref.index, path.name, kind.mime, None, None, size, fetched_sha or _sha256_file(path))
+
+
+    def _validate_existing(self, path: Path) -> ImageInfo:
+        """Validate an image already in place (a retry after a crash) and make its thumbnail again."""
+        frame = FirstFrame() if self.thumbnails is not None else None
+        info = validate_image(path, self.image_limits, frame)
+        if self.thumbnails is not None and frame is not None:
+            self.thumbnails.save(path.name, frame)
+        return info
 
 
 class JobRunner:
@@ -320,11 +345,15 @@ class Workspace:
         secure_layout(layout, options.root)  # UntrustedPath: refused before anything is opened in it
         self.ledger = Ledger(layout.ledger)
         self.store = OutputStore(layout.outputs)
+        self.thumbnails = (Thumbnails(layout.thumbnails, options.image_limits, options.download_concurrency)
+                           if options.thumbnails else None)
+        self._thumbnails_missing: list[OutputFile] = []
+        self._thumbnails_tried: set[str] = set()
         #: The ledger's own thread: every ledger call, in order (the sidebar server reads through it too).
         self.ledger_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
         self._retired_fetchers: list[Fetcher] = []
         self.materializer = JobMaterializer(self.store, _fetcher(options), options.image_limits,
-                                            options.fetch_max_bytes, options.download_concurrency)
+                                            options.fetch_max_bytes, options.download_concurrency, self.thumbnails)
         self.runner = JobRunner(self.ledger, self.db, self.materializer, owner, _retry_policy(options))
 
     async def db(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -374,16 +403,44 @@ class Workspace:
                 found[job_id] = problem
         return found
 
-    async def write_gallery(self) -> None:
+    async def write_gallery(self) -> bool:
+        """Rewrite gallery.json; True when it found images without a thumbnail that
+        :meth:`repair_thumbnails` has not tried yet."""
         entries = await self.db(self.ledger.gallery_entries, self.options.gallery_size)
         try:
             await asyncio.to_thread(self._write_manifest, entries, time.time() * 1000)
         except StorageError as exc:
             log.error("could not write %s: %s (will try again with the next job)", MANIFEST_NAME, exc)
+        return bool(self._thumbnails_missing)
 
     def _write_manifest(self, entries: list[GalleryEntry], generated_at_ms: float) -> None:
         """Render and replace the manifest (in a worker thread: a thousand jobs take milliseconds)."""
-        self.store.atomic_write_bytes(MANIFEST_NAME, render_manifest(entries, generated_at_ms))
+        thumbnails: dict[str, str] = {}
+        missing: list[OutputFile] = []
+        if self.thumbnails is not None:
+            for file in (f for entry in entries for f in entry.files if is_image(f)):
+                found = self.thumbnails.path_of(file.path)
+                if found is not None:
+                    thumbnails[file.path] = found
+                elif file.path not in self._thumbnails_tried:
+                    missing.append(file)
+        self._thumbnails_missing = missing
+        self.store.atomic_write_bytes(MANIFEST_NAME, render_manifest(entries, generated_at_ms, thumbnails))
+
+    async def repair_thumbnails(self, files: list[OutputFile] | None = None) -> int:
+        """Rebuild missing or broken thumbnails, off the jobs' path; return how many were made.
+
+        ``files`` are checked (the gallery's jobs at start-up, the jobs a replay covered); by default,
+        the images the last gallery write found without one. Each file is tried once per process, so
+        a file that cannot be thumbnailed does not make every gallery write try again.
+        """
+        if self.thumbnails is None:
+            return 0
+        if files is None:
+            files, self._thumbnails_missing = self._thumbnails_missing, []
+        todo = [f for f in files if f.path not in self._thumbnails_tried]
+        self._thumbnails_tried.update(f.path for f in todo)
+        return await asyncio.to_thread(self.thumbnails.repair, todo) if todo else 0
 
     def apply_live(self, options: DaemonOptions) -> None:
         """Take what a reloaded configuration may change while running (fetch and image limits, retries)."""
@@ -393,6 +450,8 @@ class Workspace:
             self._retired_fetchers.append(self.materializer.fetcher)
             self.materializer.fetcher = _fetcher(options)
         self.materializer.image_limits = options.image_limits
+        if self.thumbnails is not None:
+            self.thumbnails.limits = options.image_limits
         self.materializer.max_data_bytes = options.fetch_max_bytes
         self.runner.retry = _retry_policy(options)
 
@@ -400,6 +459,8 @@ class Workspace:
         for fetcher in (self.materializer.fetcher, *self._retired_fetchers):
             await fetcher.aclose()
         self.ledger_executor.shutdown(wait=True)
+        if self.thumbnails is not None:
+            self.thumbnails.close()
         self.store.close()
         self.ledger.close()
 

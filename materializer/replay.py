@@ -194,7 +194,9 @@ async def replay(options: DaemonOptions, tokens: TokenProvider, *, since: float,
 
         await asyncio.gather(*(replay_one(job.job_id, job.doc) for job in todo))
         progress.finish()
-        if summary.materialized:
+        # Jobs materialized before thumbnails existed (or whose thumbnail broke) get theirs now.
+        present = [f for job_id in summary.present for f in await worker.db(worker.ledger.outputs, job_id)]
+        if await worker.repair_thumbnails(present) or summary.materialized:
             await worker.write_gallery()
     finally:
         await worker.aclose()

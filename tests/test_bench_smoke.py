@@ -28,6 +28,7 @@ import scale  # noqa: E402
 import startup  # noqa: E402
 import subscription  # noqa: E402
 import throughput  # noqa: E402
+import thumbnails  # noqa: E402
 
 from materializer.layout import default_layout  # noqa: E402
 from materializer.ledger import Ledger  # noqa: E402
@@ -45,6 +46,7 @@ TINY: dict[str, tuple[Callable[..., Awaitable[BenchResult]], dict[str, Any]]] = 
     "realtime": (realtime.run, {"seconds": 0.5}),
     "subscription": (subscription.run, {"jobs": 3, "warmup": 1}),
     "startup": (startup.run, {"runs": 1}),
+    "thumbnails": (thumbnails.run, {"jobs": 2, "warmup": 1}),
 }
 
 

@@ -87,7 +87,7 @@ from materializer.convex.values import Int64, encode_ts
 from materializer.daemon import Materializer
 from materializer.images import validate_image
 from materializer.jobs import Job, JobRejected, extract_outputs, safe_job_id
-from materializer.layout import Layout, default_layout, inspect_layout, secure_layout
+from materializer.layout import THUMBNAILS_DIR, Layout, default_layout, inspect_layout, secure_layout
 from materializer.ledger import Ledger
 from materializer.materialize import Attempt
 from materializer.options import DaemonOptions
@@ -206,7 +206,7 @@ def stray_paths(base: Path, allowed_top: set[str]) -> list[str]:
 
     Allowed: the top-level names given (backend data, token file, log, config),
     the root's ``state/media`` folder with the ledger files, and plain files
-    directly inside ``outputs`` (no folders, no symlinks).
+    directly inside ``outputs`` or its ``.thumbs`` folder (no other folders, no symlinks).
     """
     root = base / "root"
     media = root / "state" / "media"
@@ -217,12 +217,13 @@ def stray_paths(base: Path, allowed_top: set[str]) -> list[str]:
             strays.append(str(path))
     if not root.exists():
         return strays
+    thumbnails = outputs / THUMBNAILS_DIR
     for path in root.rglob("*"):
-        if path in (root / "state", media, outputs):
+        if path in (root / "state", media, outputs) or (path == thumbnails and not path.is_symlink()):
             continue
         if path.parent == media and path.name in STATE_FILES:
             continue
-        if path.parent == outputs and not path.is_symlink() and path.is_file():
+        if path.parent in (outputs, thumbnails) and not path.is_symlink() and path.is_file():
             continue
         strays.append(str(path.relative_to(base)))
     return strays
@@ -404,7 +405,7 @@ class KillRun:
         if final:
             self.counts["partial_files"] += len(partials)
         for path in folder.iterdir() if folder.exists() else []:
-            if path.name == "gallery.json" or path.name.startswith(PARTIAL_PREFIX):
+            if path.name in ("gallery.json", THUMBNAILS_DIR) or path.name.startswith(PARTIAL_PREFIX):
                 continue
             stat = path.stat()
             identity = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
@@ -426,7 +427,7 @@ class KillRun:
         self.counts["lost_jobs"] += sum(statuses.get(job_id) != "materialized" for job_id in self.images)
         announced = probe.announcements()
         self.counts["missing_announcements"] += sum(announced[job_id] == 0 for job_id in self.images)
-        names = {path.name for path in default_layout(self.root).outputs.iterdir()} - {"gallery.json"}
+        names = {path.name for path in default_layout(self.root).outputs.iterdir()} - {"gallery.json", THUMBNAILS_DIR}
         self.counts["missing_files"] += sum(
             not any(f"{job_id}_{index}.{ext}" in names for ext in ("png", "jpg", "webp"))
             for job_id, images in self.images.items() for index in range(images))
@@ -1587,7 +1588,7 @@ def run_hostile_case(case: HostileCase, base: Path, backend: DevBackend | None) 
             listener.accept()
             counts["forbidden_connections"] += 1
     folder = default_layout(root).outputs
-    present = {path.name for path in folder.iterdir()} - {"gallery.json"} if folder.exists() else set()
+    present = {path.name for path in folder.iterdir()} - {"gallery.json", THUMBNAILS_DIR} if folder.exists() else set()
     counts["unexpected_outputs"] += len(present - expected_outputs - served_outputs) + len(expected_outputs - present)
     counts["files_outside_outputs"] += len(stray_paths(base, HOSTILE_TOP_LEVEL))
     log = daemon.log.read_text(errors="replace")

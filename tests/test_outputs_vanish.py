@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from materializer.layout import default_layout
+from materializer.layout import THUMBNAILS_DIR, default_layout
 from materializer.ledger import Ledger
 from materializer.store import OutputStore, StorageError, _storage_error
 from stella_devbackend.control import DevBackend
@@ -160,7 +160,9 @@ def test_an_outputs_folder_removed_or_moved_while_running_gets_every_file_back(
     assert "quarantined" not in ledger_jobs(root).values()
     if how == "mv":  # what was moved stays the user's, with nothing added after the move
         assert sorted(os.listdir(tmp_path / "moved-outputs")) == sorted(
-            [f"{j}_0.png" for j in first] + ["gallery.json"])
+            [f"{j}_0.png" for j in first] + ["gallery.json", THUMBNAILS_DIR])
+        assert sorted(os.listdir(tmp_path / "moved-outputs" / THUMBNAILS_DIR)) == sorted(
+            f"{j}_0.webp" for j in first)
 
 
 def test_files_changed_or_deleted_while_stopped_come_back_at_start(backend: DevBackend, tmp_path: Path) -> None:
