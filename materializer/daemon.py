@@ -100,6 +100,7 @@ class Materializer:
         self._work = asyncio.Event()
         self._announce = asyncio.Event()
         self._feeds_changed = asyncio.Event()  # the feed timer looks again at when to tick
+        self._anomalies_kept = asyncio.Lock()  # the feed loops and the timer report anomalies concurrently
         self._gallery_dirty = asyncio.Event()
         self._stopping = asyncio.Event()
         self._announced_seq = 0
@@ -384,9 +385,10 @@ class Materializer:
             await self._state_event(payload)
         ids = [a.job_id for a in report.anomalies if a.job_id is not None]
         if ids:
-            kept = await self.db(self.ledger.get_state, "anomalies", [])
-            known = [a for a in kept if isinstance(a, str)] if isinstance(kept, list) else []
-            await self.db(self.ledger.set_state, "anomalies", [*known, *ids][-MAX_ANOMALIES_KEPT:])
+            async with self._anomalies_kept:
+                kept = await self.db(self.ledger.get_state, "anomalies", [])
+                known = [a for a in kept if isinstance(a, str)] if isinstance(kept, list) else []
+                await self.db(self.ledger.set_state, "anomalies", [*known, *ids][-MAX_ANOMALIES_KEPT:])
 
     async def _token(self) -> str | None:
         return await self.tokens.get() if self.tokens is not None else None
