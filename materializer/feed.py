@@ -475,7 +475,6 @@ class SucceededFeed:
 
     def __init__(self, limit: int, reported: Sequence[tuple[float, float]] = (), *,
                  anomalies: Iterable[str] = (), start: CursorStart | None = None) -> None:
-        self.limit = limit
         self.coverage = Coverage()
         self._subscription = _Subscribed("succeeded", limit, start)
         self._reported = list(reported)
@@ -670,7 +669,6 @@ class FailedFeed:
     """
 
     def __init__(self, limit: int, overlap_ms: float, *, start: CursorStart | None = None) -> None:
-        self.limit = limit
         self.overlap_ms = overlap_ms
         self._subscription = _Subscribed("failed", limit, start)
 
