@@ -37,15 +37,17 @@ from materializer.convex.protocol import QueryFailure, QueryValue
 from materializer.convex.transport import ConnectionState, Subscription, SyncClient
 from materializer.feed import (
     AdvanceCursor,
+    CursorStart,
     Decision,
     FailedFeed,
     FillGap,
-    Gap,
     GapOutcome,
     Narrow,
     NoteFailed,
     Observe,
+    ReportAnomalies,
     ReportGap,
+    StartCursor,
     SucceededFeed,
 )
 from materializer.finite import is_finite_number
@@ -54,7 +56,7 @@ from materializer.ledger import Event, OutputFile
 from materializer.materialize import Workspace, printable
 from materializer.options import LIVE_OPTIONS, DaemonOptions
 from materializer.payloads import failed_payload
-from materializer.queries import FAILED_QUERY, SUCCEEDED_QUERY, PageQueryBroken, succeeded_pages
+from materializer.queries import FAILED_QUERY, SUCCEEDED_QUERY, PageQueryBroken, is_missing_function, succeeded_pages
 from materializer.tokens import TokenProvider
 
 __all__ = ["AUTH_ACTION", "Materializer"]
@@ -75,6 +77,11 @@ GALLERY_MIN_INTERVAL = 0.25
 
 #: How many reported gaps the ledger keeps for ``status`` (the event log keeps every one).
 MAX_GAPS_KEPT = 20
+#: How many job ids reported as anomalies the ledger keeps, so that a restart does not report them
+#: again (more than a window holds: the jobs that can come back in one).
+MAX_ANOMALIES_KEPT = 1000
+#: The feed timer never wakes more often than this (a guard: it sleeps until the feeds' next moment).
+FEED_TIMER_MIN_SECONDS = 0.05
 
 #: How often the outputs folder at its path is compared with the one held open (two syscalls), to notice
 #: it removed, replaced or moved even when no job is committing (every commit checks it too).
@@ -98,6 +105,8 @@ class Materializer:
         self._in_flight: dict[str, asyncio.Task[None]] = {}
         self._work = asyncio.Event()
         self._announce = asyncio.Event()
+        self._feeds_changed = asyncio.Event()  # the feed timer looks again at when to tick
+        self._anomalies_kept = asyncio.Lock()  # the feed loops and the timer report anomalies concurrently
         self._gallery_dirty = asyncio.Event()
         self._thumbnails_wanted = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -150,9 +159,18 @@ class Materializer:
             removed += await asyncio.to_thread(self.work.thumbnails.cleanup_stale_partials, max_age)
         if removed:
             log.info("removed %d partial file(s) left by an earlier run", removed)
-        lookback_ms = (time.time() - self.options.lookback_hours * 3600) * 1000
-        since = await self.db(self.ledger.ensure_cursor, lookback_ms)
-        failed_since = await self.db(self.ledger.ensure_cursor, lookback_ms, "failed")
+        # Retry times and leases later than could have been set come from a clock stepped back since.
+        now = self.ledger.now()
+        clamped = await self.db(self.ledger.clamp_schedule, now + self.work.runner.retry.longest_seconds,
+                                now + self.options.lease_seconds)
+        if clamped:
+            log.warning("pulled back %d retry time(s) or lease(s) set further ahead than any wait (the clock was "
+                        "stepped back)", clamped)
+        # The cursors as stored; the first answers check them against the server's clock (feed.CursorStart).
+        lookback_ms = self.options.lookback_hours * 3_600_000
+        start = CursorStart(await self.db(self.ledger.cursor, "succeeded"), lookback_ms)
+        failed_start = CursorStart(await self.db(self.ledger.cursor, "failed"), lookback_ms)
+        since, failed_since = start.provisional(time.time() * 1000), failed_start.provisional(time.time() * 1000)
         self._announced_seq = await self.db(self.ledger.last_seq)
         await self.db(self.ledger.set_state, "daemon", {"pid": os.getpid(), "started_at": time.time()})
         if self._display_factory is not None:
@@ -165,9 +183,13 @@ class Materializer:
         self.client.start()
         limit = self.options.subscription_limit
         kept = await self.db(self.ledger.get_state, "gaps", [])
+        anomalies = await self.db(self.ledger.get_state, "anomalies", [])
         self._feed = SucceededFeed(limit, [
             (g["fromMs"], g["coveredUntilMs"]) for g in (kept if isinstance(kept, list) else [])
-            if isinstance(g, dict) and is_finite_number(g.get("fromMs")) and is_finite_number(g.get("coveredUntilMs"))])
+            if isinstance(g, dict) and is_finite_number(g.get("fromMs")) and is_finite_number(g.get("coveredUntilMs"))],
+            anomalies=[a for a in (anomalies if isinstance(anomalies, list) else []) if isinstance(a, str)],
+            start=start)
+        self._failed_feed = FailedFeed(limit, self.options.cursor_overlap_ms, start=failed_start)
         succeeded = self.client.subscribe(SUCCEEDED_QUERY, {"since": since, "limit": limit})
         failed = self.client.subscribe(FAILED_QUERY, {"since": failed_since, "limit": limit})
         self._subscriptions = {"succeeded": succeeded, "failed": failed}
@@ -175,6 +197,7 @@ class Materializer:
         loops: dict[str, Callable[[], Awaitable[None]]] = {
             "succeeded feed": lambda: self._follow_succeeded(succeeded),
             "failed feed": lambda: self._follow_failed(failed),
+            "feed timer": self._feed_timer,
             "scheduler": self._schedule,
             "announcer": self._announcer,
             "gallery writer": self._gallery_writer,
@@ -221,23 +244,47 @@ class Materializer:
 
     async def _follow_succeeded(self, subscription: Subscription) -> None:
         async for result in subscription:
-            docs = _job_list(result)
-            if docs is not None:
-                since, limit = float(result.args["since"]), int(result.args.get("limit", 50))
-                await self._carry_out(self._feed.answer(since, limit, docs, time.time() * 1000))
+            since, limit = float(result.args["since"]), int(result.args.get("limit", 50))
+            answer = _answer(result)
+            if isinstance(answer, str):
+                await self._carry_out(self._feed.failed(since, limit, answer, self._server_now_ms()))
+            else:
+                await self._carry_out(self._feed.answer(since, limit, answer, self._server_now_ms()))
 
     async def _follow_failed(self, subscription: Subscription) -> None:
         async for result in subscription:
-            answer = _job_list(result)
-            if answer is None:
+            since, limit = float(result.args["since"]), int(result.args.get("limit", 50))
+            answer = _answer(result)
+            if isinstance(answer, str):
+                await self._carry_out(self._failed_feed.failed(since, limit, answer, self._server_now_ms()))
                 continue
             if sum(isinstance(d, dict) for d in answer) < len(answer):
                 log.warning("ignoring %d item(s) that are not job documents in an answer of %s",
                             len(answer) - sum(isinstance(d, dict) for d in answer), FAILED_QUERY)
-            await self._carry_out(self._failed_feed.answer(float(result.args["since"]), answer, time.time() * 1000))
+            await self._carry_out(self._failed_feed.answer(since, answer, self._server_now_ms(), limit))
+
+    async def _feed_timer(self) -> None:
+        """Tick the feeds when they asked to be (a window to grow back, a hidden range to list again)."""
+        while True:
+            due = [t for t in (self._feed.next_tick_ms(), self._failed_feed.next_tick_ms()) if t is not None]
+            timeout = None if not due else max(FEED_TIMER_MIN_SECONDS, (min(due) - self._server_now_ms()) / 1000)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):  # not wait_for: see _schedule
+                    await self._feeds_changed.wait()
+            self._feeds_changed.clear()
+            now = self._server_now_ms()
+            await self._carry_out([*self._feed.tick(now), *self._failed_feed.tick(now)])
+            self._feeds_changed.clear()  # its own decisions: the next round looks again anyway
+
+    def _server_now_ms(self) -> float:
+        """The server's clock as the sync protocol tells it; before any word, the ledger's steady clock."""
+        told = self.client.server_now_ms() if self.client is not None else None
+        return told if told is not None else self.ledger.now() * 1000
 
     async def _carry_out(self, decisions: list[Decision]) -> None:
         """Do what the feeds decided, in order, telling them how each step went."""
+        if not decisions:
+            return
         queue = collections.deque(decisions)
         while queue:
             decision = queue.popleft()
@@ -247,10 +294,20 @@ class Materializer:
             elif isinstance(decision, NoteFailed):
                 await self._note_failed(decision.docs)
             elif isinstance(decision, FillGap):
-                outcome, reason = await self._fill_gap(decision.gap)
-                queue.extend(self._feed.gap_outcome(decision.gap, outcome, reason))
+                outcome, reason = await self._fill_gap(decision)
+                if decision.hidden:
+                    queue.extend(self._feed.hidden_outcome(decision.gap, outcome, reason))
+                else:
+                    queue.extend(self._feed.gap_outcome(decision.gap, outcome, reason))
             elif isinstance(decision, ReportGap):
                 await self._report_gap(decision)
+            elif isinstance(decision, ReportAnomalies):
+                await self._report_anomalies(decision)
+            elif isinstance(decision, StartCursor):
+                if decision.why:
+                    log.warning("the %s cursor starts at %s: %s", decision.feed, _iso_ms(decision.since_ms),
+                                decision.why)
+                await self.db(self.ledger.place_cursor, decision.since_ms, decision.feed)
             elif isinstance(decision, AdvanceCursor):
                 cursor = await self.db(self.ledger.advance_cursor, decision.covered_from_ms, decision.covered_until_ms,
                                        feed=decision.feed, overlap_ms=self.options.cursor_overlap_ms)
@@ -258,7 +315,11 @@ class Materializer:
                 queue.extend(feed.cursor_moved(cursor))
             else:
                 assert isinstance(decision, Narrow)
+                if decision.why:
+                    log.warning("%s: %s", SUCCEEDED_QUERY if decision.feed == "succeeded" else FAILED_QUERY,
+                                decision.why)
                 self._subscriptions[decision.feed].update_args({"since": decision.since_ms, "limit": decision.limit})
+        self._feeds_changed.set()
 
     async def _note_failed(self, docs: tuple[Mapping[str, Any], ...]) -> None:
         for doc in docs:
@@ -277,16 +338,28 @@ class Materializer:
             self._work.set()
         return new
 
-    async def _fill_gap(self, gap: Gap) -> tuple[GapOutcome, str]:
-        """List the gap's jobs with the page query (where the backend has one) and observe them."""
-        log.info("the subscription window is full: catching up on jobs from %s until %s", _iso_ms(gap.from_ms),
-                 _iso_ms(gap.until_ms))
+    async def _fill_gap(self, fill: FillGap) -> tuple[GapOutcome, str]:
+        """List the gap's jobs with the page query (where the backend has one) and observe them.
+
+        A hidden range (behind a window of future-dated jobs) is listed again and again: logged at debug level.
+        """
+        gap = fill.gap
+        log.log(logging.DEBUG if fill.hidden else logging.INFO, "%s: catching up on jobs from %s until %s",
+                "the window is full of jobs dated in the future" if fill.hidden else "the subscription window is full",
+                _iso_ms(gap.from_ms), "the last one" if fill.list_all else _iso_ms(gap.until_ms))
         try:
             async with ConvexHttpClient(self.options.convex_url) as http:
-                async for page in succeeded_pages(http, self._token, gap.from_ms, gap.until_ms):
+                async for page in succeeded_pages(http, self._token, gap.from_ms,
+                                                  None if fill.list_all else gap.until_ms):
                     await self.observe(page)
+                    await self._carry_out(self._feed.listed(page, self._server_now_ms()))
         except ConvexFunctionError as exc:
-            return "absent", f"the backend has no gap-free page query ({exc.error_message.splitlines()[0][:200]})"
+            first_line = exc.error_message.splitlines()[0][:200] if exc.error_message else ""
+            if not is_missing_function(exc):
+                log.warning("catching up on jobs from %s until %s failed on the server (%s); trying again later",
+                            _iso_ms(gap.from_ms), _iso_ms(gap.until_ms), printable(first_line))
+                return "failed", first_line
+            return "absent", f"the backend has no gap-free page query ({first_line})"
         except PageQueryBroken as exc:
             return "absent", f"catching up failed: {exc}"
         except (ConvexAuthError, ConvexHttpError, OSError) as exc:
@@ -307,6 +380,27 @@ class Materializer:
         record = {**public, "coveredUntilMs": report.covered_until_ms, "at": time.time()}
         await self.db(self.ledger.set_state, "gaps", [*gaps[-(MAX_GAPS_KEPT - 1):], record])
         await self._state_event({"state": "gap", **public})
+
+    async def _report_anomalies(self, report: ReportAnomalies) -> None:
+        """Log each anomaly and tell the sidebar; keep the job ids so that a restart does not report them again."""
+        for anomaly in report.anomalies:
+            payload: dict[str, Any] = {"state": "anomaly", "reason": anomaly.reason,
+                                       "serverNowMs": anomaly.server_now_ms}
+            if anomaly.job_id is None:
+                log.error("%s", anomaly.reason)
+            else:
+                log.warning("job %s is an anomaly: %s (it is materialized like any other)", printable(anomaly.job_id),
+                            anomaly.reason)
+                payload["jobId"] = anomaly.job_id
+            if anomaly.completed_at_ms is not None:
+                payload["completedAtMs" if anomaly.job_id is not None else "sinceMs"] = anomaly.completed_at_ms
+            await self._state_event(payload)
+        ids = [a.job_id for a in report.anomalies if a.job_id is not None]
+        if ids:
+            async with self._anomalies_kept:
+                kept = await self.db(self.ledger.get_state, "anomalies", [])
+                known = [a for a in kept if isinstance(a, str)] if isinstance(kept, list) else []
+                await self.db(self.ledger.set_state, "anomalies", [*known, *ids][-MAX_ANOMALIES_KEPT:])
 
     async def _token(self) -> str | None:
         return await self.tokens.get() if self.tokens is not None else None
@@ -460,6 +554,7 @@ class Materializer:
                 log.warning("waiting for a fresh token: %s", change.detail or "the token source has none")
             elif change.state is ConnectionState.CONNECTED:
                 self._feed.connected()
+                self._feeds_changed.set()
                 log.info("connected to %s", self.options.convex_url)
             elif change.state is ConnectionState.DISCONNECTED:
                 log.info("disconnected: %s", change.detail or "")
@@ -478,15 +573,19 @@ class Materializer:
 
 
 
-def _job_list(result: QueryValue | QueryFailure) -> list[Any] | None:
-    """The jobs in a feed's answer, or None (logged) when the function threw or answered something else."""
+def _answer(result: QueryValue | QueryFailure) -> list[Any] | str:
+    """The jobs in a feed's answer, or why there are none (logged): the function threw, the answer was too
+    large to take, or it is not a list."""
     if isinstance(result, QueryFailure):
-        log.warning("%s failed on the server: %s", result.udf_path, result.error_message)
-        return None
+        if result.too_large:
+            log.warning("%s: %s", result.udf_path, result.error_message)
+        else:
+            log.warning("%s failed on the server: %s", result.udf_path, result.error_message)
+        return printable(result.error_message.splitlines()[0][:200] if result.error_message else "failed")
     if not isinstance(result.value, list):
         log.warning("%s answered %s, not a list of jobs: ignoring the answer", result.udf_path,
                     type(result.value).__name__)
-        return None
+        return f"it answered {type(result.value).__name__}, not a list of jobs"
     return result.value
 
 

@@ -61,7 +61,7 @@ from materializer.convex.transport import ConnectionState, SyncClient
 from materializer.finite import is_finite_number
 from materializer.layout import Finding, inspect_layout
 from materializer.logs import redact
-from materializer.queries import FAILED_QUERY, JOB_QUERY, PAGE_QUERY, SUCCEEDED_QUERY
+from materializer.queries import FAILED_QUERY, JOB_QUERY, MISSING_FUNCTION, PAGE_QUERY, SUCCEEDED_QUERY
 from materializer.store import OutputStore, StorageError
 from materializer.tokens import TokenProvider, TokenSourceError, provider_for
 
@@ -100,8 +100,6 @@ LIST_LIMIT = 1
 REFUSED_CLIENT_CODES = frozenset({"ClientVersionUnsupported", "InvalidClientVersion"})
 #: A certificate this close to expiry is a warning (renewal has probably failed).
 CERT_WARNING_SECONDS = 14 * 86_400
-#: The server's message for a function that does not exist (the page query, on the real backend).
-MISSING_FUNCTION = "Could not find public function"
 #: The checks after ``token`` that need the deployment's answers.
 _SERVER_CHECKS = ("get_by_job_id", "list_succeeded_since", "list_failed_since", "page_query", "sync_socket")
 #: How each status reads in text: the bad ones in capitals, so they stand out.

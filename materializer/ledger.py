@@ -601,6 +601,10 @@ class Ledger:
         with self._lock:
             self._conn.close()
 
+    def now(self) -> float:
+        """The ledger's clock (Unix seconds): what attempt times and leases are measured against."""
+        return self._clock()
+
     def __enter__(self) -> Ledger:
         return self
 
@@ -837,6 +841,46 @@ class Ledger:
                 _require_job(conn, job_id)
         return row[0] if row else None
 
+    def quarantine_unkept(self, job_id: str, completed_at_ms: float, reason: str) -> bool:
+        """Record a job whose document cannot be kept, as quarantined with ``reason`` (its document not stored).
+
+        Only the id and ``completedAt`` are kept. Returns False if the job was already known and
+        not pending (then nothing changes).
+        """
+        completed_at_ms = _finite(completed_at_ms, "completed_at_ms")
+        stub = _dump_json({"jobId": job_id, "completedAt": completed_at_ms}, f"job {job_id!r}")
+        with self._write() as conn:
+            changed = conn.execute(
+                "INSERT INTO jobs (job_id, completed_at_ms, capability, profile, first_seen_at, doc, status, attempts,"
+                " last_error) VALUES (:job_id, :completed, '', '', :now, :doc, 'quarantined', 1, :reason)"
+                " ON CONFLICT (job_id) DO UPDATE SET status = 'quarantined', last_error = :reason, lease_owner = NULL,"
+                " lease_expires_at = NULL WHERE status = 'pending'",
+                {"job_id": _text(job_id), "completed": completed_at_ms, "now": self._clock(), "doc": stub,
+                 "reason": _text(reason)},
+            ).rowcount
+            _note_seen(conn, "succeeded", completed_at_ms)
+        return changed == 1
+
+    def clamp_schedule(self, latest_attempt_at: float, latest_lease_expiry: float) -> int:
+        """Pull back attempt times and leases later than could have been set: return how many.
+
+        Retries wait at most the retry policy's longest delay and leases last ``lease_seconds``;
+        a stored time later than that came from a clock that has since been stepped back (or
+        from a clock that was ahead), and would hold a job back for as long as the step.
+        """
+        attempt_at = _finite(latest_attempt_at, "latest_attempt_at")
+        lease_until = _finite(latest_lease_expiry, "latest_lease_expiry")
+        with self._write() as conn:
+            retries = conn.execute(
+                "UPDATE jobs SET next_attempt_at = ? WHERE status = 'pending' AND next_attempt_at > ?",
+                (attempt_at, attempt_at),
+            ).rowcount
+            leases = conn.execute(
+                "UPDATE jobs SET lease_expires_at = ? WHERE status = 'pending' AND lease_expires_at > ?",
+                (lease_until, lease_until),
+            ).rowcount
+        return retries + leases
+
     def quarantine(self, job_id: str, reason: str) -> bool:
         """Give up on a pending job with ``reason``; it counts as finished for the cursor.
 
@@ -1029,6 +1073,21 @@ class Ledger:
                 )
                 return initial_ms
             return since
+
+    def cursor(self, feed: Feed = "succeeded") -> float | None:
+        """The feed's cursor, or None if it was never set."""
+        with self._read() as conn:
+            return _cursor_row(conn, feed)[0]
+
+    def place_cursor(self, since_ms: float, feed: Feed = "succeeded") -> float:
+        """Put the cursor at ``since_ms``, back or forth: only at start, where the server's clock placed it
+        (a first cursor, or one dated after the server's now pulled back). Returns it."""
+        since_ms = _finite(since_ms, "since_ms")
+        with self._write() as conn:
+            _cursor_row(conn, feed)
+            conn.execute("UPDATE cursors SET since_ms = ?, updated_at = ? WHERE feed = ?",
+                         (since_ms, self._clock(), feed))
+        return since_ms
 
     def advance_cursor(
         self,

@@ -9,7 +9,7 @@ and of the modules that enforce them.
 
 from __future__ import annotations
 
-__all__ = ["MAX_DECODED_BYTES", "MAX_DOWNLOAD_BYTES", "MAX_EDGE", "MAX_FRAMES", "MAX_PIXELS"]
+__all__ = ["MAX_DECODED_BYTES", "MAX_DOWNLOAD_BYTES", "MAX_EDGE", "MAX_FRAMES", "MAX_JOB_DOCUMENT_BYTES", "MAX_PIXELS"]
 
 #: Largest download (and decoded data URI), in bytes.
 MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024
@@ -21,3 +21,7 @@ MAX_PIXELS = 100_000_000
 MAX_FRAMES = 300
 #: Most memory a decoded image may need (width x height x 4 x frames).
 MAX_DECODED_BYTES = 400_000_000
+#: The largest job document the ledger keeps (as JSON): a Convex query answer holds at most 16 MiB
+#: (``FUNCTION_MAX_RESULT_SIZE``, get-convex/convex-backend ``crates/common/src/knobs.rs``) and a
+#: document at most 1 MiB, so a larger one comes from no real deployment; it is quarantined instead.
+MAX_JOB_DOCUMENT_BYTES = 16 * 1024 * 1024

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import random
@@ -30,12 +31,15 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
+from materializer.clock import SteadyClock
 from materializer.fetch import Fetcher, FetchError
+from materializer.finite import finite_number
 from materializer.gallery import MANIFEST_NAME, render_manifest
 from materializer.images import IMAGE_EXTENSIONS, ImageInfo, ImageLimits, ImageRejected, validate_image
 from materializer.jobs import Job, JobRejected, OutputRef, choose_asset, extract_outputs
 from materializer.layout import secure_layout
 from materializer.ledger import Event, GalleryEntry, Ledger, OutputFile
+from materializer.limits import MAX_JOB_DOCUMENT_BYTES
 from materializer.media_files import (
     BINARY,
     MEDIA_TYPES,
@@ -94,6 +98,10 @@ class Attempt:
     event: Event | None = None
 
 
+#: A retry's delay is scaled by a random factor in this range, so that failed jobs do not retry in step.
+RETRY_JITTER = (0.5, 1.5)
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """How often and how patiently a job is tried (``daemon.max_attempts``, ``daemon.retry_*_seconds``)."""
@@ -102,8 +110,13 @@ class RetryPolicy:
     base_seconds: float = 2.0
     max_seconds: float = 600.0
 
+    @property
+    def longest_seconds(self) -> float:
+        """The longest :meth:`delay` can be (its jitter included)."""
+        return self.max_seconds * RETRY_JITTER[1]
+
     def delay(self, attempts: int, retry_after: float | None, rng: random.Random) -> float:
-        delay = min(self.max_seconds, self.base_seconds * 2**attempts) * rng.uniform(0.5, 1.5)
+        delay = min(self.max_seconds, self.base_seconds * 2**attempts) * rng.uniform(*RETRY_JITTER)
         if retry_after is not None:
             delay = max(delay, min(retry_after, self.max_seconds))
         return float(delay)
@@ -315,7 +328,7 @@ class JobRunner:
                 return await self._give_up(job_id, f"gave up after {attempts + 1} attempts: {exc}")
             delay = self.retry.delay(attempts, exc.retry_after, self._rng)
             log.info("job %s will be retried in %.1fs: %s", printable(job_id), delay, exc)
-            await self.db(self.ledger.record_failure, job_id, str(exc), time.time() + delay, owner=self.owner)
+            await self.db(self.ledger.record_failure, job_id, str(exc), self.ledger.now() + delay, owner=self.owner)
             return Attempt("retry", str(exc))
         event = await self.db(self.ledger.mark_materialized, job_id, done.files, done.payload, done.missing)
         # The outputs folder may have been removed or moved between a commit and this record: then the
@@ -343,7 +356,8 @@ class Workspace:
         self.options = options
         layout = options.layout
         secure_layout(layout, options.root)  # UntrustedPath: refused before anything is opened in it
-        self.ledger = Ledger(layout.ledger)
+        # Attempt times and leases on a clock that wall-clock steps do not move (see materializer.clock).
+        self.ledger = Ledger(layout.ledger, clock=SteadyClock())
         self.store = OutputStore(layout.outputs)
         self.thumbnails = (Thumbnails(layout.thumbnails, options.image_limits, options.download_concurrency)
                            if options.thumbnails else None)
@@ -366,6 +380,7 @@ class Workspace:
         usable = [d for d in docs if isinstance(d, dict) and d.get("status", "succeeded") == "succeeded"]
         if len(usable) < len(docs):
             log.warning("ignoring %d item(s) that are not job documents of succeeded jobs", len(docs) - len(usable))
+        usable = [d for d in usable if not await self._quarantined_for_size(d)]
         try:
             new: list[str] = await self.db(self.ledger.observe_jobs, usable)
         except ValueError:
@@ -402,6 +417,22 @@ class Workspace:
             if problem is not None:
                 found[job_id] = problem
         return found
+
+    async def _quarantined_for_size(self, doc: dict[str, Any]) -> bool:
+        """Quarantine a document too large to keep (over MAX_JOB_DOCUMENT_BYTES); whether it was."""
+        try:
+            size = len(json.dumps(doc, separators=(",", ":")).encode("utf-8", "replace"))
+        except (TypeError, ValueError):
+            return False  # not plain JSON: the ledger refuses it, with its reason
+        job_id, completed_at = doc.get("jobId"), finite_number(doc.get("completedAt"))
+        if size <= MAX_JOB_DOCUMENT_BYTES or not isinstance(job_id, str) or not job_id or completed_at is None:
+            return False
+        reason = f"job document is {size:,} bytes, over the {MAX_JOB_DOCUMENT_BYTES:,} the ledger keeps"
+        if await self.db(self.ledger.quarantine_unkept, job_id, completed_at, reason):
+            log.warning("job %s given up: %s", printable(job_id), reason)
+            await self.db(self.ledger.append_event, "materializer.state",
+                          {"state": "quarantined", "jobId": job_id, "reason": reason})
+        return True
 
     async def write_gallery(self) -> bool:
         """Rewrite gallery.json; True when it found images without a thumbnail that

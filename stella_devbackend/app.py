@@ -44,6 +44,7 @@ from aiohttp import web
 from materializer.convex.values import from_convex_json, to_convex_json
 from stella_devbackend.auth import Authority, TokenError
 from stella_devbackend.clients import ClientVersion, ClientVersionError, State, client_version_of
+from stella_devbackend.clock import ServerClock
 from stella_devbackend.db import JobTable
 from stella_devbackend.faults import HTTP_KINDS, Faults
 from stella_devbackend.functions import FunctionError, Functions
@@ -94,9 +95,10 @@ class Backend:
         files_dir = options.data_dir / "files"
         files_dir.mkdir(exist_ok=True)
         self.files_dir = files_dir
-        self.authority = Authority(options.data_dir)
-        self.table = JobTable(options.data_dir / "jobs.sqlite3")
-        self.functions = Functions(options.extensions)
+        clock = ServerClock(options.clock_offset)
+        self.authority = Authority(options.data_dir, clock)
+        self.table = JobTable(options.data_dir / "jobs.sqlite3", clock)
+        self.functions = Functions(options.extensions, max_read_bytes=options.max_read_bytes)
         self.faults = Faults()
         if options.data_uri_outputs:
             self.faults.output_mode = "data_uri"

@@ -16,9 +16,9 @@ from __future__ import annotations
 import math
 import os
 import secrets
-import time
 from pathlib import Path
 
+from stella_devbackend.clock import ServerClock
 from stella_devbackend.jwt import TokenError, sign_hs256, verify_hs256
 
 __all__ = ["DEFAULT_TOKEN_TTL", "SESSION_SECRET_FILE", "Authority", "TokenError"]
@@ -42,7 +42,8 @@ def _read_or_create(path: Path, make: bytes) -> bytes:
 class Authority:
     """Mints and checks user tokens; holds the admin key and the dev session secret."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, clock: ServerClock | None = None) -> None:
+        self.clock = clock or ServerClock()
         self.secret = _read_or_create(data_dir / "jwt-secret", secrets.token_hex(32).encode())
         self.admin_key = _read_or_create(data_dir / "admin-key", secrets.token_urlsafe(24).encode()).decode()
         self.session_secret_path = data_dir / SESSION_SECRET_FILE
@@ -50,13 +51,13 @@ class Authority:
 
     def mint(self, subject: str, ttl: float) -> str:
         """A token for ``subject`` that expires ``ttl`` seconds (rounded up, may be negative) after its ``iat``."""
-        issued = int(time.time())
+        issued = int(self.clock.time())
         claims = {"iss": ISSUER, "sub": subject, "iat": issued, "exp": issued + math.ceil(ttl)}
         return sign_hs256(claims, self.secret)
 
     def verify(self, token: str) -> tuple[str, float]:
         """The user a token belongs to and when it expires; raises :class:`TokenError` for a refused token."""
-        claims = verify_hs256(token, self.secret)
+        claims = verify_hs256(token, self.secret, now=self.clock.time())
         if claims.get("iss") != ISSUER:
             raise TokenError("token was not issued by this backend")
         return claims["sub"], float(claims["exp"])

@@ -14,11 +14,12 @@ import asyncio
 import base64
 import json
 import sqlite3
-import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["JobTable", "PageCursorError"]
+from stella_devbackend.clock import ServerClock
+
+__all__ = ["JobTable", "PageCursorError", "ReadBudget", "TooManyBytesRead"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS media_jobs (
@@ -37,16 +38,46 @@ class PageCursorError(ValueError):
     """A pagination cursor this table did not issue."""
 
 
-class JobTable:
-    """Job documents keyed by ``jobId`` and scoped by owner."""
+class TooManyBytesRead(Exception):
+    """A function execution read more document bytes than its budget allows."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"read more than {limit} bytes of documents")
+        self.limit = limit
+
+
+class ReadBudget:
+    """The document bytes one function execution may read.
+
+    As ``crates/database/src/reads.rs`` ``record_read_document``: every document read counts
+    (the returned ones and any read past them), and the function fails as soon as the total
+    passes the limit. A document's size is its stored JSON here, which is no smaller than
+    Convex's measure of it (so the budget runs out no later than on the real backend).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def read(self, text: str) -> dict[str, Any]:
+        self.used += len(text.encode())
+        if self.used > self.limit:
+            raise TooManyBytesRead(self.limit)
+        doc: dict[str, Any] = json.loads(text)
+        return doc
+
+
+class JobTable:
+    """Job documents keyed by ``jobId`` and scoped by owner; ``clock`` is the deployment's."""
+
+    def __init__(self, path: Path | str, clock: ServerClock | None = None) -> None:
+        self.clock = clock or ServerClock()
         self._db = sqlite3.connect(path, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
         row = self._db.execute("SELECT value FROM meta WHERE key='ts'").fetchone()
-        self.ts = int(row[0]) if row else time.time_ns()
+        self.ts = int(row[0]) if row else self.clock.time_ns()
         self._owner_ts: dict[str, int] = {}
         self._changed = asyncio.Event()
 
@@ -64,7 +95,7 @@ class JobTable:
         return self._owner_ts.get(owner, 0)
 
     def _commit_ts(self, owner: str) -> None:
-        self.ts = max(time.time_ns(), self.ts + 1)
+        self.ts = max(self.clock.time_ns(), self.ts + 1)
         self._owner_ts[owner] = self.ts
         self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('ts', ?)", (str(self.ts),))
         event, self._changed = self._changed, asyncio.Event()
@@ -98,13 +129,13 @@ class JobTable:
 
     # -- reads -----------------------------------------------------------------
 
-    def get(self, owner: str | None, job_id: str) -> dict[str, Any] | None:
+    def get(self, owner: str | None, job_id: str, budget: ReadBudget | None = None) -> dict[str, Any] | None:
         if owner is None:
             return None
         row = self._db.execute(
             "SELECT doc FROM media_jobs WHERE job_id = ? AND owner = ?", (job_id, owner)
         ).fetchone()
-        return json.loads(row[0]) if row else None
+        return _read(budget, row[0]) if row else None
 
     def unfinished(self) -> list[tuple[str, dict[str, Any]]]:
         """Jobs still queued or running (to resume after a restart)."""
@@ -113,7 +144,8 @@ class JobTable:
         ).fetchall()
         return [(owner, json.loads(doc)) for owner, doc in rows]
 
-    def newest_since(self, owner: str, statuses: tuple[str, ...], since: float, limit: int) -> list[dict[str, Any]]:
+    def newest_since(self, owner: str, statuses: tuple[str, ...], since: float, limit: int,
+                     budget: ReadBudget | None = None) -> list[dict[str, Any]]:
         """Jobs with one of ``statuses`` and ``completedAt >= since``, newest first, at most ``limit``."""
         marks = ", ".join("?" * len(statuses))
         rows = self._db.execute(
@@ -121,10 +153,10 @@ class JobTable:
             " ORDER BY completed_at DESC, job_id DESC LIMIT ?",
             (owner, *statuses, since, limit),
         ).fetchall()
-        return [json.loads(doc) for (doc,) in rows]
+        return [_read(budget, doc) for (doc,) in rows]
 
     def page_succeeded(
-        self, owner: str, since: float, num_items: int, cursor: str | None
+        self, owner: str, since: float, num_items: int, cursor: str | None, budget: ReadBudget | None = None
     ) -> tuple[list[dict[str, Any]], bool, str]:
         """One page of succeeded jobs, oldest first by ``completedAt``: (page, is_done, continue_cursor)."""
         after = _decode_cursor(cursor) if cursor else None
@@ -145,7 +177,15 @@ class JobTable:
             continue_cursor = _encode_cursor(page[-1][0], page[-1][1])
         else:
             continue_cursor = cursor or _encode_cursor(since, "")
-        return [json.loads(doc) for _, _, doc in page], is_done, continue_cursor
+        docs = [_read(budget, doc) for _, _, doc in rows]  # the row read past the page counts: stricter
+        return docs[:num_items], is_done, continue_cursor
+
+
+def _read(budget: ReadBudget | None, text: str) -> dict[str, Any]:
+    if budget is None:
+        doc: dict[str, Any] = json.loads(text)
+        return doc
+    return budget.read(text)
 
 
 def _completed_at(doc: dict[str, Any]) -> float | None:

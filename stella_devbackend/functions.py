@@ -8,6 +8,12 @@ page-query`` adds ``listSucceededPage``, which the real backend does not
 have). A function that throws becomes ``QueryFailed`` on the sync protocol
 and an HTTP 200 ``status: "error"`` answer on ``/api/query``; both carry
 the message built here.
+
+Every run has a read budget, Convex's ``TRANSACTION_MAX_READ_SIZE_BYTES``
+(16 MiB, ``crates/common/src/knobs.rs``): a query that reads more document
+bytes fails with the message of ``crates/database/src/reads.rs``
+(``TooManyBytesRead``), whatever its ``limit`` asked for. So a window of
+large jobs fails on the real backend rather than arriving as one huge answer.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from stella_devbackend.db import JobTable, PageCursorError
+from stella_devbackend.db import JobTable, PageCursorError, ReadBudget, TooManyBytesRead
+from stella_devbackend.options import MAX_READ_BYTES
 
 __all__ = ["EXTENSION_FUNCTIONS", "FunctionError", "Functions", "canonical_udf_path"]
 
@@ -29,11 +36,16 @@ MAX_LIMIT = 200
 FAILED_STATUSES = ("failed", "unknown")
 
 
+#: ``OVER_LIMIT_HELP`` (``crates/database/src/reads.rs``), the end of every read-limit message.
+OVER_LIMIT_HELP = ("Consider using smaller limits in your queries, paginating your queries, or using indexed queries "
+                   "with a selective index range expressions.")
+
+
 class FunctionError(Exception):
     """The function threw; the message is what Convex clients see."""
 
 
-Query = Callable[[JobTable, str | None, dict[str, Any]], Any]
+Query = Callable[[JobTable, str | None, dict[str, Any], ReadBudget], Any]
 
 
 # -- validators (crates/common/src/schemas/validator.rs ValidationError, crates/udf/src/validation.rs) ------
@@ -139,24 +151,24 @@ LIST_ARGS: Fields = {"since": NUMBER, "limit": _optional(NUMBER), "includeLogs":
 def _list_since(statuses: tuple[str, ...]) -> Query:
     """``listSucceededSince`` / ``listFailedSince``: newest first by ``completedAt``, at most the limit."""
 
-    def query(table: JobTable, owner: str | None, args: dict[str, Any]) -> Any:
+    def query(table: JobTable, owner: str | None, args: dict[str, Any], budget: ReadBudget) -> Any:
         _validate(args, LIST_ARGS)
         if owner is None:
             return []
-        docs = table.newest_since(owner, statuses, float(args["since"]), _take_count(args.get("limit")))
+        docs = table.newest_since(owner, statuses, float(args["since"]), _take_count(args.get("limit")), budget)
         return [_response(doc, args.get("includeLogs") is True) for doc in docs]
 
     return query
 
 
-def _get_by_job_id(table: JobTable, owner: str | None, args: dict[str, Any]) -> Any:
+def _get_by_job_id(table: JobTable, owner: str | None, args: dict[str, Any], budget: ReadBudget) -> Any:
     """``getByJobId``: the viewer's job or null; its logs always come along (it has no ``includeLogs``)."""
     _validate(args, {"jobId": STRING})
-    doc = table.get(owner, args["jobId"])
+    doc = table.get(owner, args["jobId"], budget)
     return None if doc is None else _response(doc, True)
 
 
-def _list_succeeded_page(table: JobTable, owner: str | None, args: dict[str, Any]) -> Any:
+def _list_succeeded_page(table: JobTable, owner: str | None, args: dict[str, Any], budget: ReadBudget) -> Any:
     """The ``page-query`` extension: a gap-free page of succeeded jobs, oldest first (not on the real backend)."""
     _validate(
         args,
@@ -179,7 +191,7 @@ def _list_succeeded_page(table: JobTable, owner: str | None, args: dict[str, Any
     if owner is None:
         return {"page": [], "isDone": True, "continueCursor": opts["cursor"] or ""}
     try:
-        page, is_done, cursor = table.page_succeeded(owner, since, num_items, opts["cursor"])
+        page, is_done, cursor = table.page_succeeded(owner, since, num_items, opts["cursor"], budget)
     except PageCursorError as exc:
         raise FunctionError(f"Uncaught Error: {exc}") from None
     include_logs = args.get("includeLogs") is True
@@ -215,7 +227,8 @@ def canonical_udf_path(udf_path: str) -> str:
 class Functions:
     """The deployment's public queries: the real ones plus any extensions switched on."""
 
-    def __init__(self, extensions: Iterable[str] = ()) -> None:
+    def __init__(self, extensions: Iterable[str] = (), *, max_read_bytes: int = MAX_READ_BYTES) -> None:
+        self.max_read_bytes = max_read_bytes
         self._queries = dict(QUERIES)
         for name in extensions:  # extensions that add no function (e.g. bearer-session) add nothing here
             self._queries.update(EXTENSION_FUNCTIONS.get(name, {}))
@@ -229,4 +242,8 @@ class Functions:
             raise FunctionError(f"Could not find public function for '{path}'.")
         if not isinstance(args, dict):
             raise FunctionError("ArgumentValidationError: arguments must be an object")
-        return function(table, owner, args)
+        try:
+            return function(table, owner, args, ReadBudget(self.max_read_bytes))
+        except TooManyBytesRead as exc:
+            raise FunctionError(f"Too many bytes read in a single function execution (limit: {exc.limit} bytes). "
+                                f"{OVER_LIMIT_HELP}") from None

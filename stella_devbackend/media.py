@@ -14,7 +14,6 @@ import binascii
 import json
 import logging
 import secrets
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,7 +206,7 @@ class MediaService:
 
     def submit(self, owner: str, request: GenerateRequest) -> dict[str, Any]:
         """Store a queued job and start running it; returns the 202 body."""
-        now = time.time() * 1000
+        now = self.table.clock.time_ms()
         job_id = new_job_id()
         doc = {
             "jobId": job_id,
@@ -257,7 +256,7 @@ class MediaService:
         delay = self.job_delay / 5 if request.capability == "realtime" else self.job_delay
         await asyncio.sleep(delay)
         doc = self._update(owner, doc, status="running", upstreamStatus="IN_PROGRESS", queuePosition=None,
-                           startedAt=time.time() * 1000)
+                           startedAt=self.table.clock.time_ms())
         await asyncio.sleep(delay)
         failure = self.faults.take({"fail_jobs"})
         if failure is not None:
@@ -265,7 +264,7 @@ class MediaService:
                      "code": str(failure.params.get("code", "upstream_error"))}
             status = failure.params.get("status", "failed")
             self._update(owner, doc, status=status, upstreamStatus=UPSTREAM_STATUS[status],
-                         error=error if status == "failed" else None, completedAt=time.time() * 1000)
+                         error=error if status == "failed" else None, completedAt=self.table.clock.time_ms())
             return
         try:
             images = await asyncio.to_thread(self._draw, doc["jobId"], request)
@@ -273,13 +272,13 @@ class MediaService:
             log.exception("job %s failed to render", doc["jobId"])
             self._update(owner, doc, status="failed", upstreamStatus="ERROR",
                          error={"message": f"render failed: {exc}", "code": "internal"},
-                         completedAt=time.time() * 1000)
+                         completedAt=self.table.clock.time_ms())
             return
         self._update(owner, doc, status="succeeded", upstreamStatus="OK",
-                     output=self.stored_output({"images": images}), completedAt=time.time() * 1000)
+                     output=self.stored_output({"images": images}), completedAt=self.table.clock.time_ms())
 
     def _update(self, owner: str, doc: dict[str, Any], **fields: Any) -> dict[str, Any]:
-        doc = {**doc, **fields, "updatedAt": time.time() * 1000}
+        doc = {**doc, **fields, "updatedAt": self.table.clock.time_ms()}
         doc = {key: value for key, value in doc.items() if value is not None or key == "queuePosition"}
         self.table.put(owner, doc)
         return doc
@@ -344,7 +343,7 @@ class MediaService:
         images = int(spec.get("images", 1))
         prompt = spec.get("prompt", "a generated test image")
         shared: Any = None
-        now = time.time() * 1000
+        now = self.table.clock.time_ms()
         completed_at: Callable[[int], float]
         base = spec.get("completedAt")
         step = float(spec.get("completedAtStep", 1.0))

@@ -19,8 +19,8 @@ HELP = "run the local Stella-compatible backend (media API, Convex sync, files)"
 DESCRIPTION = (
     "Run the local Stella-compatible backend. By default it behaves like the real Convex deployment and Stella "
     "backend: the client-version rule, the three public media queries, five-minute tokens, 15 s sync "
-    "heartbeats, transition chunks only for npm clients over 5,000,000 bytes. Prints one JSON ready line "
-    "(url, token, token_url, session_secret_file), then serves until SIGINT/SIGTERM."
+    "heartbeats, transition chunks only for npm clients over 5,000,000 bytes, 16 MiB read per query. Prints one "
+    "JSON ready line (url, token, token_url, session_secret_file), then serves until SIGINT/SIGTERM."
 )
 
 #: Token lifetime: ``DEFAULT_JWT_EXPIRATION_SECONDS = 5 * 60`` (ruuxi/stella-v2 ``backend/convex/auth.ts``).
@@ -34,6 +34,9 @@ CLIENT_TIMEOUT = 120.0
 #: Transitions over this many bytes are split, into parts of at most as many: ``MAX_MESSAGE_SIZE``
 #: (``crates/local_backend/src/subs/mod.rs`` ``maybe_split_transition``).
 MAX_MESSAGE_SIZE = 5_000_000
+#: The most bytes of documents one query may read: ``TRANSACTION_MAX_READ_SIZE_BYTES``, 16 MiB
+#: (``crates/common/src/knobs.rs``; enforced per document read in ``crates/database/src/reads.rs``).
+MAX_READ_BYTES = 1 << 24
 
 #: Switchable additions the real systems do not have, by name.
 EXTENSIONS: dict[str, str] = {
@@ -56,6 +59,8 @@ class BackendOptions:
     chunk_size: int = MAX_MESSAGE_SIZE
     data_uri_outputs: bool = False
     extensions: tuple[str, ...] = ()
+    clock_offset: float = 0.0
+    max_read_bytes: int = MAX_READ_BYTES
 
 
 def _at_least(minimum: int) -> Callable[[str], int]:
@@ -90,6 +95,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "1.28.0 or later only (default 5000000)")
     parser.add_argument("--chunk-size", type=_at_least(4), default=MAX_MESSAGE_SIZE, metavar="BYTES",
                         help="largest TransitionChunk part, at least one UTF-8 character (default 5000000)")
+    parser.add_argument("--clock-offset", type=float, default=0.0, metavar="SECONDS",
+                        help="run the backend's clock this far from the machine's (negative: behind), so that a "
+                             "client's clock is wrong relative to the server's (default 0)")
+    parser.add_argument("--max-read-bytes", type=_at_least(1), default=MAX_READ_BYTES, metavar="BYTES",
+                        help="fail a query that reads more document bytes than this, as Convex's "
+                             "TRANSACTION_MAX_READ_SIZE_BYTES (default 16777216)")
     parser.add_argument("--data-uri-outputs", action="store_true",
                         help="fault: deliver image outputs as data: URIs, bypassing the backend's sanitizer")
     parser.add_argument("--extension", action="append", default=[], choices=sorted(EXTENSIONS), metavar="NAME",
@@ -105,4 +116,5 @@ def options_from_args(args: argparse.Namespace, data_dir: Path) -> BackendOption
         ping_interval=args.ping_interval, ws_ping_interval=args.ws_ping_interval,
         client_timeout=args.client_timeout, chunk_threshold=args.chunk_threshold, chunk_size=args.chunk_size,
         data_uri_outputs=args.data_uri_outputs, extensions=tuple(dict.fromkeys(args.extension)),
+        clock_offset=args.clock_offset, max_read_bytes=args.max_read_bytes,
     )

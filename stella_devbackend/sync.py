@@ -245,7 +245,7 @@ class SyncSession:
         self._abort = asyncio.get_running_loop().call_later(CLOSE_GRACE, self.drop)
 
     def _token_expired(self) -> bool:
-        return self.token_exp is not None and time.time() >= self.token_exp
+        return self.token_exp is not None and self.context.table.clock.time() >= self.token_exp
 
     # -- client messages ------------------------------------------------------------
 
@@ -305,7 +305,7 @@ class SyncSession:
                 raise ProtocolViolation("Connect: `clientTs` must be a number")
             # Once, from the Connect: clientTs minus the server's clock as it receives it
             # (crates/sync/src/worker.rs, ClientMessage::Connect), sent with every Transition.
-            self.client_clock_skew = int(client_ts - time.time() * 1000)
+            self.client_clock_skew = int(client_ts - self.context.table.clock.time_ms())
         self.connected = True
 
     def _on_authenticate(self, message: dict[str, Any]) -> None:
@@ -459,14 +459,19 @@ class SyncSession:
             "startVersion": {"querySet": start[0], "identity": start[1], "ts": encode_ts(start[2])},
             "endVersion": {"querySet": end[0], "identity": end[1], "ts": encode_ts(end[2])},
             "modifications": modifications,
-            "serverTs": end[2],
         }
         if self.client_clock_skew is not None:
             transition["clientClockSkew"] = self.client_clock_skew
         return transition
 
     async def _send_transition(self, transition: dict[str, Any]) -> None:
-        """One ``Transition``, or ``TransitionChunk``s for a client that takes them when it is too large."""
+        """One ``Transition``, or ``TransitionChunk``s for a client that takes them when it is too large.
+
+        ``serverTs`` is stamped last, the server's clock right before the message goes out
+        (``crates/local_backend/src/subs/mod.rs``: ``message.inject_server_ts(st.runtime.generate_timestamp()?)``
+        just before ``maybe_split_transition``), in nanoseconds.
+        """
+        transition = {**transition, "serverTs": self.context.table.clock.time_ns()}
         text = json.dumps(transition, separators=(",", ":"))
         options = self.context.options
         size = len(text.encode())

@@ -84,13 +84,16 @@ class HostileConvex:
     """A Convex deployment that misbehaves on its first socket(s), then serves ``docs``.
 
     ``docs`` are sent as they are (Convex JSON on the wire), so they may hold
-    anything, ``$integer`` job ids included.
+    anything, ``$integer`` job ids included. ``ignores_since``: the succeeded query
+    lists the newest jobs whatever their ``completedAt`` (a backend that does not
+    filter by ``since``, so that jobs dated at or before 1970 reach the client).
     """
 
     def __init__(self, *, script: Script | None = None, hostile_sockets: int = 1,
                  docs: list[dict[str, Any]] | None = None, files: dict[str, bytes] | None = None,
-                 routes: dict[str, Route] | None = None, query_value: Any = None) -> None:
+                 routes: dict[str, Route] | None = None, query_value: Any = None, ignores_since: bool = False) -> None:
         self.script = script
+        self.ignores_since = ignores_since
         self.hostile_sockets = hostile_sockets
         self.docs = list(docs or [])
         self.files = dict(files or {})
@@ -237,5 +240,5 @@ class HostileConvex:
         if udf_path.replace(".js:", ":") != SUCCEEDED:
             return []
         since, limit = float(args.get("since", 0)), int(args.get("limit", 50))
-        return sorted((d for d in self.docs if d["completedAt"] >= since),
+        return sorted((d for d in self.docs if self.ignores_since or d["completedAt"] >= since),
                       key=lambda d: d["completedAt"], reverse=True)[:limit]

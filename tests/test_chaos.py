@@ -942,7 +942,7 @@ class Hostile:
         return f"{self.backend.url}/files/{name}"
 
 
-Outcome = Literal["quarantined", "ignored", "materialized", "reconnected", "logged"]
+Outcome = Literal["quarantined", "ignored", "materialized", "reconnected", "logged", "reported"]
 
 
 @dataclass(frozen=True)
@@ -954,7 +954,9 @@ class HostileCase:
     the ledger and the log says ``reason``; ``materialized`` -- the file is
     recorded as MIME type ``reason``; ``reconnected`` -- the
     sync socket is dropped and reopened, the log says ``reason``; ``logged`` --
-    the log says ``reason`` and the daemon carries on on the same socket.
+    the log says ``reason`` and the daemon carries on on the same socket;
+    ``reported`` -- the log says ``reason`` and every job of the case (its
+    ``backlog``, or its served documents) materializes all the same.
     """
 
     name: str
@@ -980,6 +982,10 @@ class HostileCase:
     #: Backend cases: what is done to the root once the outcome is recorded, while the daemon runs. It waits
     #: for the daemon to recover and returns the output files it expects besides the case's (None: no recovery).
     meddle: Callable[[Hostile, Path, str], set[str] | None] | None = None
+    #: Backend cases: jobs stored before the daemon starts (their ids), every one of which must materialize.
+    backlog: Callable[[DevBackend], list[str]] | None = None
+    #: Scripted-server cases: options of the server (``HostileConvex`` keywords).
+    server_options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def scripted(self) -> bool:
@@ -991,7 +997,8 @@ class HostileCase:
         return {"quarantined": f"quarantined: {self.reason}", "ignored": f"ignored, logged: {self.reason}",
                 "materialized": f"materialized as {self.reason}",
                 "reconnected": f"socket dropped and reopened, logged: {self.reason}",
-                "logged": f"logged, socket kept: {self.reason}"}[self.outcome]
+                "logged": f"logged, socket kept: {self.reason}",
+                "reported": f"reported, every job materialized: {self.reason}"}[self.outcome]
 
 
 def _image(url: Any, **fields: Any) -> dict[str, Any]:
@@ -1204,6 +1211,20 @@ def _job(job_id: Any, url: str, **fields: Any) -> dict[str, Any]:
             "output": {"images": [{"url": url, "content_type": "image/png"}]}, **fields}
 
 
+YEAR_MS = 365.25 * 86_400_000
+
+
+def _big_jobs(backend: DevBackend) -> list[str]:
+    """40 jobs of 900 KB each (every document under Convex's 1 MiB), 36 MB together: no window of 200 is read."""
+    return backend.create_jobs(count=40, share_files=True, width=16, height=16, prompt="p" * 900_000)
+
+
+def _future_jobs(backend: DevBackend) -> list[str]:
+    """250 jobs dated ten years ahead (a ms/us mix-up, a bad clock): the newest 200 are all in the future."""
+    return backend.create_jobs(count=250, share_files=True, width=8, height=8,
+                               completedAt=time.time() * 1000 + 10 * YEAR_MS)
+
+
 HOSTILE_CASES = [
     # -- job ids ----------------------------------------------------------------------------------------
     HostileCase("jobid-path-traversal", "jobId '../../../../tmp/escape'", "quarantined", "path separator '/'",
@@ -1410,6 +1431,25 @@ HOSTILE_CASES = [
                 script=lambda state: [json.dumps(state.transition([{
                     "type": "QueryFailed", "queryId": state.query_id("media_jobs:listSucceededSince"),
                     "errorMessage": f"Uncaught Error: boom\n{FORGED} INFO fine", "logLines": [], "journal": None}]))]),
+    # -- feeds that would stall: sizes and dates ----------------------------------------------------------
+    HostileCase("oversized-window", "40 jobs of 900 KB while the daemon was down: a window of 200 reads 36 MB, over "
+                "Convex's 16 MiB per query", "reported", "Too many bytes read in a single function execution",
+                backlog=_big_jobs),
+    HostileCase("oversized-window-frames", "a server without the read limit: 40 jobs of 900 KB in one 36 MB frame "
+                "(limit 32 MiB)", "reconnected", "asking for the newest 100 instead",
+                server_docs=lambda url: [_job(f"job_big_{n}", f"{url}/files/good.png",
+                                              request={"prompt": "p" * 900_000}) for n in range(40)]),
+    HostileCase("future-dated-window", "250 jobs with completedAt ten years ahead fill the window of 200", "reported",
+                "is an anomaly: completedAt is 3652.5 days after the server's now", backlog=_future_jobs),
+    HostileCase("completedat-zero-or-negative", "jobs with completedAt 0 and -5 from a server that ignores since",
+                "reported", "is an anomaly: completedAt is 0, not a moment after 1970",
+                server_docs=lambda url: [_job("job_at_zero", f"{url}/files/good.png", completedAt=0.0),
+                                         _job("job_negative", f"{url}/files/good.png", completedAt=-5.0)],
+                server_options={"ignores_since": True}),
+    HostileCase("document-too-large", "one job document of 17 MB (a Convex answer holds 16 MiB)", "quarantined",
+                "over the 16,777,216 the ledger keeps",
+                server_docs=lambda url: [_job("job_huge_document", f"{url}/files/good.png",
+                                              request={"prompt": "p" * 17_000_000})]),
     # -- protocol frames --------------------------------------------------------------------------------
     HostileCase("frame-not-json", "a text frame that is not JSON", "reconnected", "server message is not JSON",
                 script=_frames("{not json")),
@@ -1472,7 +1512,7 @@ HOSTILE_CASES = [
 
 
 HOSTILE_COUNTS = (
-    "daemon_deaths", "missing_reasons", "wrong_outcomes", "sentinel_failures", "partial_files",
+    "daemon_deaths", "missing_reasons", "wrong_outcomes", "sentinel_failures", "lost_jobs", "partial_files",
     "unexpected_outputs", "files_outside_outputs", "forbidden_connections", "forged_log_lines",
     "followed_symlinks", "unclean_exits",
 )
@@ -1515,6 +1555,8 @@ def _recorded_reason(case: HostileCase, probe: LedgerProbe, root: Path, log: Pat
         with Ledger(default_layout(root).ledger) as ledger:
             return ", ".join(f.mime_type for f in ledger.outputs(job_id)), True
     line = poll(lambda: _log_line(log, case.reason))
+    if case.outcome == "reported":
+        return line, True  # its jobs are counted with the sentinel (lost_jobs)
     if case.outcome == "ignored":
         return line, not isinstance(job_id, str) or probe.job(job_id) is None
     if case.outcome == "reconnected":  # the socket with the bad frames was dropped, and another opened
@@ -1533,6 +1575,8 @@ def run_hostile_case(case: HostileCase, base: Path, backend: DevBackend | None) 
     config = write_config(base / "hostile.toml", sections)
     counts: Counter[str] = Counter()
     expected_outputs: set[str] = set()
+    backlog: list[str] = []
+    hostile_docs: list[dict[str, Any]] = []
     served_outputs: set[str] = set()
     with idle_listener() as listener, contextlib.ExitStack() as stack:
         ctx = Hostile(backend, base, listener.getsockname()[1])
@@ -1549,11 +1593,16 @@ def run_hostile_case(case: HostileCase, base: Path, backend: DevBackend | None) 
                 url = backend.query("media_jobs:getByJobId", {"jobId": job_id}).json()["value"]["output"]
                 ctx.file_name = url["images"][0]["url"].rsplit("/", 1)[1]
                 backend.set_faults(case.faults(ctx))
+            elif case.backlog is not None:
+                backlog = case.backlog(backend)
+                job_id = backlog[0]
+                expected_outputs |= {f"{j}_0.png" for j in backlog}
             else:
                 [job_id] = backend.create_jobs(prompt="hostile", doc=case.doc(ctx) if case.doc else {})
         else:
             server = stack.enter_context(HostileConvex(script=case.script, files={"good.png": small("PNG")},
-                                                      routes=case.routes, query_value=case.query_value))
+                                                      routes=case.routes, query_value=case.query_value,
+                                                      **case.server_options))
             hostile_docs = case.server_docs(server.url) if case.server_docs else []
             sentinel = "job_good_after_hostility"
             server.docs = [*hostile_docs, _job(sentinel, f"{server.url}/files/good.png")]
@@ -1581,6 +1630,10 @@ def run_hostile_case(case: HostileCase, base: Path, backend: DevBackend | None) 
             [sentinel] = backend.create_jobs(prompt="sentinel")
         expected_outputs.add(f"{sentinel}_0.png")
         counts["sentinel_failures"] += not poll(lambda: probe.job(sentinel) == ("materialized", None))
+        if case.outcome == "reported":
+            must = backlog if backend is not None else [d["jobId"] for d in hostile_docs]
+            poll(lambda: all(probe.job(j) == ("materialized", None) for j in must), timeout=120)
+            counts["lost_jobs"] += sum(probe.job(j) != ("materialized", None) for j in must)
         counts["daemon_deaths"] += daemon.process.poll() is not None
         counts["partial_files"] += lingering_partials(root)
         counts["unclean_exits"] += daemon.stop() != 0

@@ -150,6 +150,17 @@ def test_transition_delivers_values_confirms_auth_and_catches_up() -> None:
     assert core.latest(query) == result
 
 
+def test_server_ts_is_the_servers_clock_in_ms_and_may_be_null() -> None:
+    """serverTs is nanoseconds (convex-js web_socket_manager.ts divides it by 1_000_000); both it and
+    clientClockSkew are Option<i64> in the server's message type, null when unset."""
+    core, [query] = connected()
+    event = applied(core.receive(transition((0, 0, 0), (1, 1, 7), serverTs=1_700_000_000_123_000_000,
+                                             clientClockSkew=None)))
+    assert event.server_ts_ms == 1_700_000_000_123.0 and event.client_clock_skew_ms is None
+    assert applied(core.receive(transition((1, 1, 7), (1, 1, 8), serverTs=None))).server_ts_ms is None
+    assert core.query_args(query) == {"since": 0}
+
+
 def test_a_partial_transition_is_not_caught_up() -> None:
     core, [query] = connected()
     event = applied(core.receive(transition((0, 0, 0), (0, 1, 3))))
@@ -283,6 +294,9 @@ def test_chunked_transitions_are_bounded() -> None:
     assert core.receive(first) is None
     error = core.receive(second)
     assert isinstance(error, ProtocolError) and "150 characters" in error.reason
+    assert error.too_large  # the same query set would bring it back: the transport tells the subscriptions
+    assert not any(isinstance(event, ProtocolError) and event.too_large
+                   for event in (core.receive(frame) for frame in MALFORMED.values()))
 
 
 def test_reassembled_text_must_be_a_transition() -> None:
@@ -430,6 +444,7 @@ MALFORMED = {
     "journal-number": good_transition(modifications=[{**updated(0, 1), "journal": 5}]),
     "failed-no-message": good_transition(modifications=[{"type": "QueryFailed", "queryId": 0, "logLines": []}]),
     "server-ts-string": good_transition(serverTs="now"),
+    "server-ts-infinite": good_transition(serverTs=1).replace('"serverTs": 1', '"serverTs": 1e999'),
     "chunk-no-id": '{"type": "TransitionChunk", "chunk": "{", "partNumber": 0, "totalParts": 2}',
     "chunk-part-string": '{"type": "TransitionChunk", "chunk": "{", "partNumber": "0", "totalParts": 2, '
                          '"transitionId": "t"}',

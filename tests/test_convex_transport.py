@@ -7,6 +7,7 @@ import json
 import os
 import random
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -525,3 +526,40 @@ async def test_hostile_frames_and_fatal_errors_lead_to_a_reconnect_never_a_crash
     for messages in received:  # no token: Connect then the query set from version 0, every time
         assert [m["type"] for m in messages[:2]] == ["Connect", "ModifyQuerySet"]
         assert messages[1]["modifications"] == [{"type": "Add", "queryId": 0, "udfPath": "m:f", "args": [{"a": 1.0}]}]
+
+
+async def test_server_now_follows_the_servers_clock_not_ours(tmp_path: Path) -> None:
+    """A backend whose clock is a year behind ours: server_now_ms is its clock (from the transitions'
+    serverTs, carried on by the monotonic clock), not time.time(). (The token lives two years: one of five
+    minutes, stamped by the server's clock, looks expired to a clock a year ahead before any skew is known.)"""
+    year_ms = 365.25 * 86_400_000
+    with DevBackend.start(tmp_path / "b", extra_args=["--clock-offset", str(-year_ms / 1000)]) as backend:
+        token = await mint(backend, ttl=2 * year_ms / 1000)
+        async with client_for(backend, StaticTokenProvider(token)) as client:
+            assert client.server_now_ms() is None  # no word from the server yet
+            collector = Collector(client.subscribe(LIST, ALL))
+            await eventually(lambda: len(collector.values) == 1, "the first answer")
+            told = client.server_now_ms()
+            assert told is not None and abs(told - (time.time() * 1000 - year_ms)) < 600_000
+            later = client.server_now_ms()
+            assert later is not None and later >= told
+
+
+async def test_an_answer_too_large_to_take_is_heard_by_every_subscription_and_asking_for_less_recovers(
+        backend: DevBackend) -> None:
+    """A transition over max_message_bytes ends the socket (websockets closes it with 1009); the same query
+    set would bring it back, so each subscription hears a QueryFailure with too_large, and one that asks for
+    fewer jobs gets its answer on the next socket."""
+    job_ids = await create_jobs(backend, count=6, share_files=True, width=8, height=8, prompt="p" * 40_000)
+    async with client_for(backend, max_message_bytes=150_000) as client:
+        big = Collector(client.subscribe(LIST, {"since": 0, "limit": 6}))
+        small = Collector(client.subscribe("media_jobs:listFailedSince", {"since": 0}))
+        await eventually(lambda: any(isinstance(r, QueryFailure) for r in big.results), "the too-large notice")
+        [notice] = [r for r in big.results if isinstance(r, QueryFailure)]
+        assert notice.too_large and notice.args == {"since": 0, "limit": 6}
+        assert "too large to take" in notice.error_message and "exceeds limit" in notice.error_message
+        assert any(isinstance(r, QueryFailure) and r.too_large for r in small.results)
+        big_subscription = client._subscriptions[notice.query_id]
+        big_subscription.update_args({"since": 0, "limit": 2})
+        await eventually(lambda: big.latest_ids() == job_ids[:-3:-1], "the two newest jobs")
+        assert client.connection_attempts >= 2

@@ -5,6 +5,7 @@ Each rule names the get-convex/convex-backend file it mirrors.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import time
@@ -22,9 +23,16 @@ from websockets.sync.client import ClientConnection, connect
 from materializer.convex.values import decode_ts, encode_ts
 from materializer.jwt import unverified_claims
 from stella_devbackend.control import DevBackend
+from stella_devbackend.options import add_arguments, options_from_args
 
 from convex_oracle import OfficialSubscription
 from helpers import async_wait_until, wait_until
+
+
+def parse_backend_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(argv)
 
 
 def ids(value: list[dict[str, Any]]) -> set[str]:
@@ -478,3 +486,57 @@ async def test_websocket_pings_and_the_client_timeout(tmp_path: Path) -> None:
             await async_wait_until(stays_open, timeout=10, what="3 s on an answering socket")
             assert not answering.closed
             await answering.close()
+
+
+def test_a_query_that_reads_more_than_its_budget_fails_as_convex_fails_it(tmp_path: Path) -> None:
+    """crates/database/src/reads.rs record_read_document: every document read counts against
+    TRANSACTION_MAX_READ_SIZE_BYTES (16 MiB, crates/common/src/knobs.rs) and the function fails with
+    TooManyBytesRead once the total passes it, whatever ``limit`` asked for: a QueryFailed on the socket,
+    an error answer over HTTP. A smaller window of the same jobs is answered. (``--max-read-bytes`` makes
+    the budget small enough for a test; the default is Convex's.)"""
+    with DevBackend.start(tmp_path / "b", extra_args=["--max-read-bytes", "200000"]) as backend:
+        backend.create_jobs(count=5, share_files=True, width=8, height=8, prompt="p" * 50_000)
+        raw = Raw(backend)
+        raw.connect()
+        raw.authenticate(backend.token)
+        raw.add(0, "media_jobs:listSucceededSince", {"since": 0, "limit": 5})
+        [failed] = raw.transition_at(1)["modifications"]
+        assert failed["type"] == "QueryFailed"
+        assert failed["errorMessage"].startswith(
+            "Too many bytes read in a single function execution (limit: 200000 bytes). Consider using smaller limits")
+        raw.send({"type": "ModifyQuerySet", "baseVersion": 1, "newVersion": 2, "modifications": [
+            {"type": "Remove", "queryId": 0},
+            {"type": "Add", "queryId": 1, "udfPath": "media_jobs:listSucceededSince",
+             "args": [{"since": 0, "limit": 3}]}]})
+        answered = [m for m in raw.transition_at(2)["modifications"] if m["queryId"] == 1]
+        assert answered[0]["type"] == "QueryUpdated" and len(answered[0]["value"]) == 3
+        raw.ws.close()
+        over_http = backend.query("media_jobs:listSucceededSince", {"since": 0, "limit": 200}).json()
+        assert over_http["status"] == "error" and "Too many bytes read" in over_http["errorMessage"]
+    assert options_from_args(parse_backend_args([]), tmp_path).max_read_bytes == 16 * 1024 * 1024
+
+
+def test_the_backend_clock_offset_moves_every_server_stamp(tmp_path: Path) -> None:
+    """A deployment keeps its own time. ``--clock-offset`` moves the backend's clock; what it stamps follows:
+    ``serverTs`` (nanoseconds, stamped right before the message goes out: crates/local_backend/src/subs/mod.rs
+    ``inject_server_ts(generate_timestamp())``), ``clientClockSkew`` (clientTs minus the server's clock,
+    crates/sync/src/worker.rs), token ``iat``, and jobs' ``completedAt``."""
+    year = 365.25 * 86_400
+    with DevBackend.start(tmp_path / "b", extra_args=["--clock-offset", str(-year)]) as backend:
+        local_ms = time.time() * 1000
+        server_ms = local_ms - year * 1000
+        raw = Raw(backend)
+        raw.connect()
+        raw.authenticate(backend.token)
+        raw.add(0, "media_jobs:listSucceededSince", {"since": 0})
+        first = raw.transition_at(1)
+        assert abs(first["serverTs"] / 1e6 - server_ms) < 600_000
+        assert abs(first["clientClockSkew"] - year * 1000) < 600_000
+        [job_id] = backend.create_jobs(count=1, share_files=True, width=8, height=8)
+        second = raw.recv()
+        assert second["type"] == "Transition" and second["serverTs"] > first["serverTs"]
+        [doc] = second["modifications"][0]["value"]
+        assert doc["jobId"] == job_id and abs(doc["completedAt"] - server_ms) < 600_000
+        claims = unverified_claims(backend.token) or {}
+        assert abs(claims["iat"] * 1000 - server_ms) < 600_000
+        raw.ws.close()

@@ -1,4 +1,4 @@
-"""The succeeded feed's coverage, as plain data: which answers prove a gap and which do not.
+"""The feeds as plain data: which answers prove a gap, how the window shrinks and grows back, what dates say.
 
 The rules follow the one query the real backend has: ``listSucceededSince`` returns the newest
 ``limit`` jobs since ``since`` (ruuxi/stella-v2 ``backend/convex/media_jobs.ts``), so a full
@@ -7,14 +7,20 @@ answer says nothing about jobs older than its oldest one.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from materializer.feed import (
+    FUTURE_TOLERANCE_MS,
+    HIDDEN_RECHECK_MS,
+    REGROW_FIRST_MS,
+    REGROW_MAX_MS,
     AdvanceCursor,
     Coverage,
+    CursorStart,
     Decision,
     FailedFeed,
     FillGap,
@@ -22,8 +28,12 @@ from materializer.feed import (
     Narrow,
     NoteFailed,
     Observe,
+    ReportAnomalies,
     ReportGap,
+    StartCursor,
     SucceededFeed,
+    Window,
+    date_anomaly,
     next_cursor,
     unreported_part,
 )
@@ -253,3 +263,232 @@ def test_next_cursor_waits_for_what_is_not_vouched_for_and_for_pending_jobs() ->
     assert next_cursor(100, 400, covered_from=100, covered_until=500, oldest_pending=None, overlap_ms=10) == 390
     assert next_cursor(100, 400, covered_from=50, covered_until=500, oldest_pending=250, overlap_ms=10) == 240
     assert next_cursor(300, 400, covered_from=50, covered_until=500, oldest_pending=250, overlap_ms=10) == 300
+
+
+# -- the window: shrinking on bad answers, growing back ---------------------------------------------------------
+
+
+def test_the_window_halves_on_bad_answers_down_to_one_job_and_doubles_back_after_a_growing_wait() -> None:
+    window = Window(200)
+    assert [window.failed(size, 0.0) for size in (200, 100, 50, 25)] == [100, 50, 25, 12]
+    assert window.failed(200, 0.0) is None  # an answer for args already replaced changes nothing
+    assert window.answered(12, 500.0) is None  # good, but too soon: the first wait is REGROW_FIRST_MS
+    assert window.due_ms() == REGROW_FIRST_MS
+    assert window.grow(REGROW_FIRST_MS) == 24
+    assert window.failed(24, 2_000.0) == 12  # the regrowth failed: twice the wait before the next one
+    assert window.answered(12, 2_000.0) is None and window.due_ms() == 2_000.0 + 2 * REGROW_FIRST_MS
+    assert window.grow(4_000.0) == 24
+    assert window.answered(24, 4_000.0) == 48  # a regrowth that holds grows again at once
+    assert [window.answered(size, 4_000.0) for size in (48, 96, 192)] == [96, 192, 200]
+    assert window.answered(200, 4_000.0) is None and window.due_ms() is None
+    assert window.failed(200, 9_000.0) == 100 and window.due_ms() is None  # not before a good answer
+    window.answered(100, 9_000.0)
+    assert window.due_ms() == 9_000.0 + REGROW_FIRST_MS  # back to the first wait once it held 200
+
+
+def test_a_feed_asks_for_half_as_many_jobs_after_a_bad_answer_with_the_reason() -> None:
+    feed = SucceededFeed(limit=200)
+    [narrow] = feed.failed(100.0, 200, "Too many bytes read", now_ms=1_000.0)
+    assert narrow == Narrow("succeeded", 100.0, 100, "Too many bytes read; asking for the newest 100 instead")
+    assert feed.failed(100.0, 200, "again", now_ms=1_000.0) == []  # for the replaced args
+
+
+def test_a_feed_that_fails_even_for_one_job_reports_it_once_and_carries_on() -> None:
+    feed = FailedFeed(limit=2, overlap_ms=0)
+    assert feed.failed(100.0, 2, "boom", 0.0) == [Narrow("failed", 100.0, 1, "boom; asking for the newest 1 instead")]
+    [report] = feed.failed(100.0, 1, "boom", 0.0)
+    assert isinstance(report, ReportAnomalies)
+    [anomaly] = report.anomalies
+    assert anomaly.job_id is None and "cannot be answered even one job at a time (boom)" in anomaly.reason
+    assert feed.failed(100.0, 1, "boom", 0.0) == []  # once
+    # A good answer, once the wait is over, grows it back.
+    assert feed.answer(100.0, [], now_ms=5_000.0, limit=1) == [NoteFailed(()), Narrow("failed", 100.0, 2)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(min_value=1, max_value=200),
+       st.lists(st.tuples(st.sampled_from(["fail", "answer", "tick", "stale"]), st.floats(0, 400_000)), max_size=40))
+def test_the_window_always_returns_to_the_configured_limit_after_errors_stop(
+        configured: int, events: list[tuple[str, float]]) -> None:
+    """Whatever failed before, once answers stop failing the window is back at the configured size after
+    a bounded number of answers and ticks (time passing, as the daemon's timer does)."""
+    feed = SucceededFeed(limit=configured)
+    now, limit = 0.0, configured
+    for event, step in events:
+        now += step
+        if event == "fail":
+            decisions = feed.failed(0.0, limit, "x", now)
+        elif event == "answer":
+            decisions = feed.answer(0.0, limit, [], now)
+        elif event == "tick":
+            decisions = feed.tick(now)
+        else:
+            decisions = feed.failed(0.0, limit + 1, "x", now)
+        limit = next((d.limit for d in decisions if isinstance(d, Narrow)), limit)
+        assert 1 <= feed.window.size <= configured and limit == feed.window.size
+    for _ in range(4 * configured.bit_length() + 4):  # errors stopped: good answers and ticks only
+        now += REGROW_MAX_MS
+        for decisions in (feed.answer(0.0, limit, [], now), feed.tick(now)):
+            limit = next((d.limit for d in decisions if isinstance(d, Narrow)), limit)
+    assert feed.window.size == limit == configured
+
+
+# -- dates: anomalies, and honest jobs behind a window dated in the future ------------------------------------
+
+NOW = 1_800_000_000_000.0
+FUTURE = NOW + 10 * 365.25 * 86_400_000  # ten years ahead (a ms/us mix-up, a bad clock)
+
+
+def test_a_job_dated_after_the_servers_now_or_not_after_1970_is_an_anomaly_reported_once() -> None:
+    assert date_anomaly(NOW + 60_000, NOW) is None  # clocks differ a little
+    assert date_anomaly(NOW + FUTURE_TOLERANCE_MS + 3_600_000, NOW) == "completedAt is 1.1 hours after the server's now"
+    assert date_anomaly(0.0, NOW) == "completedAt is 0, not a moment after 1970"
+    assert date_anomaly(-5.0, NOW) == "completedAt is -5, not a moment after 1970"
+    feed = SucceededFeed(limit=10, anomalies=["known"])
+    docs = [{"jobId": "future", "completedAt": FUTURE}, {"jobId": "zero", "completedAt": 0.0},
+            {"jobId": "known", "completedAt": FUTURE}, {"jobId": "honest", "completedAt": NOW - 5.0}]
+    [observe, report] = feed.answer(NOW - 1_000.0, 10, docs, now_ms=NOW)
+    assert observe == Observe(tuple(docs))  # all of them are materialized
+    assert isinstance(report, ReportAnomalies)
+    assert [(a.job_id, a.completed_at_ms, a.server_now_ms) for a in report.anomalies] == [
+        ("future", FUTURE, NOW), ("zero", 0.0, NOW)]
+    assert "days after the server's now" in report.anomalies[0].reason
+    assert feed.answer(NOW - 1_000.0, 10, docs, now_ms=NOW + 1) == [Observe(())]  # once
+    # A job dated in the future does not carry the coverage (and so the cursor) past the server's now.
+    assert feed.coverage.range == (NOW - 1_000.0, NOW + 1)
+
+
+def pages_since(jobs: dict[str, float], since: float, until: float | None) -> list[dict[str, Any]]:
+    """What the page query lists: oldest first from ``since``, up to the first job past ``until`` (None: all)."""
+    ordered = sorted((t, j) for j, t in jobs.items() if t >= since)
+    listed = []
+    for t, j in ordered:
+        listed.append({"jobId": j, "completedAt": t})
+        if until is not None and t >= until:
+            break
+    return listed
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(min_value=1, max_value=6), st.integers(min_value=0, max_value=6),
+       st.lists(st.sampled_from(["complete", "tick", "answer", "fail-listing"]), min_size=1, max_size=40))
+def test_an_honest_job_behind_a_window_full_of_future_dated_ones_is_observed(
+        limit: int, extra_future: int, actions: list[str]) -> None:
+    """The newest ``limit`` jobs are dated ten years ahead, so no answer of listSucceededSince ever shows an
+    honest job again, nor changes when one completes. The feed lists the honest range with the page query at
+    every answer and at its timer's ticks; a listing may fail (a passing fault) and is tried again. Every
+    honest job is observed, each future-dated job is reported once, and the cursor never passes the
+    server's now."""
+    future = {f"f{n}": FUTURE + n for n in range(limit + extra_future)}
+    honest: dict[str, float] = {}
+    since, now = NOW - 86_400_000, NOW
+    ledger = LedgerModel(cursor=since, overlap_ms=0)
+    feed = SucceededFeed(limit)
+    reported: list[str] = []
+    fail_next = False
+
+    def window() -> list[dict[str, Any]]:
+        jobs = {**future, **honest}
+        return [{"jobId": j, "completedAt": t} for t, j in sorted(((t, j) for j, t in jobs.items() if t >= since),
+                                                                  reverse=True)[:limit]]
+
+    def run(decisions: list[Decision]) -> None:
+        nonlocal fail_next
+        queue = list(decisions)
+        while queue:
+            decision = queue.pop(0)
+            if isinstance(decision, Observe):
+                queue += feed.observed(ledger.observe(decision.docs))
+            elif isinstance(decision, ReportAnomalies):
+                reported.extend(a.job_id for a in decision.anomalies if a.job_id is not None)
+            elif isinstance(decision, FillGap):
+                assert decision.hidden
+                if fail_next:
+                    fail_next = False
+                    queue += feed.hidden_outcome(decision.gap, "failed")
+                    continue
+                page = pages_since({**future, **honest}, decision.gap.from_ms,
+                                   None if decision.list_all else decision.gap.until_ms)
+                ledger.observe(tuple(page))
+                queue += [*feed.listed(page, now), *feed.hidden_outcome(decision.gap, "filled")]
+            elif isinstance(decision, AdvanceCursor):
+                queue += feed.cursor_moved(ledger.advance(decision.covered_from_ms, decision.covered_until_ms))
+            elif not isinstance(decision, Narrow):
+                raise AssertionError(decision)
+        ledger.pending.clear()  # workers keep up
+        assert ledger.cursor <= now
+
+    run(feed.answer(since, limit, window(), now))
+    for action in [*actions, "tick", "tick"]:
+        now += HIDDEN_RECHECK_MS
+        if action == "complete":
+            honest[f"h{len(honest)}"] = now - 10  # no answer changes: it is hidden behind the future ones
+        elif action == "answer":
+            run(feed.answer(since, limit, window(), now))
+        elif action == "fail-listing":
+            fail_next = True
+        else:
+            run(feed.tick(now))
+    assert set(honest) | set(future) == set(ledger.observed)  # the future-dated jobs are materialized too
+    assert sorted(reported) == sorted(future)  # each reported once
+
+
+def test_without_a_page_query_the_range_hidden_behind_future_dated_jobs_is_reported_once() -> None:
+    feed = SucceededFeed(limit=2)
+    window = [{"jobId": "b", "completedAt": FUTURE + 1}, {"jobId": "a", "completedAt": FUTURE}]
+    decisions = feed.answer(NOW - 1_000.0, 2, window, now_ms=NOW)
+    assert [type(d) for d in decisions] == [Observe, ReportAnomalies]
+    [fill] = feed.observed(2)
+    assert fill == FillGap(Gap(NOW - 1_000.0, NOW, 2), hidden=True, list_all=True)
+    [report] = feed.hidden_outcome(fill.gap, "absent", "no page query here")
+    assert isinstance(report, ReportGap) and report.gap == Gap(NOW - 1_000.0, NOW, 2)
+    assert "the newest 2 jobs are all dated after the server's now" in report.reason
+    assert report.reason.endswith("no page query here")
+    assert feed.tick(NOW + 60_000) == [] and feed.next_tick_ms() is None
+    assert feed.answer(NOW - 1_000.0, 2, window, now_ms=NOW + 60_000) == [Observe(())]
+    assert feed.observed(0) == []  # reported once; nothing vouched for, so the cursor stays
+    feed.connected()  # a new connection asks for the page query again
+    assert feed.next_tick_ms() == -math.inf
+    [again] = feed.tick(NOW + 61_000)
+    assert again == FillGap(Gap(NOW - 1_000.0, NOW + 61_000, 2), hidden=True, list_all=True)
+
+
+# -- the first cursor comes from the server's clock -----------------------------------------------------------
+
+DAY = 86_400_000.0
+
+
+def test_a_first_cursor_is_the_servers_now_minus_the_look_back_whatever_the_local_clock_says() -> None:
+    year = 365.25 * DAY
+    start = CursorStart(None, lookback_ms=DAY)
+    local_now = NOW + year  # the local clock is a year ahead
+    provisional = start.provisional(local_now)
+    assert provisional == local_now - DAY
+    feed = SucceededFeed(limit=50, start=start)
+    [placed, narrow] = feed.answer(provisional, 50, [], now_ms=NOW)
+    assert isinstance(placed, StartCursor)
+    assert placed == StartCursor("succeeded", NOW - DAY, placed.why)
+    assert placed.why == "the local clock is 365.2 days ahead of the server's: the first cursor comes from the server's"
+    assert narrow == Narrow("succeeded", NOW - DAY, 50)
+    # The answer for the provisional since was dropped; the next one counts.
+    assert feed.answer(NOW - DAY, 50, [{"jobId": "a", "completedAt": NOW - 5.0}], now_ms=NOW) == [
+        Observe(({"jobId": "a", "completedAt": NOW - 5.0},))]
+
+
+def test_a_first_cursor_keeps_the_provisional_since_when_the_clocks_agree() -> None:
+    feed = FailedFeed(limit=50, overlap_ms=0, start=CursorStart(None, lookback_ms=DAY))
+    since = NOW + 30_000 - DAY  # our clock half a minute ahead: within the tolerance
+    assert feed.answer(since, [], now_ms=NOW) == [StartCursor("failed", since), NoteFailed(())]
+
+
+def test_a_stored_cursor_after_the_servers_now_is_pulled_back_and_an_earlier_one_is_kept() -> None:
+    ahead = CursorStart(NOW + 30 * DAY, lookback_ms=DAY)
+    assert ahead.provisional(NOW) == NOW + 30 * DAY
+    feed = SucceededFeed(limit=50, start=ahead)
+    [placed, narrow] = feed.answer(NOW + 30 * DAY, 50, [], now_ms=NOW)
+    assert isinstance(placed, StartCursor) and isinstance(narrow, Narrow)
+    assert (placed.since_ms, narrow.since_ms) == (NOW - DAY, NOW - DAY)
+    assert placed.why == "the stored cursor is 30.0 days after the server's now: pulled back to its look-back"
+    kept = CursorStart(NOW - 5 * DAY, lookback_ms=DAY)  # a daemon that was down for days: nothing to pull back
+    feed = SucceededFeed(limit=50, start=kept)
+    assert feed.answer(NOW - 5 * DAY, 50, [], now_ms=NOW)[0] == StartCursor("succeeded", NOW - 5 * DAY)

@@ -885,3 +885,43 @@ def test_live_leases_counts_unexpired_claims(tmp_path: Path) -> None:
         assert ledger.live_leases() == 1
         now[0] += 11
         assert ledger.live_leases() == 0
+
+
+# -- time: cursors placed by the server's clock, schedules pulled back after a clock step ---------------------
+
+
+def test_a_cursor_is_placed_at_start_back_or_forth_and_read_back(ledger: Ledger) -> None:
+    assert ledger.cursor() is None and ledger.cursor("failed") is None
+    assert ledger.place_cursor(5_000.0) == 5_000.0
+    assert ledger.cursor() == 5_000.0 and ledger.cursor("failed") is None
+    assert ledger.place_cursor(1_000.0) == 1_000.0  # pulled back (a cursor dated after the server's now)
+    assert ledger.cursor() == 1_000.0
+    with pytest.raises(ValueError, match="finite"):
+        ledger.place_cursor(float("inf"))
+
+
+def test_retry_times_and_leases_later_than_any_wait_are_pulled_back(ledger: Ledger, clock: Clock) -> None:
+    """What a clock stepped back a day leaves behind: a retry and a lease a day ahead of the clock."""
+    ledger.observe_jobs([job_doc("stepped", 1.0), job_doc("normal", 2.0)])
+    assert ledger.try_claim("stepped", "daemon:1", 86_400 + 60)
+    ledger.record_failure("stepped", "503", clock.now + 86_400, owner="daemon:1")
+    assert ledger.try_claim("stepped", "replay:2", 86_400)  # a lease a day long, as a stepped clock leaves it
+    ledger.record_failure("normal", "503", clock.now + 30, owner="daemon:1")
+    assert ledger.clamp_schedule(clock.now + 900, clock.now + 120) == 2
+    assert ledger.next_due_at() == clock.now + 30  # "normal" keeps its own, shorter wait
+    stepped = ledger.job("stepped")
+    assert stepped is not None and stepped.next_attempt_at == clock.now + 900
+    clock.now += 900
+    assert [job.job_id for job in ledger.due_jobs(10)] == ["stepped", "normal"]  # the lease lapsed with it
+    assert ledger.clamp_schedule(clock.now + 900, clock.now + 120) == 0
+
+
+def test_a_document_too_large_to_keep_is_quarantined_with_its_reason_and_not_stored(ledger: Ledger) -> None:
+    assert ledger.quarantine_unkept("huge", 7.0, "job document is 20,000,000 bytes") is True
+    job = ledger.job("huge")
+    assert job is not None and job.status == "quarantined" and job.last_error == "job document is 20,000,000 bytes"
+    assert job.doc == {"jobId": "huge", "completedAt": 7.0}
+    assert ledger.quarantine_unkept("huge", 7.0, "again") is False  # already given up
+    ledger.observe_jobs([job_doc("pending", 8.0)])
+    assert ledger.quarantine_unkept("pending", 8.0, "grew too large") is True
+    assert check_integrity(ledger) == []

@@ -63,7 +63,11 @@ class QueryValue:
 
 @dataclass(frozen=True, slots=True)
 class QueryFailure:
-    """A query whose function threw. The subscription stays; a later result may be a value again."""
+    """A query whose function threw. The subscription stays; a later result may be a value again.
+
+    ``too_large``: the function did not throw, but the transition that carried its answer was too
+    large to take (the transport says so, not the server); the same args bring it back.
+    """
 
     query_id: int
     udf_path: str
@@ -71,6 +75,7 @@ class QueryFailure:
     error_message: str
     error_data: Any = None
     log_lines: tuple[str, ...] = ()
+    too_large: bool = False
 
 
 QueryResult: TypeAlias = QueryValue | QueryFailure
@@ -92,7 +97,9 @@ class TransitionApplied:
     ``caught_up`` means the server has applied every message the client sent
     on this socket; ``auth_confirmed`` means this transition accepted the
     latest ``Authenticate``. ``client_clock_skew_ms`` is the server's
-    estimate of how far the client's clock runs ahead of its own, when sent.
+    estimate of how far the client's clock runs ahead of its own, when sent;
+    ``server_ts_ms`` the server's clock right before it sent the transition
+    (its ``serverTs``, nanoseconds on the wire), when sent.
     """
 
     results: tuple[QueryResult, ...]
@@ -100,6 +107,7 @@ class TransitionApplied:
     caught_up: bool
     auth_confirmed: bool
     client_clock_skew_ms: float | None = None
+    server_ts_ms: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,9 +138,14 @@ class PingReceived:
 
 @dataclass(frozen=True, slots=True)
 class ProtocolError:
-    """The server broke the protocol; the socket must be dropped and a new one opened."""
+    """The server broke the protocol; the socket must be dropped and a new one opened.
+
+    ``too_large``: the frame was refused for its size alone (a transition over the limit), so
+    the same query set would bring it back: the subscriptions must ask for less.
+    """
 
     reason: str
+    too_large: bool = False
 
 
 Event: TypeAlias = TransitionApplied | AuthRefused | ServerFatal | PingReceived | ProtocolError
@@ -140,6 +153,10 @@ Event: TypeAlias = TransitionApplied | AuthRefused | ServerFatal | PingReceived 
 
 class _Malformed(Exception):
     """Internal: a server frame that does not follow the protocol."""
+
+
+class _TooLarge(_Malformed):
+    """Internal: a transition over the size limit."""
 
 
 # -- the state machine ---------------------------------------------------------------------------------
@@ -213,6 +230,10 @@ class SyncProtocol:
     @property
     def active_query_ids(self) -> tuple[int, ...]:
         return tuple(self._queries)
+
+    def query_args(self, query_id: int) -> dict[str, Any]:
+        """The args an active query is subscribed with (a copy)."""
+        return copy.deepcopy(self._queries[query_id].args)
 
     def latest(self, query_id: int) -> QueryResult | None:
         """The latest result of an active query, or None before the first."""
@@ -309,7 +330,7 @@ class SyncProtocol:
             raise _Malformed(f"unexpected server message type {kind!r}")
         except (_Malformed, ConvexValueError) as exc:
             self._chunks = None
-            return ProtocolError(str(exc))
+            return ProtocolError(str(exc), too_large=isinstance(exc, _TooLarge))
         except RecursionError:
             self._chunks = None
             return ProtocolError("server message is nested too deeply")
@@ -391,7 +412,7 @@ class SyncProtocol:
             raise _Malformed(f"TransitionChunk out of order: expected part {len(buffer.parts)}, got {part}")
         buffer.size += len(chunk)
         if buffer.size > self.max_transition_chars:
-            raise _Malformed(f"chunked transition exceeds {self.max_transition_chars} characters")
+            raise _TooLarge(f"chunked transition exceeds {self.max_transition_chars} characters")
         buffer.parts.append(chunk)
         if len(buffer.parts) < total:
             return None
@@ -405,8 +426,10 @@ class SyncProtocol:
         start = _version(_field(message, "startVersion", dict), "startVersion")
         end = _version(_field(message, "endVersion", dict), "endVersion")
         for name in ("serverTs", "clientClockSkew"):
-            if name in message and not _is_number(message[name]):
-                raise _Malformed(f"Transition {name} must be a number")
+            # Both are Option<i64> in the server's message type (crates/convex/sync_types/src/types/json.rs),
+            # sent as null when unset.
+            if message.get(name) is not None and not (_is_number(message[name]) and math.isfinite(message[name])):
+                raise _Malformed(f"Transition {name} must be a finite number")
         if start != self._server:
             raise _Malformed(
                 f"Transition startVersion {_show(start)} does not match the client's {_show(self._server)}")
@@ -439,9 +462,10 @@ class SyncProtocol:
         auth_confirmed = self._auth_pending and end.identity >= self._sent_identity
         if auth_confirmed:
             self._auth_pending = False
-        skew = message.get("clientClockSkew")
+        skew, server_ts = message.get("clientClockSkew"), message.get("serverTs")
         return TransitionApplied(tuple(changed.values()), end, self.caught_up, auth_confirmed,
-                                 float(skew) if skew is not None else None)
+                                 float(skew) if skew is not None else None,
+                                 server_ts / 1_000_000 if server_ts is not None else None)
 
     def _parse_modification(self, item: Any) -> tuple[int, _Stored | None]:
         if not isinstance(item, dict):

@@ -24,6 +24,16 @@ does lazily, with ``authUpdateAttempted: false``), the client closes the socket
 and waits in ``TOKEN_NEEDED`` until the source holds a usable token.
 
 Subscriptions deliver every distinct result in order (see :class:`Subscription`).
+A transition too large to take (a frame over ``max_message_bytes``, or chunks
+adding up to more) ends the socket; the same query set would bring it back on
+the next one, so every subscription hears a ``QueryFailure`` with
+``too_large`` set (which query's result made it so cannot be told from the
+frame) and may ask for less before the client reconnects.
+
+Server time: :meth:`SyncClient.server_now_ms` is the server's clock as the
+last transition's ``serverTs`` told it, carried forward on the monotonic
+clock (else our clock corrected by the reported ``clientClockSkew``), so
+that whatever depends on "now" need not trust the local clock.
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.frames import CloseCode
 
 from materializer.convex.identity import client_headers, note_deprecation
 from materializer.convex.protocol import (
@@ -50,6 +61,7 @@ from materializer.convex.protocol import (
     AuthRefused,
     PingReceived,
     ProtocolError,
+    QueryFailure,
     QueryResult,
     ServerFatal,
     SyncProtocol,
@@ -196,6 +208,7 @@ class _Ending:
     refused: AuthRefused | None = None
     token_expired: bool = False  # the token ran out with nothing newer to take its place
     upgrade_refused: str | None = None  # the server's answer to a refused WebSocket upgrade
+    too_large: str | None = None  # a transition over the size limit ended it (why)
 
 
 class Subscription:
@@ -298,6 +311,7 @@ class SyncClient:
         self._expired_token: str | None = None  # the last token that ran out on a socket
         self._token_seen: dict[str, float] = {}  # when each recent token first came (the last few)
         self._clock_skew_ms: float | None = None
+        self._server_ts: tuple[float, float] | None = None  # the last serverTs (ms), and time.monotonic() then
         self._upgrade_refusal: str | None = None
         self._state = ConnectionState.DISCONNECTED
         self._detail: str | None = None
@@ -374,6 +388,15 @@ class SyncClient:
     def state(self) -> ConnectionState:
         return self._state
 
+    def server_now_ms(self) -> float | None:
+        """The server's clock now, in Unix ms, as far as the sockets have told it (None before any word)."""
+        if self._server_ts is not None:
+            server_ms, at = self._server_ts
+            return server_ms + (time.monotonic() - at) * 1000
+        if self._clock_skew_ms is not None:
+            return time.time() * 1000 - self._clock_skew_ms
+        return None
+
     @property
     def state_detail(self) -> str | None:
         """Why the client is in its state (e.g. the server's refusal in AUTH_REQUIRED); never a token."""
@@ -431,6 +454,12 @@ class SyncClient:
         self._token_in_use = token
         ending = await self._connect_and_serve(token)
         self._last_close_reason = ending.close_reason
+        if ending.too_large is not None:
+            log.warning("convex sync: an answer too large to take ended the socket (%s)", ending.too_large)
+            for query_id, subscription in list(self._subscriptions.items()):
+                subscription._deliver(QueryFailure(query_id, subscription.udf_path, self._core.query_args(query_id),
+                                                   f"the answer was too large to take: {ending.too_large}",
+                                                   too_large=True))
         refused = ending.refused
         if ending.token_expired or (refused is not None and not refused.stale and not refused.auth_update_attempted):
             # Expiry, noticed by us or (lazily, after a query re-run) by the server: not a refusal.
@@ -589,7 +618,8 @@ class SyncClient:
             else:
                 assert isinstance(event, ProtocolError)
                 log.warning("convex sync: protocol error, reconnecting: %s", event.reason)
-                return _Ending(RetryKind.ERROR, "InvalidServerMessage")
+                return _Ending(RetryKind.ERROR, "InvalidServerMessage",
+                               too_large=event.reason if event.too_large else None)
 
     @staticmethod
     def _ending_for_close(exc: ConnectionClosed) -> _Ending:
@@ -597,7 +627,9 @@ class SyncClient:
         if received is None:
             # Broken, or failed by us (a frame over the size limit: 1009, with the reason why).
             sent = exc.sent
-            return _Ending(RetryKind.ERROR, sent.reason if sent is not None and sent.reason else "ConnectionLost")
+            reason = sent.reason if sent is not None and sent.reason else "ConnectionLost"
+            too_large = sent is not None and sent.code == CloseCode.MESSAGE_TOO_BIG
+            return _Ending(RetryKind.ERROR, reason, too_large=reason if too_large else None)
         reason = received.reason or f"CloseCode{received.code}"
         clean = RetryKind.CLEAN if received.code in (1000, 1001) else RetryKind.ERROR
         return _Ending(retry_kind(received.reason, clean), reason)
@@ -605,6 +637,8 @@ class SyncClient:
     def _on_transition(self, event: TransitionApplied) -> None:
         if event.client_clock_skew_ms is not None:
             self._clock_skew_ms = event.client_clock_skew_ms
+        if event.server_ts_ms is not None:
+            self._server_ts = (event.server_ts_ms, time.monotonic())
         for result in event.results:
             subscription = self._subscriptions.get(result.query_id)
             if subscription is not None:
