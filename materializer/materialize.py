@@ -31,13 +31,14 @@ from urllib.parse import urlsplit
 
 from materializer.fetch import Fetcher, FetchError
 from materializer.gallery import MANIFEST_NAME, render_manifest
-from materializer.images import ImageLimits, ImageRejected, validate_image
+from materializer.images import ImageLimits, ImageRejected, memory_needed, validate_image
 from materializer.jobs import Job, JobRejected, OutputRef, choose_asset, extract_outputs
 from materializer.layout import secure_layout
 from materializer.ledger import Event, GalleryEntry, Ledger, OutputFile
 from materializer.media_files import SNIFF_BYTES, MediaRejected, looks_like_image, needs_whole_file, output_type
 from materializer.options import DaemonOptions
 from materializer.payloads import materialized_payload, media_asset
+from materializer.resources import DownloadSlots, MemoryBudget
 from materializer.store import OutputStore, PartialFile, StorageError
 
 __all__ = ["Attempt", "JobMaterializer", "JobRunner", "Materialized", "Permanent", "Retry", "RetryPolicy",
@@ -96,18 +97,22 @@ class RetryPolicy:
 class JobMaterializer:
     """Commits a job's files and builds its sidebar payload; raises :class:`Permanent` or :class:`Retry`.
 
-    ``fetcher``, ``image_limits`` and ``max_data_bytes`` may be replaced while running (a reload);
-    a download under way finishes with what it started with.
+    ``fetcher``, ``image_limits``, ``max_data_bytes`` and ``max_outputs`` may be replaced while running
+    (a reload); a download under way finishes with what it started with. Outputs share ``concurrency``
+    download slots fairly among jobs, and validate within ``memory_budget`` bytes of memory
+    (:mod:`materializer.resources`).
     """
 
     def __init__(self, store: OutputStore, fetcher: Fetcher, image_limits: ImageLimits, max_data_bytes: int,
-                 concurrency: int) -> None:
+                 concurrency: int, *, max_outputs: int, memory_budget: int) -> None:
         self.store = store
         self.fetcher = fetcher
         self.image_limits = image_limits
         self.max_data_bytes = max_data_bytes
+        self.max_outputs = max_outputs
         self.outputs_base = store.path.resolve()  # for the sidebar's absolute paths (resolving costs lstats)
-        self._slots = asyncio.Semaphore(concurrency)
+        self.memory = MemoryBudget(memory_budget)
+        self._slots = DownloadSlots(concurrency)
 
     async def materialize(self, doc: dict[str, Any]) -> Materialized:
         """Commit a job's asset and what extra files can be; raise Permanent or Retry when the asset cannot be.
@@ -122,11 +127,14 @@ class JobMaterializer:
             choice = choose_asset(job, refs)
         except JobRejected as exc:
             raise Permanent(str(exc)) from None
+        if len(refs) > self.max_outputs:
+            raise Permanent(f"job has {len(refs)} outputs; the limit is {self.max_outputs} (max_outputs_per_job)")
         refused = [refs[index].error for index in choice.indices if refs[index].error]
         if refused:
             raise Permanent(refused[0])  # already names its output ("images[1]: ...")
         wanted = [ref for ref in refs if ref.error is None]
-        outcomes = await asyncio.gather(*(self._materialize_output(ref) for ref in wanted), return_exceptions=True)
+        outcomes = await asyncio.gather(*(self._materialize_output(job.job_id, ref) for ref in wanted),
+                                        return_exceptions=True)
         results: dict[int, OutputFile | BaseException] = dict(zip((ref.index for ref in wanted), outcomes, strict=True))
         asset = [results[index] for index in choice.indices]
         for result in asset:
@@ -151,8 +159,8 @@ class JobMaterializer:
         payload = materialized_payload(job, media_asset(choice, files, self.outputs_base))
         return Materialized(sorted(files.values(), key=lambda f: f.index), payload, missing)
 
-    async def _materialize_output(self, ref: OutputRef) -> OutputFile:
-        async with self._slots:
+    async def _materialize_output(self, job_id: str, ref: OutputRef) -> OutputFile:
+        async with self._slots.slot(job_id):
             try:
                 return await self._output(ref)
             except FetchError as exc:
@@ -172,7 +180,9 @@ class JobMaterializer:
             existing = await asyncio.to_thread(self.store.existing, ref.stem)
             if existing is not None:
                 try:
-                    info = await asyncio.to_thread(validate_image, existing, self.image_limits)
+                    limits, budget = self.image_limits, self.memory.capacity
+                    async with self.memory.reserve(await asyncio.to_thread(memory_needed, existing, limits, budget)):
+                        info = await asyncio.to_thread(validate_image, existing, limits, full_decode_limit=budget)
                     return _output_file(ref.index, existing.name, info.mime, info.width, info.height, info.bytes,
                                         info.sha256)
                 except ImageRejected:
@@ -184,7 +194,16 @@ class JobMaterializer:
             else:
                 assert ref.url is not None
                 fetched_sha = (await self.fetcher.fetch(ref.url, partial)).sha256
-            return await asyncio.to_thread(self._validate_and_commit, partial, ref, fetched_sha)
+            # Files wait for their share of the memory budget on disk, not in memory.
+            async with self.memory.reserve(await asyncio.to_thread(self._memory_needed, partial, ref)):
+                return await asyncio.to_thread(self._validate_and_commit, partial, ref, fetched_sha)
+
+    def _memory_needed(self, partial: PartialFile, ref: OutputRef) -> int:
+        """What :meth:`_validate_and_commit` will hold in memory for this file (read in a worker thread)."""
+        head = os.pread(partial.fileno(), SNIFF_BYTES, 0)
+        if ref.media_kind == "image" or (ref.media_kind != "text" and looks_like_image(head)):
+            return memory_needed(partial, self.image_limits, self.memory.capacity)
+        return os.fstat(partial.fileno()).st_size if needs_whole_file(head) else len(head)
 
     def _validate_and_commit(self, partial: PartialFile, ref: OutputRef, fetched_sha: str | None) -> OutputFile:
         """Decide what a written output is from its bytes and commit it under that name (one worker-thread trip).
@@ -194,7 +213,7 @@ class JobMaterializer:
         """
         head = os.pread(partial.fileno(), SNIFF_BYTES, 0)
         if ref.media_kind == "image" or (ref.media_kind != "text" and looks_like_image(head)):
-            info = validate_image(partial, self.image_limits)
+            info = validate_image(partial, self.image_limits, full_decode_limit=self.memory.capacity)
             path = self.store.commit(partial, f"{ref.stem}.{info.ext}")
             return _output_file(ref.index, path.name, info.mime, info.width, info.height, info.bytes, info.sha256)
         size = os.fstat(partial.fileno()).st_size
@@ -261,7 +280,9 @@ class Workspace:
         self.ledger_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
         self._retired_fetchers: list[Fetcher] = []
         self.materializer = JobMaterializer(self.store, _fetcher(options), options.image_limits,
-                                            options.fetch_max_bytes, options.download_concurrency)
+                                            options.fetch_max_bytes, options.download_concurrency,
+                                            max_outputs=options.max_outputs_per_job,
+                                            memory_budget=options.memory_budget_bytes)
         self.runner = JobRunner(self.ledger, self.db, self.materializer, owner, _retry_policy(options))
 
     async def db(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -306,6 +327,7 @@ class Workspace:
             self.materializer.fetcher = _fetcher(options)
         self.materializer.image_limits = options.image_limits
         self.materializer.max_data_bytes = options.fetch_max_bytes
+        self.materializer.max_outputs = options.max_outputs_per_job
         self.runner.retry = _retry_policy(options)
 
     async def aclose(self) -> None:
