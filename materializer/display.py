@@ -24,6 +24,10 @@ Server to client:
   exist (the ledger keeps only the newest ones). Not an event: it has no seq.
 - ``{"type": "error", "error": "..."}``: a client line was not understood; the
   line is ignored and the connection stays open.
+- ``{"type": "error", "error": "...", "code": "too_many_clients"}``, then the
+  end of the connection: ``max_clients`` clients are connected already (the
+  daemon's ``daemon.max_sidebar_clients``). Nothing was sent or skipped; the
+  client may try again later, with the same ``since``.
 
 Client to server:
 
@@ -44,6 +48,12 @@ only appends to each client's bounded queue. A client whose queue overflows,
 or whose socket accepts nothing for ``write_timeout`` seconds, is dropped
 (disconnected); it can reconnect and resume with ``since``.
 
+A crowd of clients catching up does not slow the daemon either: the backlog
+is read from the ledger a page at a time, one read at a time, decoded and
+encoded in the ledger's executor; a page is read once for every client that
+needs it while catch-ups run, and each client is written at most
+``_WRITE_BATCH`` bytes before its socket must take them.
+
 Events committed by other processes (``materializer replay`` announcing the
 jobs it materialized) reach clients too: the server delivers the ledger's
 events strictly in seq order, reading any it was not handed from the ledger
@@ -60,8 +70,8 @@ import logging
 import os
 import socket
 import tempfile
-from collections import deque
-from collections.abc import Callable
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +83,7 @@ from materializer.ledger import Event, EventPage, Ledger, LedgerError
 __all__ = [
     "ERROR",
     "HELLO",
+    "TOO_MANY_CLIENTS",
     "PRUNED",
     "WELCOME",
     "DisplayServer",
@@ -85,6 +96,8 @@ HELLO = "hello"
 WELCOME = "welcome"
 PRUNED = "materializer.pruned"
 ERROR = "error"
+#: The ``code`` of the error line a client over ``max_clients`` gets before the connection ends.
+TOO_MANY_CLIENTS = "too_many_clients"
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +105,12 @@ _T = TypeVar("_T")
 
 #: Events read from the ledger per query (backlogs and catch-ups page through it).
 _PAGE_SIZE = 500
+#: Events per page of a client's backlog: one ledger read, a few milliseconds of the ledger's thread.
+_BACKLOG_PAGE = 100
+#: Backlog pages kept for the next client that needs them, while any client is catching up.
+_KEPT_PAGES = 8
+#: Most bytes written to a client before its socket must take them (the transport buffers what it cannot).
+_WRITE_BATCH = 64 * 1024
 #: Longest client line accepted; a hello is a few dozen bytes.
 _MAX_CLIENT_LINE = 64 * 1024
 #: ``sun_path`` is 108 bytes on Linux, including the terminating NUL.
@@ -139,6 +158,65 @@ class _Client:
     dropped: bool = False
 
 
+@dataclass(frozen=True)
+class _BacklogPage:
+    """Events after ``after_seq`` as socket lines, read and encoded off the event loop."""
+
+    lines: tuple[tuple[int, bytes], ...]
+    #: The pruned-events line, when events after ``after_seq`` were pruned before the first of ``lines``.
+    pruned: bytes | None
+    #: The newest seq the ledger ever handed out, when the page was read.
+    last_seq: int
+    #: Whether the page is as long as asked: then no later event can join it (and it may be kept).
+    full: bool
+
+
+def _read_backlog_page(ledger: Ledger, after_seq: int) -> _BacklogPage:
+    """One page of a backlog, encoded (in the ledger's executor)."""
+    page = ledger.events_after(after_seq, _BACKLOG_PAGE)
+    return _BacklogPage(tuple((event.seq, encode_event(event)) for event in page.events),
+                        _pruned_line(page) if page.gap else None, page.last_seq, len(page.events) == _BACKLOG_PAGE)
+
+
+class _Backlog:
+    """Backlog pages for clients catching up: one ledger read at a time, each full page read once for all.
+
+    Only full pages are kept (a short one is the end of the log, which grows), at most
+    :data:`_KEPT_PAGES`, and only while some client is catching up, so that what a kept page says
+    about pruning stays current.
+    """
+
+    def __init__(self, read: Callable[[int], Awaitable[_BacklogPage]]) -> None:
+        self._read = read
+        self._lock = asyncio.Lock()
+        self._pages: OrderedDict[int, _BacklogPage] = OrderedDict()
+        self.readers = 0
+
+    async def page(self, after_seq: int) -> _BacklogPage:
+        async with self._lock:
+            page = self._pages.get(after_seq)
+            if page is not None:
+                self._pages.move_to_end(after_seq)
+                return page
+            page = await self._read(after_seq)
+            if page.full:
+                self._pages[after_seq] = page
+                while len(self._pages) > _KEPT_PAGES:
+                    self._pages.popitem(last=False)
+            return page
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Count a client catching up; forget the kept pages when the last one is done."""
+        self.readers += 1
+        try:
+            yield
+        finally:
+            self.readers -= 1
+            if not self.readers:
+                self._pages.clear()
+
+
 class DisplayServer:
     """Serves sidebar events on a Unix socket; see the module docstring for the protocol.
 
@@ -148,6 +226,8 @@ class DisplayServer:
     ``poll_interval`` is how often the ledger is checked for events committed
     by other processes (``None``: never). Ledger calls run on ``executor``
     (the default thread pool if ``None``), never on the event loop.
+    ``max_clients`` bounds the clients connected at once (``None``: no bound);
+    one more gets a ``too_many_clients`` error line and is closed.
     """
 
     def __init__(
@@ -160,9 +240,12 @@ class DisplayServer:
         hello_timeout: float = 1.0,
         poll_interval: float | None = 1.0,
         executor: Executor | None = None,
+        max_clients: int | None = None,
     ) -> None:
         if max_queue < 1:
             raise ValueError(f"max_queue must be at least 1, got {max_queue}")
+        if max_clients is not None and max_clients < 1:
+            raise ValueError(f"max_clients must be at least 1, got {max_clients}")
         self.path = Path(path)
         self._ledger = ledger
         self._max_queue = max_queue
@@ -170,6 +253,9 @@ class DisplayServer:
         self._hello_timeout = hello_timeout
         self._poll_interval = poll_interval
         self._executor = executor
+        self._max_clients = max_clients
+        self._refusing = False
+        self._backlog = _Backlog(functools.partial(self._ledger_call, _read_backlog_page, ledger))
         self._server: asyncio.Server | None = None
         self._socket_id: tuple[int, int] | None = None
         self._closed = False
@@ -331,6 +417,13 @@ class DisplayServer:
         task = asyncio.current_task()
         assert task is not None
         self._handlers.add(task)
+        if self._max_clients is not None and len(self._clients) >= self._max_clients:
+            try:
+                await self._refuse(reader, writer)
+            finally:
+                self._handlers.discard(task)
+            return
+        self._refusing = False
         client = _Client(writer, registered_at=self._published_seq, sent_seq=self._published_seq)
         self._clients.add(client)
         sender: asyncio.Task[None] | None = None
@@ -362,6 +455,30 @@ class DisplayServer:
                 with contextlib.suppress(asyncio.CancelledError):
                     await sender
             client.dropped = True
+            writer.transport.abort()
+
+    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Tell a client over ``max_clients`` so, in the protocol's error line, and end the connection.
+
+        The connection ends only once the client has closed its side (or after ``hello_timeout``):
+        closing a Unix socket with the client's hello unread could reset it before our line is read.
+        """
+        if not self._refusing:
+            log.warning("refusing sidebar clients: %d are connected, the limit (daemon.max_sidebar_clients)",
+                        len(self._clients))
+            self._refusing = True
+        message = (f"too many sidebar clients: {self._max_clients} are connected, the limit "
+                   "(daemon.max_sidebar_clients); try again later")
+        writer.write(_encode({"type": ERROR, "error": message, "code": TOO_MANY_CLIENTS}))
+        try:
+            async with asyncio.timeout(self._hello_timeout):
+                await writer.drain()
+                writer.write_eof()
+                while await reader.read(_MAX_CLIENT_LINE):
+                    pass
+        except (ConnectionError, TimeoutError):
+            pass
+        finally:
             writer.transport.abort()
 
     async def _first_line(self, reader: asyncio.StreamReader) -> bytes | None:
@@ -416,7 +533,7 @@ class DisplayServer:
                         batch.append(line)
                         client.sent_seq = seq
                 if batch:
-                    await self._write(client, b"".join(batch))
+                    await self._write_lines(client, batch)
                 else:
                     client.wakeup.clear()
                     await client.wakeup.wait()
@@ -432,24 +549,38 @@ class DisplayServer:
         if since is None:
             await self._write(client, _encode({"type": WELCOME, "since": client.sent_seq}))
             return
-        page = await self._ledger_call(self._ledger.events_after, since, _PAGE_SIZE)
-        if since > page.last_seq:  # a position from another ledger: start over
-            since = 0
-            page = await self._ledger_call(self._ledger.events_after, since, _PAGE_SIZE)
-        client.sent_seq = since
-        await self._write(client, _encode({"type": WELCOME, "since": since}))
-        while True:
-            lines = [_pruned_line(page)] if page.gap else []
-            for event in page.events:
-                if event.seq > client.registered_at:
-                    break  # its queue has the rest: stop here, or a busy daemon keeps the backlog growing
-                lines.append(encode_event(event))
-                client.sent_seq = event.seq
-            if lines:
-                await self._write(client, b"".join(lines))
-            if len(page.events) < _PAGE_SIZE or page.events[-1].seq >= client.registered_at:
-                return
-            page = await self._ledger_call(self._ledger.events_after, page.events[-1].seq, _PAGE_SIZE)
+        with self._backlog.reading():
+            page = await self._backlog.page(since)
+            if since > page.last_seq:  # a position from another ledger: start over
+                since = 0
+                page = await self._backlog.page(since)
+            client.sent_seq = since
+            await self._write(client, _encode({"type": WELCOME, "since": since}))
+            while True:
+                lines = [page.pruned] if page.pruned is not None else []
+                for seq, line in page.lines:
+                    if seq > client.registered_at:
+                        break  # its queue has the rest: stop here, or a busy daemon keeps the backlog growing
+                    lines.append(line)
+                    client.sent_seq = seq
+                await self._write_lines(client, lines)
+                if not page.lines or page.lines[-1][0] >= client.registered_at:
+                    return
+                # A short page is where the log ended when it was read: the next read has what came since.
+                page = await self._backlog.page(page.lines[-1][0])
+
+    async def _write_lines(self, client: _Client, lines: list[bytes]) -> None:
+        """Write lines in batches of about :data:`_WRITE_BATCH` bytes, each taken by the socket before the next."""
+        batch: list[bytes] = []
+        size = 0
+        for line in lines:
+            batch.append(line)
+            size += len(line)
+            if size >= _WRITE_BATCH:
+                await self._write(client, b"".join(batch))
+                batch, size = [], 0
+        if batch:
+            await self._write(client, b"".join(batch))
 
     async def _write(self, client: _Client, data: bytes) -> None:
         client.writer.write(data)
