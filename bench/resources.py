@@ -1,14 +1,15 @@
 """Resources under hostile sizes: memory, download slots and the sidebar socket, before and after their bounds.
 
-    python bench/resources.py [huge] [outputs] [sidebar] [--memory-limit-mb N] [--outputs N] [--clients N]
-                              [--jobs N] [--env KEY=VALUE ...] [--json]
+    python bench/resources.py [huge] [outputs] [sidebar] [--memory-limit-mb N] [--edge N] [--outputs N]
+                              [--clients N] [--jobs N] [--env KEY=VALUE ...] [--json]
 
 Each scenario runs a real ``materializer run`` process against the local backend on loopback and
 prints its figures (``--json``: one JSON object). No goal, no floor: these are the before/after
 figures of issue 13 ("Never stall"), parts 2 and 8, measured the same way on any checkout.
 
-``huge``     8 jobs of one 10000x10000 PNG each (about 1.75 MB, inside every image limit), then 3
-             normal jobs: the daemon's peak RSS (``VmHWM``), and the time until all 11 are settled.
+``huge``     8 jobs of one 10000x10000 PNG each (about 1.75 MB, inside every image limit; ``--edge``
+             changes the size), then 3 normal jobs: the daemon's peak RSS (``VmHWM``), and the time
+             until all 11 are settled.
              With ``--memory-limit-mb N`` the daemon runs in a child cgroup limited to N MB (no
              swap); it is restarted after each OOM kill, up to 5 times, and the kills are counted.
 ``outputs``  one job with ``--outputs`` (3000) outputs (the same small PNG), then a normal job: how
@@ -113,8 +114,9 @@ def peak_mb(daemon: DaemonProcess) -> float | None:
 # -- huge ----------------------------------------------------------------------------------------
 
 
-async def huge(folder: Path, backend: DevBackend, env: dict[str, str], limit_mb: int | None) -> dict[str, Any]:
-    data = await asyncio.to_thread(imaging.render, "huge", HUGE_EDGE, HUGE_EDGE, "png")
+async def huge(folder: Path, backend: DevBackend, env: dict[str, str], limit_mb: int | None, edge: int
+               ) -> dict[str, Any]:
+    data = await asyncio.to_thread(imaging.render, "huge", edge, edge, "png")
     small = imaging.render("normal", 256, 256, "png")
     cgroup = None
     if limit_mb is not None:
@@ -123,7 +125,7 @@ async def huge(folder: Path, backend: DevBackend, env: dict[str, str], limit_mb:
         except CgroupUnavailable as exc:
             return {"skipped": str(exc)}
     root = folder / "huge-root"
-    figures: dict[str, Any] = {"png_bytes": len(data), "edge": HUGE_EDGE, "memory_limit_mb": limit_mb}
+    figures: dict[str, Any] = {"png_bytes": len(data), "edge": edge, "memory_limit_mb": limit_mb}
     try:
         daemon = daemon_for(root, backend, env, cgroup).start()
         await asyncio.sleep(1.0)  # connected and idle
@@ -264,6 +266,7 @@ async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("scenarios", nargs="*", default=[], help="huge, outputs, sidebar (default: all)")
     parser.add_argument("--memory-limit-mb", type=int)
+    parser.add_argument("--edge", type=int, default=HUGE_EDGE)
     parser.add_argument("--outputs", type=int, default=3000)
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--jobs", type=int, default=300)
@@ -276,7 +279,7 @@ async def main() -> int:
         print(f"resources: {name} ...", file=sys.stderr, flush=True)
         with scratch_backend(f"resources-{name}") as (folder, backend):
             if name == "huge":
-                report[name] = await huge(folder, backend, env, args.memory_limit_mb)
+                report[name] = await huge(folder, backend, env, args.memory_limit_mb, args.edge)
             elif name == "outputs":
                 report[name] = await outputs(folder, backend, env, args.outputs)
             else:
