@@ -1,7 +1,7 @@
 """Resources under hostile sizes: memory, download slots and the sidebar socket, before and after their bounds.
 
     python bench/resources.py [huge] [outputs] [sidebar] [--memory-limit-mb N] [--edge N] [--outputs N]
-                              [--clients N] [--jobs N] [--env KEY=VALUE ...] [--json]
+                              [--clients N] [--jobs N] [--rounds N] [--env KEY=VALUE ...] [--json]
 
 Each scenario runs a real ``materializer run`` process against the local backend on loopback and
 prints its figures (``--json``: one JSON object). No goal, no floor: these are the before/after
@@ -15,8 +15,9 @@ figures of issue 13 ("Never stall"), parts 2 and 8, measured the same way on any
 ``outputs``  one job with ``--outputs`` (3000) outputs (the same small PNG), then a normal job: how
              long the normal job waited, and what became of the big one.
 ``sidebar``  a 300-job burst (``--jobs``) with no sidebar client, then another while ``--clients``
-             (1000) clients connect with ``since=0``: the two burst times, the daemon's peak RSS,
-             and what the clients got (welcomed or refused; every event once, in seq order).
+             (1000) clients connect with ``since=0``, ``--rounds`` (3) times: the median burst times
+             and daemon CPU seconds, the daemon's peak RSS, and what the clients got (welcomed or
+             refused; every event once, in seq order).
 
 ``--env`` passes daemon settings (``MATERIALIZER_DAEMON__MAX_OUTPUTS_PER_JOB=3000``, say) to the
 daemon; a checkout that does not know a key refuses to start (exit code 2), which is reported.
@@ -27,9 +28,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import re
 import sqlite3
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -41,7 +44,7 @@ from stella_devbackend import imaging
 from stella_devbackend.control import DevBackend
 from stella_devbackend.harness import CgroupUnavailable, DaemonProcess, MemoryCgroup
 
-from benchkit import QUIET_DAEMON, proc_memory_kib, scratch_backend
+from benchkit import QUIET_DAEMON, cpu_seconds, proc_memory_kib, scratch_backend
 
 HUGE_EDGE = 10_000
 HUGE_JOBS = 8
@@ -196,6 +199,7 @@ class Client:
         self.seqs: list[int] = []
         self.welcomed = False
         self.error: str | None = None
+        self.broken: str | None = None
         self.closed = False
 
     async def run(self, path: Path) -> None:
@@ -214,51 +218,71 @@ class Client:
                     self.welcomed = True
                 elif b'"error"' in line:
                     self.error = json.loads(line).get("error")
-        except ConnectionError:
-            pass
+        except OSError as exc:
+            self.broken = f"{type(exc).__name__}: {exc}"
         finally:
             self.closed = True
             writer.transport.abort()
 
 
-async def _burst(root: Path, backend: DevBackend, jobs: int, prompt: str, daemon: DaemonProcess) -> float:
-    started = time.monotonic()
+def _all_reached(clients: list[Client], seq: int) -> bool:
+    return all(client.seqs[-1:] == [seq] for client in clients)
+
+
+async def _burst(root: Path, backend: DevBackend, jobs: int, prompt: str, daemon: DaemonProcess
+                 ) -> tuple[float, float]:
+    """Seconds until a burst of jobs is settled, and the daemon's CPU seconds meanwhile."""
+    started, cpu = time.monotonic(), cpu_seconds(daemon.pid)
     ids = await asyncio.to_thread(backend.create_jobs, count=jobs, prompt=prompt, share_files=True)
     await wait(lambda: settled(root, ids), 900, daemon)
-    return time.monotonic() - started
+    return time.monotonic() - started, cpu_seconds(daemon.pid) - cpu
 
 
-async def sidebar(folder: Path, backend: DevBackend, env: dict[str, str], clients: int, jobs: int) -> dict[str, Any]:
+async def sidebar(folder: Path, backend: DevBackend, env: dict[str, str], clients: int, jobs: int, rounds: int
+                  ) -> dict[str, Any]:
+    """``rounds`` pairs of bursts, one alone and one with a fresh crowd connecting as it starts (medians reported)."""
     root = folder / "sidebar-root"
-    crowd = [Client() for _ in range(clients)]
+    alone: list[tuple[float, float]] = []
+    crowded: list[tuple[float, float]] = []
+    crowds: list[dict[str, Any]] = []
     with daemon_for(root, backend, env) as daemon:
         await asyncio.sleep(1.0)
         await _burst(root, backend, jobs, "before", daemon)  # the ledger holds a history to catch up on
-        alone = await _burst(root, backend, jobs, "alone", daemon)
         peak_alone = peak_mb(daemon)
-        socket = default_layout(root).display_socket
-        tasks = [asyncio.create_task(client.run(socket)) for client in crowd]
-        crowded = await _burst(root, backend, jobs, "crowd", daemon)
+        for number in range(rounds):
+            alone.append(await _burst(root, backend, jobs, f"alone {number}", daemon))
+            peak_alone = peak_mb(daemon)
+            crowd = [Client() for _ in range(clients)]
+            tasks = [asyncio.create_task(client.run(default_layout(root).display_socket)) for client in crowd]
+            crowded.append(await _burst(root, backend, jobs, f"crowd {number}", daemon))
+            conn = _ledger(root)
+            assert conn is not None
+            last = conn.execute("SELECT max(seq) FROM events").fetchone()[0]
+            conn.close()
+            welcomed = [client for client in crowd if client.welcomed]
+            await wait(functools.partial(_all_reached, welcomed, last), 300)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            crowds.append({
+                "welcomed": len(welcomed), "refused": sum(client.error is not None for client in crowd),
+                "never_connected_or_dropped": sum(not client.welcomed and client.error is None for client in crowd),
+                "every_event_once_in_order": sum(client.seqs == list(range(1, last + 1)) for client in welcomed),
+                "events": last, "errors": sorted({client.error for client in crowd if client.error})[:2]
+                + sorted({client.broken for client in crowd if client.broken})[:2]})
         peak_crowd = peak_mb(daemon)
-        conn = _ledger(root)
-        assert conn is not None
-        last = conn.execute("SELECT max(seq) FROM events").fetchone()[0]
-        conn.close()
-        welcomed = [client for client in crowd if client.welcomed]
-        await wait(lambda: all(client.seqs[-1:] == [last] for client in welcomed), 300)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    exact = [client.seqs == list(range(1, last + 1)) for client in welcomed]
-    errors = sorted({client.error for client in crowd if client.error})
+    wall_alone, wall_crowd = statistics.median(a for a, _ in alone), statistics.median(c for c, _ in crowded)
+    cpu_alone, cpu_crowd = statistics.median(a for _, a in alone), statistics.median(c for _, c in crowded)
     return {
-        "clients": clients, "jobs_per_burst": jobs, "burst_alone_s": round(alone, 2),
-        "burst_with_clients_s": round(crowded, 2), "slowdown": round(crowded / alone, 3),
-        "peak_rss_after_alone_mb": peak_alone and round(peak_alone, 1),
-        "peak_rss_after_crowd_mb": peak_crowd and round(peak_crowd, 1),
-        "welcomed": len(welcomed), "refused": sum(client.error is not None for client in crowd),
-        "dropped_before_welcome": sum(not client.welcomed and client.error is None for client in crowd),
-        "every_event_once_in_order": sum(exact), "events": last, "errors": errors[:3],
+        "clients": clients, "jobs_per_burst": jobs, "rounds": rounds,
+        "burst_alone_s": round(wall_alone, 2), "burst_with_clients_s": round(wall_crowd, 2),
+        "slowdown": round(wall_crowd / wall_alone, 3),
+        "daemon_cpu_alone_s": round(cpu_alone, 2), "daemon_cpu_with_clients_s": round(cpu_crowd, 2),
+        "cpu_ratio": round(cpu_crowd / cpu_alone, 3),
+        "each_round_s": [[round(a, 2), round(c, 2)] for (a, _), (c, _) in zip(alone, crowded, strict=True)],
+        "peak_rss_before_crowds_mb": peak_alone and round(peak_alone, 1),
+        "peak_rss_after_crowds_mb": peak_crowd and round(peak_crowd, 1),
+        "crowds": crowds,
     }
 
 
@@ -270,6 +294,7 @@ async def main() -> int:
     parser.add_argument("--outputs", type=int, default=3000)
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--jobs", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -283,7 +308,7 @@ async def main() -> int:
             elif name == "outputs":
                 report[name] = await outputs(folder, backend, env, args.outputs)
             else:
-                report[name] = await sidebar(folder, backend, env, args.clients, args.jobs)
+                report[name] = await sidebar(folder, backend, env, args.clients, args.jobs, args.rounds)
         if not args.json:
             print(f"{name}: {json.dumps(report[name])}", flush=True)
     if args.json:

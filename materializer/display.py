@@ -25,9 +25,10 @@ Server to client:
 - ``{"type": "error", "error": "..."}``: a client line was not understood; the
   line is ignored and the connection stays open.
 - ``{"type": "error", "error": "...", "code": "too_many_clients"}``, then the
-  end of the connection: ``max_clients`` clients are connected already (the
-  daemon's ``daemon.max_sidebar_clients``). Nothing was sent or skipped; the
-  client may try again later, with the same ``since``.
+  end of the connection (or a reset, when the client's hello was left unread):
+  ``max_clients`` clients are connected already (the daemon's
+  ``daemon.max_sidebar_clients``). Nothing was sent or skipped; the client may
+  try again later, with the same ``since``.
 
 Client to server:
 
@@ -111,6 +112,10 @@ _BACKLOG_PAGE = 100
 _KEPT_PAGES = 8
 #: Most bytes written to a client before its socket must take them (the transport buffers what it cannot).
 _WRITE_BATCH = 64 * 1024
+#: Connections accepted per wakeup of the listening socket (as asyncio's own servers do).
+_ACCEPTS_PER_WAKEUP = 100
+#: Refused connections kept open at once until their client closes (each costs a descriptor).
+_MAX_REFUSED_WAITING = 128
 #: Longest client line accepted; a hello is a few dozen bytes.
 _MAX_CLIENT_LINE = 64 * 1024
 #: ``sun_path`` is 108 bytes on Linux, including the terminating NUL.
@@ -156,6 +161,8 @@ class _Client:
     queue: deque[tuple[int | None, bytes]] = field(default_factory=deque)
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     dropped: bool = False
+    idle: bool = False
+    """Its sender is waiting for lines, with nothing queued: a line can be written at once."""
 
 
 @dataclass(frozen=True)
@@ -256,7 +263,11 @@ class DisplayServer:
         self._max_clients = max_clients
         self._refusing = False
         self._backlog = _Backlog(functools.partial(self._ledger_call, _read_backlog_page, ledger))
-        self._server: asyncio.Server | None = None
+        self._listener: socket.socket | None = None
+        #: Connections accepted and not yet finished (what ``max_clients`` counts).
+        self._connections = 0
+        #: Refused connections waiting for their client to close (it reads the error line first).
+        self._refused: dict[socket.socket, asyncio.TimerHandle] = {}
         self._socket_id: tuple[int, int] | None = None
         self._closed = False
         self._clients: set[_Client] = set()
@@ -281,17 +292,19 @@ class DisplayServer:
         other than a socket of ours is at its path (a symlink, a file, another
         user's socket), :class:`DisplaySocketError` if it cannot be created.
         """
-        if self._server is not None or self._closed:
+        if self._listener is not None or self._closed:
             raise RuntimeError("a DisplayServer starts once")
         # Read before binding: the first client may connect right after.
         self._published_seq = await self._ledger_call(self._ledger.last_seq)
         sock, self._socket_id = await asyncio.to_thread(_bind_private_socket, self.path)
         try:
-            self._server = await asyncio.start_unix_server(self._serve_client, sock=sock, limit=_MAX_CLIENT_LINE)
+            sock.setblocking(False)
+            asyncio.get_running_loop().add_reader(sock.fileno(), self._accept)
         except BaseException:
             self._remove_own_socket_file()
             sock.close()
             raise
+        self._listener = sock
         if self._poll_interval is not None:
             self._poll_task = asyncio.create_task(self._poll_ledger(self._poll_interval))
         if self._stash:
@@ -309,12 +322,12 @@ class DisplayServer:
         """
         if self._closed or event.seq <= self._published_seq:
             return
-        if self._server is not None and event.seq == self._published_seq + 1:
+        if self._listener is not None and event.seq == self._published_seq + 1:
             self._deliver(event)
             return
         self._stash[event.seq] = event
         self._stash_version += 1
-        if self._server is not None:
+        if self._listener is not None:
             self._catch_up()
 
     async def close(self) -> None:
@@ -322,13 +335,16 @@ class DisplayServer:
         if self._closed:
             return
         self._closed = True
-        server, self._server = self._server, None
-        if server is None:
+        listener, self._listener = self._listener, None
+        if listener is None:
             return
         # While the listening socket is open its file's inode cannot be reused,
         # so the identity check cannot mistake another server's socket for ours.
         self._remove_own_socket_file()
-        server.close()
+        asyncio.get_running_loop().remove_reader(listener.fileno())
+        listener.close()
+        for refused in list(self._refused):
+            self._end_refused(refused)
         for task in (self._poll_task, self._catch_up_task):
             if task is not None:
                 task.cancel()
@@ -339,7 +355,6 @@ class DisplayServer:
             *self._handlers,
             return_exceptions=True,
         )
-        await server.wait_closed()
 
     # -- delivery ----------------------------------------------------------------
 
@@ -353,6 +368,15 @@ class DisplayServer:
 
     def _offer(self, client: _Client, seq: int | None, line: bytes) -> None:
         if client.dropped:
+            return
+        transport = client.writer.transport
+        if client.idle and not client.queue and not transport.get_write_buffer_size() and not transport.is_closing():
+            # Caught up, and its socket has taken everything: write now rather than wake its sender
+            # (a task switch per line per client). What the socket does not take waits in the
+            # transport, and the next line goes through the sender, which waits for it to drain.
+            if seq is None or seq > client.sent_seq:
+                client.writer.write(line)
+                client.sent_seq = client.sent_seq if seq is None else seq
             return
         if len(client.queue) >= self._max_queue:
             self._drop(client, f"it fell {self._max_queue} lines behind")
@@ -414,16 +438,6 @@ class DisplayServer:
         if self._closed:
             writer.transport.abort()
             return
-        task = asyncio.current_task()
-        assert task is not None
-        self._handlers.add(task)
-        if self._max_clients is not None and len(self._clients) >= self._max_clients:
-            try:
-                await self._refuse(reader, writer)
-            finally:
-                self._handlers.discard(task)
-            return
-        self._refusing = False
         client = _Client(writer, registered_at=self._published_seq, sent_seq=self._published_seq)
         self._clients.add(client)
         sender: asyncio.Task[None] | None = None
@@ -448,7 +462,6 @@ class DisplayServer:
         except ConnectionError:
             pass
         finally:
-            self._handlers.discard(task)
             self._clients.discard(client)
             if sender is not None:
                 sender.cancel()
@@ -457,29 +470,100 @@ class DisplayServer:
             client.dropped = True
             writer.transport.abort()
 
-    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _accept(self) -> None:
+        """Take the connections waiting on the listening socket (called when it is readable).
+
+        Accepted here, on the raw socket, so that refusing a client over ``max_clients`` costs a
+        few system calls and no streams or task: a crowd of connections cannot slow the daemon.
+        """
+        assert self._listener is not None
+        for _ in range(_ACCEPTS_PER_WAKEUP):
+            try:
+                conn, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of descriptors or memory: say so, and try again in a moment
+                log.warning("cannot accept a sidebar client: %s; trying again in 1 s", exc.strerror or exc)
+                loop = asyncio.get_running_loop()
+                loop.remove_reader(self._listener.fileno())
+                loop.call_later(1.0, self._resume_accepting)
+                return
+            conn.setblocking(False)
+            if self._max_clients is not None and self._connections >= self._max_clients:
+                self._refuse(conn)
+                continue
+            self._refusing = False
+            self._connections += 1
+            task = asyncio.create_task(self._open(conn))
+            self._handlers.add(task)
+            task.add_done_callback(self._handler_done)
+
+    def _resume_accepting(self) -> None:
+        if self._listener is not None:
+            asyncio.get_running_loop().add_reader(self._listener.fileno(), self._accept)
+
+    async def _open(self, conn: socket.socket) -> None:
+        try:
+            try:
+                reader, writer = await asyncio.open_unix_connection(sock=conn, limit=_MAX_CLIENT_LINE)
+            except OSError:
+                conn.close()
+                return
+            await self._serve_client(reader, writer)
+        finally:
+            self._connections -= 1
+
+    def _handler_done(self, task: asyncio.Task[None]) -> None:
+        self._handlers.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("a sidebar client's connection failed", exc_info=exc)
+
+    def _refuse(self, conn: socket.socket) -> None:
         """Tell a client over ``max_clients`` so, in the protocol's error line, and end the connection.
 
-        The connection ends only once the client has closed its side (or after ``hello_timeout``):
-        closing a Unix socket with the client's hello unread could reset it before our line is read.
+        The line goes straight into the client's receive queue; then our side is shut, and the
+        socket is closed once the client has closed its own (at most ``hello_timeout`` later; at
+        most :data:`_MAX_REFUSED_WAITING` wait at once, the others are closed at once). Closing
+        before the client has written its hello would make that write fail, and some clients
+        then drop what they had received.
         """
         if not self._refusing:
             log.warning("refusing sidebar clients: %d are connected, the limit (daemon.max_sidebar_clients)",
-                        len(self._clients))
+                        self._connections)
             self._refusing = True
         message = (f"too many sidebar clients: {self._max_clients} are connected, the limit "
                    "(daemon.max_sidebar_clients); try again later")
-        writer.write(_encode({"type": ERROR, "error": message, "code": TOO_MANY_CLIENTS}))
         try:
-            async with asyncio.timeout(self._hello_timeout):
-                await writer.drain()
-                writer.write_eof()
-                while await reader.read(_MAX_CLIENT_LINE):
-                    pass
-        except (ConnectionError, TimeoutError):
+            conn.send(_encode({"type": ERROR, "error": message, "code": TOO_MANY_CLIENTS}))
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            conn.close()
+            return
+        if len(self._refused) >= _MAX_REFUSED_WAITING:
+            conn.close()
+            return
+        loop = asyncio.get_running_loop()
+        self._refused[conn] = loop.call_later(self._hello_timeout, self._end_refused, conn)
+        loop.add_reader(conn.fileno(), self._read_refused, conn)
+
+    def _read_refused(self, conn: socket.socket) -> None:
+        """Discard what a refused client sends; end the connection when it closes its side."""
+        try:
+            if conn.recv(_MAX_CLIENT_LINE):
+                return
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
             pass
-        finally:
-            writer.transport.abort()
+        self._end_refused(conn)
+
+    def _end_refused(self, conn: socket.socket) -> None:
+        timer = self._refused.pop(conn, None)
+        if timer is None:
+            return
+        timer.cancel()
+        asyncio.get_running_loop().remove_reader(conn.fileno())
+        conn.close()
 
     async def _first_line(self, reader: asyncio.StreamReader) -> bytes | None:
         """The client's first non-blank line, ``b""`` if it left, ``None`` if it said nothing in time."""
@@ -536,7 +620,11 @@ class DisplayServer:
                     await self._write_lines(client, batch)
                 else:
                     client.wakeup.clear()
-                    await client.wakeup.wait()
+                    client.idle = True
+                    try:
+                        await client.wakeup.wait()
+                    finally:
+                        client.idle = False
         except _Stalled:
             self._drop(client, f"its socket accepted nothing for {self._write_timeout} s")
         except ConnectionError:
@@ -584,6 +672,9 @@ class DisplayServer:
 
     async def _write(self, client: _Client, data: bytes) -> None:
         client.writer.write(data)
+        transport = client.writer.transport
+        if not transport.get_write_buffer_size() and not transport.is_closing():
+            return  # the socket took it all: nothing to wait for (and no timer to arm, once per line per client)
         try:
             async with asyncio.timeout(self._write_timeout):
                 await client.writer.drain()
