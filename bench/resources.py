@@ -17,7 +17,8 @@ figures of issue 13 ("Never stall"), parts 2 and 8, measured the same way on any
 ``sidebar``  a 300-job burst (``--jobs``) with no sidebar client, then another while ``--clients``
              (1000) clients connect with ``since=0``, ``--rounds`` (3) times: the median burst times
              and daemon CPU seconds, the daemon's peak RSS, and what the clients got (welcomed or
-             refused; every event once, in seq order).
+             refused; every event once, in seq order); then the daemon's CPU seconds for a crowd
+             alone (connecting and catching up, no burst), the steadiest figure on a busy machine.
 
 ``--env`` passes daemon settings (``MATERIALIZER_DAEMON__MAX_OUTPUTS_PER_JOB=3000``, say) to the
 daemon; a checkout that does not know a key refuses to start (exit code 2), which is reported.
@@ -225,6 +226,23 @@ class Client:
             writer.transport.abort()
 
 
+async def _crowd_only(root: Path, clients: int, daemon: DaemonProcess) -> float:
+    """The daemon's CPU seconds while a crowd connects with since=0 and catches up, nothing else going on."""
+    conn = _ledger(root)
+    assert conn is not None
+    last = conn.execute("SELECT max(seq) FROM events").fetchone()[0]
+    conn.close()
+    crowd = [Client() for _ in range(clients)]
+    cpu = cpu_seconds(daemon.pid)
+    tasks = [asyncio.create_task(client.run(default_layout(root).display_socket)) for client in crowd]
+    await wait(lambda: all(client.closed or client.seqs[-1:] == [last] for client in crowd), 300)
+    used = cpu_seconds(daemon.pid) - cpu
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return used
+
+
 def _all_reached(clients: list[Client], seq: int) -> bool:
     return all(client.seqs[-1:] == [seq] for client in clients)
 
@@ -270,6 +288,7 @@ async def sidebar(folder: Path, backend: DevBackend, env: dict[str, str], client
                 "every_event_once_in_order": sum(client.seqs == list(range(1, last + 1)) for client in welcomed),
                 "events": last, "errors": sorted({client.error for client in crowd if client.error})[:2]
                 + sorted({client.broken for client in crowd if client.broken})[:2]})
+        crowd_only = [await _crowd_only(root, clients, daemon) for _ in range(rounds)]
         peak_crowd = peak_mb(daemon)
     wall_alone, wall_crowd = statistics.median(a for a, _ in alone), statistics.median(c for c, _ in crowded)
     cpu_alone, cpu_crowd = statistics.median(a for _, a in alone), statistics.median(c for _, c in crowded)
@@ -279,6 +298,7 @@ async def sidebar(folder: Path, backend: DevBackend, env: dict[str, str], client
         "slowdown": round(wall_crowd / wall_alone, 3),
         "daemon_cpu_alone_s": round(cpu_alone, 2), "daemon_cpu_with_clients_s": round(cpu_crowd, 2),
         "cpu_ratio": round(cpu_crowd / cpu_alone, 3),
+        "daemon_cpu_per_crowd_without_a_burst_s": round(statistics.median(crowd_only), 3),
         "each_round_s": [[round(a, 2), round(c, 2)] for (a, _), (c, _) in zip(alone, crowded, strict=True)],
         "peak_rss_before_crowds_mb": peak_alone and round(peak_alone, 1),
         "peak_rss_after_crowds_mb": peak_crowd and round(peak_crowd, 1),
