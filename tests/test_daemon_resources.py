@@ -143,10 +143,13 @@ async def test_a_job_with_more_outputs_than_the_cap_is_quarantined_with_its_coun
     assert state == {"state": "quarantined", "jobId": big, "reason": job.last_error}
 
 
-async def test_the_output_cap_is_a_setting(backend: DevBackend, tmp_path: Path) -> None:
+async def test_the_output_cap_is_a_setting_applied_live(backend: DevBackend, tmp_path: Path) -> None:
     root = tmp_path / "root"
     url = serve(backend, "many.png", small_png())
-    async with running_daemon(root, backend, max_outputs_per_job=CAP + 6) as daemon:
+    async with running_daemon(root, backend) as daemon:
+        refused = image_job(backend, [url] * (CAP + 6))
+        await async_wait_until(lambda: (job := daemon.ledger.job(refused)) and job.status == "quarantined")
+        daemon.apply_live(DaemonOptions(root=root, convex_url=backend.url, max_outputs_per_job=CAP + 6))
         big = image_job(backend, [url] * (CAP + 6))
         await async_wait_until(lambda: (job := daemon.ledger.job(big)) and job.status == "materialized")
     assert len([name for name in output_files(root) if name.startswith(big)]) == CAP + 6
