@@ -208,11 +208,13 @@ def inspect_image(source: str | os.PathLike[str] | BinaryIO, limits: ImageLimits
     """Read an image file's format, size and frames from its structure, without decoding it or reading it into memory.
 
     The file is mapped, not read (its pages are the page cache's, not the process's). Raises
-    :class:`ImageRejected` for what :func:`validate_image` refuses on structure or limits alone.
+    :class:`ImageRejected` for what :func:`validate_image` refuses on structure or limits alone
+    (PNG chunk checksums excepted: validation checks them, on the same bytes, so the sizes read
+    here are the ones it finds).
     """
     with _mapped(source, limits.max_file_bytes) as data:
         image_format = _sniff(data[:_DESCRIBED_BYTES])
-        header = _PROBES[image_format](data)
+        header = _probe_png(data, check_crc=False) if image_format == "png" else _PROBES[image_format](data)
     _check_limits(header.width, header.height, header.frames, limits)
     return ImageHeader(image_format, header.width, header.height, header.frames, header.boundable)
 
@@ -409,13 +411,13 @@ def _refuse_trailing(data: bytes, end: int, name: str) -> None:
         )
 
 
-def _probe_png(data: bytes) -> _Header:
-    """Walk every chunk, checking its CRC, up to IEND."""
+def _probe_png(data: bytes, check_crc: bool = True) -> _Header:
+    """Walk every chunk, checking its CRC (unless only the structure's sizes are wanted), up to IEND."""
     with memoryview(data) as view:  # released on the way out, even by an exception (data may be a mapping)
-        return _walk_png(data, view)
+        return _walk_png(data, view, check_crc)
 
 
-def _walk_png(data: bytes, view: memoryview) -> _Header:
+def _walk_png(data: bytes, view: memoryview, check_crc: bool) -> _Header:
     pos, size, frames, seen_idat, animated = len(_PNG_SIGNATURE), None, 1, False, False
     while True:
         if pos + 8 > len(data):
@@ -427,7 +429,7 @@ def _walk_png(data: bytes, view: memoryview) -> _Header:
             raise _broken(f"PNG chunk {name!r} at offset {pos:,} has an impossible length")
         if end + 4 > len(data):
             raise _truncated(f"PNG chunk {name!r} at offset {pos:,} is cut off")
-        if zlib.crc32(view[pos + 4 : end]) != struct.unpack_from(">I", data, end)[0]:
+        if check_crc and zlib.crc32(view[pos + 4 : end]) != struct.unpack_from(">I", data, end)[0]:
             raise _broken(f"PNG chunk {name!r} at offset {pos:,} fails its CRC check")
         if size is None:
             if chunk_type != b"IHDR" or length != 13:

@@ -596,3 +596,14 @@ def test_a_large_png_within_every_limit_is_checked_without_its_pixels(tmp_path: 
     assert memory_needed(path, DEFAULT_LIMITS, 256 * MIB) < 4 * MIB
     info = validate_image(path, full_decode_limit=256 * MIB)
     assert (info.width, info.height, info.frames) == (10_000, 10_000, 1)
+
+
+def test_inspect_image_leaves_png_checksums_to_validation(tmp_path: Path) -> None:
+    """The structure walk that sizes the reservation skips the CRCs (they cost a pass over the file); the sizes
+    are the same either way, and validation, on the same bytes, refuses the broken checksum."""
+    length = struct.unpack(">I", PNG[idat_offset(PNG) : idat_offset(PNG) + 4])[0]
+    path = write(tmp_path, flip(PNG, idat_offset(PNG) + 8 + length))
+    header = inspect_image(path)
+    assert (header.width, header.height, header.frames) == (64, 48, 1)
+    with pytest.raises(ImageRejected, match="fails its CRC check"):
+        validate_image(path)
