@@ -45,6 +45,9 @@ __all__ = ["Attempt", "JobMaterializer", "JobRunner", "Materialized", "Permanent
            "Workspace", "printable"]
 
 log = logging.getLogger("materializer.daemon")
+#: The most memory parsing JSON takes per byte of it: the decoded text, and CPython's objects (``{},`` is
+#: 3 bytes, an empty dict and its reference 72). A JSON output read whole to tell glTF is weighted so.
+_PARSED_JSON_WEIGHT = 25
 T = TypeVar("T")
 LedgerCall = Callable[..., Awaitable[Any]]
 
@@ -199,11 +202,17 @@ class JobMaterializer:
                 return await asyncio.to_thread(self._validate_and_commit, partial, ref, fetched_sha)
 
     def _memory_needed(self, partial: PartialFile, ref: OutputRef) -> int:
-        """What :meth:`_validate_and_commit` will hold in memory for this file (read in a worker thread)."""
+        """What :meth:`_validate_and_commit` will hold in memory for this file (read in a worker thread).
+
+        An image: the file and its decode. A file read whole to be named (JSON, to tell glTF) is parsed
+        too, and parsed JSON takes up to :data:`_PARSED_JSON_WEIGHT` times its text. Anything else: its head.
+        """
         head = os.pread(partial.fileno(), SNIFF_BYTES, 0)
         if ref.media_kind == "image" or (ref.media_kind != "text" and looks_like_image(head)):
             return memory_needed(partial, self.image_limits, self.memory.capacity)
-        return os.fstat(partial.fileno()).st_size if needs_whole_file(head) else len(head)
+        if needs_whole_file(head):
+            return os.fstat(partial.fileno()).st_size * (1 + _PARSED_JSON_WEIGHT)
+        return len(head)
 
     def _validate_and_commit(self, partial: PartialFile, ref: OutputRef, fetched_sha: str | None) -> OutputFile:
         """Decide what a written output is from its bytes and commit it under that name (one worker-thread trip).
