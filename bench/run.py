@@ -15,7 +15,7 @@ benchmark could not run, 0 otherwise (missed goals included: they are
 findings, not failures).
 
 Benchmarks (each its own module in this folder): latency, throughput, memory,
-idle_cpu, scale, realtime, subscription, startup.
+idle_cpu, scale, realtime, subscription, startup, thumbnails.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ import scale
 import startup
 import subscription
 import throughput
+import thumbnails
 
 from benchkit import BenchResult
 
@@ -62,6 +63,7 @@ BENCHMARKS = [
     Benchmark(realtime.NAME, realtime.run, {"seconds": realtime.FULL_SECONDS}, {"seconds": 10.0}),
     Benchmark(subscription.NAME, subscription.run, {"jobs": subscription.FULL_JOBS}, {"jobs": subscription.FULL_JOBS}),
     Benchmark(startup.NAME, startup.run, {"runs": startup.FULL_RUNS}, {"runs": 3}),
+    Benchmark(thumbnails.NAME, thumbnails.run, {"jobs": thumbnails.FULL_JOBS}, {"jobs": 50}),
 ]
 
 

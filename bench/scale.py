@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import os
 import sqlite3
@@ -27,6 +28,8 @@ import statistics
 import time
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 from materializer.layout import default_layout
 from materializer.ledger import Ledger
@@ -104,7 +107,9 @@ def prefill(root: Path, count: int) -> int:
     announcement events are then written with plain SQL in one transaction, the way
     :meth:`Ledger.mark_materialized` writes them (one per job would take an fsync each). The
     cursors are set to now, so the daemon's subscription starts after them, and after the jobs
-    earlier measurements stored on the same backend.
+    earlier measurements stored on the same backend. The newest ``gallery_size`` jobs get their
+    file on disk, as recorded: the daemon checks those against their SHA-256 at start and would
+    materialize again any that is missing (the older ones it checks only if the folder is replaced).
     """
     now = time.time()
     path = default_layout(root).ledger
@@ -115,14 +120,23 @@ def prefill(root: Path, count: int) -> int:
             ledger.observe_jobs(docs[start:start + _OBSERVE_CHUNK])
         for feed in ("succeeded", "failed"):
             ledger.ensure_cursor(now * 1000, feed)  # type: ignore[arg-type]
-    base = default_layout(root).outputs.resolve()
+    outputs = default_layout(root).outputs
+    outputs.mkdir(mode=0o700, exist_ok=True)
+    image = io.BytesIO()
+    Image.new("RGB", (256, 256), (40, 90, 160)).save(image, "PNG")
+    on_disk = {doc["jobId"] for doc in docs[-DaemonOptions.gallery_size:]}
+    for job_id in on_disk:
+        (outputs / f"{job_id}_0.png").write_bytes(image.getvalue())
+    size, digest = len(image.getvalue()), hashlib.sha256(image.getvalue()).hexdigest()
+    base = outputs.resolve()
     conn = sqlite3.connect(path, isolation_level=None)
     try:
         conn.execute("BEGIN IMMEDIATE")
         conn.executemany(
             "INSERT INTO outputs (job_id, idx, path, mime_type, width, height, size_bytes, sha256)"
-            " VALUES (?, 0, ?, 'image/png', 256, 256, 40000, ?)",
-            ((doc["jobId"], f"{doc['jobId']}_0.png", hashlib.sha256(doc["jobId"].encode()).hexdigest())
+            " VALUES (?, 0, ?, 'image/png', 256, 256, ?, ?)",
+            ((doc["jobId"], f"{doc['jobId']}_0.png", *((size, digest) if doc["jobId"] in on_disk else
+                                                       (40000, hashlib.sha256(doc["jobId"].encode()).hexdigest())))
              for doc in docs))
         conn.executemany(
             "INSERT INTO events (type, job_id, payload, created_at) VALUES ('media.materialized', ?, ?, ?)",

@@ -2,7 +2,7 @@
 
 Exit codes shared by the commands: 0 success, 1 failure (or, for ``run``,
 another daemon holds the root), 2 usage or configuration error, 3 sign-in
-needed.
+needed, 4 the ledger is damaged (``materializer repair`` is the way out).
 """
 
 from __future__ import annotations
@@ -58,9 +58,11 @@ def _run(args: argparse.Namespace) -> int:
 def _replay(args: argparse.Namespace) -> int:
     from materializer.config import ConfigError
     from materializer.layout import UntrustedPath
+    from materializer.ledger import LedgerOpenError
     from materializer.logs import setup_logging
     from materializer.options import DaemonOptions
     from materializer.replay import parse_when, print_summary, replay
+    from materializer.service import ledger_trouble
     from materializer.tokens import provider_for
 
     loaded = _settings(args)
@@ -89,10 +91,46 @@ def _replay(args: argparse.Namespace) -> int:
         except UntrustedPath as exc:
             print(f"materializer replay: {exc}", file=sys.stderr)
             return exits.USAGE
+        except LedgerOpenError as exc:
+            print(f"materializer replay: {ledger_trouble(exc)}", file=sys.stderr)
+            return exits.LEDGER_DAMAGED
         finally:
             await provider.aclose()
         if code != exits.SIGN_IN_NEEDED:
             print_summary(summary, args.dry_run, args.json, sys.stdout)
+        return code
+
+    return asyncio.run(run())
+
+
+def _repair(args: argparse.Namespace) -> int:
+    from materializer.config import ConfigError
+    from materializer.logs import setup_logging
+    from materializer.options import DaemonOptions
+    from materializer.repair import print_summary, repair
+    from materializer.replay import parse_when
+    from materializer.tokens import provider_for
+
+    loaded = _settings(args)
+    if loaded is None:
+        return exits.USAGE
+    settings, _ = loaded
+    setup_logging("warning" if args.log_level is None else settings.log.level, settings.log.format)
+    try:
+        options = DaemonOptions.from_settings(settings)
+        since = parse_when(args.since)
+        provider = provider_for(settings.auth.token_file, settings.auth.token_argv, settings.auth.token_env,
+                                settings.auth.token_fd)
+    except (ConfigError, ValueError) as exc:
+        print(f"materializer repair: {exc}", file=sys.stderr)
+        return exits.USAGE
+
+    async def run() -> int:
+        try:
+            code, summary = await repair(options, provider, since=since)
+        finally:
+            await provider.aclose()
+        print_summary(summary, args.json, sys.stdout)
         return code
 
     return asyncio.run(run())
@@ -184,10 +222,21 @@ def _dev_backend(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _gallery(args: argparse.Namespace) -> int:
+    from materializer.gallery_server import run_gallery
+
+    loaded = _settings(args)
+    if loaded is None:
+        return exits.USAGE
+    daemon = loaded[0].daemon
+    return run_gallery(daemon.layout, host=args.host, port=args.port, open_browser=args.open,
+                       gallery_size=daemon.gallery_size)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from materializer.demo import run_demo
 
-    return run_demo(args.root)
+    return run_demo(args.root, gallery=args.gallery)
 
 
 def _common(parser: argparse.ArgumentParser, *, daemon: bool = True) -> None:
@@ -219,7 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Follow the signed-in user's succeeded media jobs and materialize them. "
                               "SIGTERM/SIGINT stop it, SIGHUP reloads the configuration. Exit 1 when another "
                               "daemon holds the root, 2 on a configuration error or a state folder it cannot trust "
-                              "(a symlink, another user's folder or file: the message names it and the fix).")
+                              "(a symlink, another user's folder or file: the message names it and the fix), 4 when "
+                              "the ledger is damaged (empty, truncated, garbled: it is left as it is; see "
+                              "materializer repair).")
     _common(run)
     run.add_argument("--parent-pid", type=int, metavar="PID", help="exit cleanly when process PID exits")
     run.set_defaults(handler=_run)
@@ -236,6 +287,22 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--dry-run", action="store_true", help="list what would be materialized, change nothing")
     replay.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     replay.set_defaults(handler=_replay)
+
+    repair = commands.add_parser(
+        "repair", help="move a damaged ledger aside and rebuild it from the files on disk and the backend",
+        description="With no daemon running: move a damaged ledger (and its -wal, -shm) aside to "
+        "materializer.db.damaged-<UTC time>, then rebuild it from the outputs on disk (<jobId>_<index>.<ext>), "
+        "gallery.json where usable, and the backend (the jobs since --since, and getByJobId for each job on "
+        "disk). No file is removed. A healthy ledger is left alone. Exit 0 repaired (or nothing to repair), "
+        "1 another daemon runs, the backend could not be asked (nothing changed), some jobs were not restored or "
+        "a range is not covered, 2 usage or configuration, 3 sign-in needed, 4 a ledger repair must not touch "
+        "(from a newer version).",
+    )
+    _common(repair)
+    repair.add_argument("--since", default="24h", metavar="WHEN",
+                        help="also list the jobs completed since then (ISO date/time or 2h, 7d); default 24h")
+    repair.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    repair.set_defaults(handler=_repair)
 
     status = commands.add_parser("status", help="show the daemon's state (works when it is stopped)")
     _common(status, daemon=False)
@@ -284,7 +351,22 @@ def build_parser() -> argparse.ArgumentParser:
                                description="Start the local backend and the materializer, submit jobs of every "
                                "capability, and show the files that land on disk.")
     demo.add_argument("--root", type=Path, help="materializer root (default: a new temporary folder, kept)")
+    demo.add_argument("--gallery", action="store_true",
+                      help="also serve the live gallery page (its URL is printed) and keep it up until Ctrl-C")
     demo.set_defaults(handler=_demo)
+
+    gallery = commands.add_parser(
+        "gallery", help="serve a live web page of what was made (loopback only, behind a secret URL)",
+        description="Serve the gallery of a root on a loopback address and print its URL once; the URL holds a "
+        "random secret that every request needs (anything else gets 403). The page shows jobs newest first, "
+        "updates live from the ledger, and works with the daemon stopped. Runs until Ctrl-C (exit 0); exit 1 "
+        "when it cannot listen, 2 on a usage or configuration error.",
+    )
+    _common(gallery, daemon=False)
+    gallery.add_argument("--host", default="127.0.0.1", help="loopback address to listen on (default 127.0.0.1)")
+    gallery.add_argument("--port", type=int, default=0, help="port (default 0: any free port)")
+    gallery.add_argument("--open", action="store_true", help="open the page in the default browser")
+    gallery.set_defaults(handler=_gallery)
 
     _add_dev_backend(commands)
     return parser

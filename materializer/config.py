@@ -117,6 +117,7 @@ class DaemonSettings(_Section):
     max_sidebar_clients: int = Field(default=32, ge=1)
     lease_seconds: float = Field(default=120.0, gt=0)
     gallery_size: int = Field(default=1000, ge=1)
+    thumbnails: bool = True
     inactivity_timeout_seconds: float = Field(default=60.0, gt=0)
     parent_pid: int | None = Field(default=None, ge=1)
 

@@ -4,7 +4,7 @@ Data path, one stage per module:
 
     SyncClient (convex/) -> SucceededFeed / FailedFeed (feed.py: what to observe, gaps, the cursor)
     -> Ledger.observe_jobs (ledger.py) -> scheduler (here) -> JobRunner / JobMaterializer
-    (materialize.py: jobs.py -> fetch.py -> images.py, media_files.py -> store.py -> payloads.py)
+    (materialize.py: jobs.py -> fetch.py -> images.py, media_files.py -> store.py, thumbnails.py -> payloads.py)
     -> Ledger.mark_materialized -> DisplayServer (display.py) -> gallery.json (gallery.py)
 
 This module only wires them: it carries out the feeds' decisions, runs the
@@ -50,7 +50,7 @@ from materializer.feed import (
 )
 from materializer.finite import is_finite_number
 from materializer.layout import InstanceLock
-from materializer.ledger import Event
+from materializer.ledger import Event, OutputFile
 from materializer.materialize import Workspace, printable
 from materializer.options import LIVE_OPTIONS, DaemonOptions
 from materializer.payloads import failed_payload
@@ -76,6 +76,12 @@ GALLERY_MIN_INTERVAL = 0.25
 #: How many reported gaps the ledger keeps for ``status`` (the event log keeps every one).
 MAX_GAPS_KEPT = 20
 
+#: How often the outputs folder at its path is compared with the one held open (two syscalls), to notice
+#: it removed, replaced or moved even when no job is committing (every commit checks it too).
+OUTPUTS_CHECK_INTERVAL = 2.0
+#: Materialized jobs read per ledger call when checking that their files are still there.
+_CHECK_PAGE = 500
+
 class Materializer:
     """The daemon. ``await run()`` until :meth:`stop`; also used one-shot by ``replay``."""
 
@@ -93,6 +99,7 @@ class Materializer:
         self._work = asyncio.Event()
         self._announce = asyncio.Event()
         self._gallery_dirty = asyncio.Event()
+        self._thumbnails_wanted = asyncio.Event()
         self._stopping = asyncio.Event()
         self._announced_seq = 0
         self._feed = SucceededFeed(options.subscription_limit)
@@ -139,6 +146,8 @@ class Materializer:
         # process is working right now (it holds leases): then only old partials are surely stale.
         max_age = 0.0 if await self.db(self.ledger.live_leases) == 0 else 600.0
         removed = await asyncio.to_thread(self.work.store.cleanup_stale_partials, max_age)
+        if self.work.thumbnails is not None:
+            removed += await asyncio.to_thread(self.work.thumbnails.cleanup_stale_partials, max_age)
         if removed:
             log.info("removed %d partial file(s) left by an earlier run", removed)
         lookback_ms = (time.time() - self.options.lookback_hours * 3600) * 1000
@@ -170,7 +179,9 @@ class Materializer:
             "scheduler": self._schedule,
             "announcer": self._announcer,
             "gallery writer": self._gallery_writer,
+            "thumbnail keeper": self._keep_thumbnails,
             "connection watcher": self._watch_connection,
+            "outputs watcher": self._watch_outputs,
         }
         tasks = [asyncio.create_task(self._supervised(name, loop), name=name) for name, loop in loops.items()]
         if on_ready is not None:
@@ -342,7 +353,8 @@ class Materializer:
             self.materialized_count += 1
             if self.display is not None:
                 self.display.publish(result.event)  # now, not on the announcer's next round (which skips it)
-            self._gallery_dirty.set()
+        if result.outcome == "materialized":
+            self._gallery_dirty.set()  # also for a job whose vanished files came back (announced before)
         if result.outcome != "retry":
             self._announce.set()
         await self._advance_cursor()
@@ -372,9 +384,64 @@ class Materializer:
             await self._gallery_dirty.wait()
             self._gallery_dirty.clear()
             started = time.monotonic()
-            await self.work.write_gallery()
+            if await self.work.write_gallery():
+                self._thumbnails_wanted.set()
             # A rate limit, so that a burst rewrites the manifest a few times a second, not once per job.
             await asyncio.sleep(GALLERY_MIN_INTERVAL - (time.monotonic() - started))
+
+    async def _watch_outputs(self) -> None:
+        """Keep what the ledger calls materialized on disk, and materialize again what is not.
+
+        At start, the gallery's jobs (the newest ``gallery_size``) are checked against their
+        recorded SHA-256. Then the outputs folder is checked every :data:`OUTPUTS_CHECK_INTERVAL`
+        (and by every commit): once it is found removed, replaced or moved and opened again,
+        every materialized job whose files are not in it is made pending again.
+        """
+        store = self.work.store
+        seen = store.generation
+        newest = await self.db(self.ledger.gallery_entries, self.options.gallery_size)
+        await self._files_checked([(entry.job_id, entry.files) for entry in newest], hashes=True,
+                                  why="files changed or removed while the daemon was stopped")
+        while True:
+            await asyncio.sleep(OUTPUTS_CHECK_INTERVAL)
+            await asyncio.to_thread(store.check_folder)
+            if store.generation == seen:
+                continue
+            seen = store.generation
+            log.warning("the outputs folder %s was removed, replaced or moved: it is open again at its path",
+                        store.path)
+            self._gallery_dirty.set()  # the folder there now needs its manifest
+            after, vanished = "", 0
+            while page := await self.db(self.ledger.materialized_outputs, after, _CHECK_PAGE):
+                after = page[-1][0]
+                vanished += await self._files_checked(page, hashes=False, why=None)
+            await self._files_missing(vanished, f"the outputs folder {store.path} was removed, replaced or moved")
+
+    async def _files_checked(self, jobs: list[tuple[str, list[OutputFile]]], *, hashes: bool, why: str | None) -> int:
+        """Check ``jobs``' files (see Workspace.check_files); wake the workers for those made pending again."""
+        vanished = await self.work.check_files(jobs, hashes=hashes)
+        if vanished:
+            self._work.set()
+            self._gallery_dirty.set()
+            if why is not None:
+                await self._files_missing(len(vanished), why)
+        return len(vanished)
+
+    async def _files_missing(self, count: int, why: str) -> None:
+        detail = f"{why}: {count} job(s) whose files are gone are being materialized again"
+        log.warning("%s", detail)
+        await self._state_event({"state": "files_missing", "jobs": count, "detail": detail})
+    async def _keep_thumbnails(self) -> None:
+        """Rebuild missing or broken thumbnails, off the jobs' path: every image of the gallery's jobs at
+        start-up, then those a gallery write finds missing; the gallery is rewritten to list them."""
+        entries = await self.db(self.ledger.gallery_entries, self.options.gallery_size)
+        files: list[OutputFile] | None = [f for entry in entries for f in entry.files]
+        while True:
+            if await self.work.repair_thumbnails(files):
+                self._gallery_dirty.set()
+            files = None
+            await self._thumbnails_wanted.wait()
+            self._thumbnails_wanted.clear()
 
     async def _state_event(self, payload: dict[str, Any]) -> Event:
         event = await self.db(self.ledger.append_event, "materializer.state", payload)

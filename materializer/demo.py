@@ -12,6 +12,10 @@ the backend's ``/api/auth/convex/token`` with its session cookie and handing
 it over a pipe, the daemon's ``--token-fd`` channel. The realtime frames are
 spread over several token lifetimes, so the run shows the daemon keeping one
 socket alive on tokens that each expire mid-run.
+
+With ``--gallery`` it also serves the live gallery page (:mod:`materializer.gallery_server`)
+from the start, so the jobs can be watched landing, and keeps the daemon and the page up
+after the table until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -31,7 +36,7 @@ from materializer.gallery import MANIFEST_NAME
 from materializer.options import DaemonOptions
 from materializer.tokens import FdTokenProvider
 
-__all__ = ["run_demo"]
+__all__ = ["run_demo", "submit_demo_jobs"]
 
 DEMO_TIMEOUT = 120.0
 #: Seconds each demo token lives (the real ones: 300). The app hands a new one every half lifetime.
@@ -40,7 +45,7 @@ DEMO_TOKEN_TTL = 4.0
 REALTIME_FRAMES = 10
 
 
-def run_demo(root: Path | None) -> int:
+def run_demo(root: Path | None, gallery: bool = False) -> int:
     """Run the demo; 0 when every job was materialized, 1 otherwise (saying what failed)."""
     try:
         from stella_devbackend.control import DevBackend
@@ -53,7 +58,7 @@ def run_demo(root: Path | None) -> int:
         print("starting the local Stella backend ...")
         with DevBackend.start(Path(scratch), token_ttl=DEMO_TOKEN_TTL) as backend:
             print(f"  backend at {backend.url} (only the real queries; tokens live {DEMO_TOKEN_TTL:g} s)")
-            return asyncio.run(_demo(backend, root))
+            return asyncio.run(_demo(backend, root, gallery))
 
 
 class _LaunchingApp:
@@ -77,8 +82,9 @@ class _LaunchingApp:
                 os.close(fd)
 
 
-async def _demo(backend: Any, root: Path) -> int:
+async def _demo(backend: Any, root: Path, gallery: bool) -> int:
     from materializer.display import DisplayServer
+    from materializer.gallery_server import GalleryServer
 
     app = _LaunchingApp(backend)
     handing = asyncio.create_task(app.hand_tokens())
@@ -90,9 +96,12 @@ async def _demo(backend: Any, root: Path) -> int:
     running = asyncio.create_task(daemon.run(on_ready=ready.set))
     await ready.wait()
     print(f"materializer running, root {root}, tokens over a pipe (--token-fd)")
+    page = GalleryServer(daemon.options.layout, gallery_size=daemon.options.gallery_size) if gallery else None
+    if page is not None:
+        print(f"gallery: {await page.start()}  (open it to watch the jobs land)", flush=True)
     started = time.monotonic()
     try:
-        job_ids = await _submit_all(backend)
+        job_ids = await submit_demo_jobs(backend)
         print(f"submitted {len(job_ids)} jobs; waiting for them to land ...")
         deadline = time.monotonic() + DEMO_TIMEOUT
         while True:
@@ -105,28 +114,50 @@ async def _demo(backend: Any, root: Path) -> int:
         outcome = await daemon.db(_report, daemon, job_ids)
         client = daemon.client
         sockets, reauthentications = (client.connection_attempts, client.reauthentications) if client else (0, 0)
+        rows, problems = outcome
+        _print_table(rows)
+        print(f"\ngallery manifest: {daemon.options.layout.outputs / MANIFEST_NAME}")
+        print(f"{len(rows)} files from {len(job_ids)} jobs in {time.monotonic() - started:.1f}s")
+        print(f"tokens: {app.handed} handed over the pipe, each living {DEMO_TOKEN_TTL:g} s; the daemon "
+              f"re-authenticated {reauthentications} time(s) on {sockets} socket(s)", flush=True)
+        if problems:
+            print("\nnot materialized:", file=sys.stderr)
+            for job_id, reason in problems:
+                print(f"  {job_id}: {reason}", file=sys.stderr)
+        if page is not None:
+            print(f"\nthe gallery stays up at {page.url} (the daemon too) until Ctrl-C", flush=True)
+            await _interrupted()
     finally:
+        if page is not None:
+            await page.close()
         daemon.stop()
         await running
         await daemon.aclose()
         handing.cancel()
         await provider.aclose()
         app.close()
-    rows, problems = outcome
-    _print_table(rows)
-    print(f"\ngallery manifest: {daemon.options.layout.outputs / MANIFEST_NAME}")
-    print(f"{len(rows)} files from {len(job_ids)} jobs in {time.monotonic() - started:.1f}s")
-    print(f"tokens: {app.handed} handed over the pipe, each living {DEMO_TOKEN_TTL:g} s; the daemon "
-          f"re-authenticated {reauthentications} time(s) on {sockets} socket(s)")
-    if problems:
-        print("\nnot materialized:", file=sys.stderr)
-        for job_id, reason in problems:
-            print(f"  {job_id}: {reason}", file=sys.stderr)
-        return exits.FAILED
-    return exits.OK
+    return exits.FAILED if problems else exits.OK
 
 
-async def _submit_all(backend: Any) -> list[str]:
+async def _interrupted() -> None:
+    """Wait for Ctrl-C (SIGINT) or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+
+
+async def submit_demo_jobs(backend: Any, realtime_frames: int = REALTIME_FRAMES, pace: float = 1.0) -> list[str]:
+    """Submit the demo's jobs through the media API (the browser tests submit them too); their ids.
+
+    ``realtime_frames`` frames follow, ``pace`` seconds apart (a person drawing).
+    """
+
     def submit(body: dict[str, Any]) -> str:
         # Like any client of the media API: a fresh session token for each call (they live seconds here).
         response = backend.generate(body, token=backend.fetch_token())
@@ -147,9 +178,9 @@ async def _submit_all(backend: Any) -> list[str]:
     edit_of = source["output"]["images"][0]["url"]
     ids.append(await asyncio.to_thread(submit, {"capability": "image_edit", "prompt": "make it winter",
                                                 "sourceUrl": edit_of}))
-    for frame in range(REALTIME_FRAMES):
+    for frame in range(realtime_frames):
         ids.append(await asyncio.to_thread(submit, {"capability": "realtime", "prompt": f"sketch frame {frame}"}))
-        await asyncio.sleep(1.0)  # a person drawing: one frame a second, across several token lifetimes
+        await asyncio.sleep(pace)  # a person drawing: one frame a second, across several token lifetimes
     return ids
 
 

@@ -22,6 +22,13 @@ Server to client:
 - ``{"type": "materializer.pruned", "payload": {"fromSeq": a, "toSeq": b,
   "message": ...}}``: the events ``a..b`` the client asked for no longer
   exist (the ledger keeps only the newest ones). Not an event: it has no seq.
+- ``{"type": "materializer.skipped", "payload": {"seq": n, "eventType": t,
+  "message": ...}}``: event ``n`` (of type ``t``) is in the ledger but its
+  stored payload no longer decodes (a damaged byte on disk), so it cannot be
+  sent; it takes that event's place in the order, and the events after it
+  follow. Not an event either: it has no top-level seq, and its payload is no
+  ``DisplayPayload``, so a reader that shows ``media.materialized`` payloads
+  (the desktop's ``isDisplayPayload``) never takes it for one.
 - ``{"type": "error", "error": "..."}``: a client line was not understood; the
   line is ignored and the connection stays open.
 - ``{"type": "error", "error": "...", "code": "too_many_clients"}``, then the
@@ -86,6 +93,7 @@ __all__ = [
     "HELLO",
     "TOO_MANY_CLIENTS",
     "PRUNED",
+    "SKIPPED",
     "WELCOME",
     "DisplayServer",
     "DisplaySocketError",
@@ -96,6 +104,7 @@ __all__ = [
 HELLO = "hello"
 WELCOME = "welcome"
 PRUNED = "materializer.pruned"
+SKIPPED = "materializer.skipped"
 ERROR = "error"
 #: The ``code`` of the error line a client over ``max_clients`` gets before the connection ends.
 TOO_MANY_CLIENTS = "too_many_clients"
@@ -133,7 +142,11 @@ class DisplaySocketInUseError(DisplaySocketError):
 
 
 def encode_event(event: Event) -> bytes:
-    """One event as its socket line."""
+    """One event as its socket line; an event whose payload could not be read, as the notice that replaces it."""
+    if event.unreadable is not None:
+        message = f"event {event.seq} ({event.type}) could not be read from the ledger and was skipped: " \
+                  f"{event.unreadable}"
+        return _encode({"type": SKIPPED, "payload": {"seq": event.seq, "eventType": event.type, "message": message}})
     return _encode({"seq": event.seq, "type": event.type, "payload": event.payload})
 
 

@@ -68,7 +68,7 @@ import os
 import re
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, Literal
 
@@ -84,8 +84,9 @@ from PIL import (
 
 from materializer.limits import MAX_DECODED_BYTES, MAX_DOWNLOAD_BYTES, MAX_EDGE, MAX_FRAMES, MAX_PIXELS
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFormat", "ImageHeader", "ImageInfo", "ImageLimits", "ImageRejected",
-           "inspect_image", "memory_needed", "validate_image"]
+__all__ = ["IMAGE_EXTENSIONS", "IMAGE_MIME_TYPES", "ImageFormat", "ImageHeader", "ImageInfo", "ImageLimits",
+           "ImageRejected", "first_frame_memory", "inspect_image", "memory_needed", "open_first_frame", "probe_image",
+           "validate_image"]
 
 ImageFormat = Literal["png", "jpeg", "webp", "gif"]
 
@@ -99,6 +100,8 @@ _FORMATS: dict[ImageFormat, tuple[str, str, str]] = {
 
 #: The extensions a validated image can have, in no particular order.
 IMAGE_EXTENSIONS: tuple[str, ...] = tuple(ext for _, ext, _ in _FORMATS.values())
+#: The MIME type of each of those extensions.
+IMAGE_MIME_TYPES: dict[str, str] = {ext: mime for _, ext, mime in _FORMATS.values()}
 
 #: Bytes per pixel in the decoded-size limit: RGBA, as a viewer holds every frame.
 _DECODED_BYTES_PER_PIXEL = 4
@@ -203,6 +206,15 @@ class ImageHeader:
             return _scaled(self.width) * _scaled(self.height) * _DECODED_BYTES_PER_PIXEL
         return _BOUNDED_PNG_BYTES
 
+    def first_frame_bytes(self, draft_edge: int | None) -> int:
+        """The memory decoding its first frame alone holds (:func:`open_first_frame`): a sequential JPEG at
+        the DCT scale ``draft_edge`` allows, anything else whole."""
+        scale = 1
+        if draft_edge is not None and self.format == "jpeg" and self.boundable:
+            ratio = max(self.width, self.height) // max(1, draft_edge)
+            scale = next(step for step in (8, 4, 2, 1) if ratio >= step)
+        return -(-self.width // scale) * -(-self.height // scale) * _DECODED_BYTES_PER_PIXEL
+
 
 def inspect_image(source: str | os.PathLike[str] | BinaryIO, limits: ImageLimits = ImageLimits()) -> ImageHeader:
     """Read an image file's format, size and frames from its structure, without decoding it or reading it into memory.
@@ -232,7 +244,20 @@ def memory_needed(source: str | os.PathLike[str] | BinaryIO, limits: ImageLimits
     return size + header.decode_bytes(full_decode_limit)
 
 
-def validate_image(source: str | os.PathLike[str] | BinaryIO, limits: ImageLimits = ImageLimits(), *,
+def first_frame_memory(source: str | os.PathLike[str] | BinaryIO, limits: ImageLimits, draft_edge: int | None,
+                       max_decode_bytes: int | None) -> int:
+    """The bytes :func:`open_first_frame` holds at once for this file: the file itself, and its first frame
+    (unless that frame needs more than ``max_decode_bytes``: then it is refused, not decoded)."""
+    size = _size_of(source) if not isinstance(source, (str, os.PathLike)) else os.stat(source).st_size
+    try:
+        frame = inspect_image(source, limits).first_frame_bytes(draft_edge)
+    except ImageRejected:
+        return size
+    return size if max_decode_bytes is not None and frame > max_decode_bytes else size + frame
+
+
+def validate_image(source: str | os.PathLike[str] | BinaryIO, limits: ImageLimits = ImageLimits(),
+                   on_first_frame: Callable[[Image.Image], None] | None = None, *,
                    full_decode_limit: int | None = None) -> ImageInfo:
     """Validate an image file (a path, or a binary file open for reading); raise :class:`ImageRejected`.
 
@@ -241,6 +266,11 @@ def validate_image(source: str | os.PathLike[str] | BinaryIO, limits: ImageLimit
     hashed, checked and decoded are the same bytes. An image whose full
     decode would need more than ``full_decode_limit`` bytes is decoded in
     bounded memory where its format allows (see the module docstring).
+
+    ``on_first_frame`` is handed the first frame once Pillow has decoded it (to make a thumbnail
+    from pixels already decoded, not decode them twice); a JPEG decoded in bounded memory hands
+    its 1/8-scale frame, a PNG checked row by row none. It must not raise, keep or change the
+    image: the decoder moves on to the next frame when it returns.
     """
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         # Process-wide Pillow setting that makes it accept truncated images; someone turned it on.
@@ -251,9 +281,9 @@ def validate_image(source: str | os.PathLike[str] | BinaryIO, limits: ImageLimit
     _check_limits(header.width, header.height, header.frames, limits)
     summary = ImageHeader(image_format, header.width, header.height, header.frames, header.boundable)
     if summary.decode_bytes(full_decode_limit) < summary.decoded_bytes:
-        width, height, frames = _decode_bounded(data, summary, limits)
+        width, height, frames = _decode_bounded(data, summary, limits, on_first_frame)
     else:
-        width, height, frames = _decode(data, image_format, limits)
+        width, height, frames = _decode(data, image_format, limits, on_first_frame)
     _, ext, mime = _FORMATS[image_format]
     return ImageInfo(
         format=image_format,
@@ -610,20 +640,30 @@ def _check_limits(width: int, height: int, frames: int, limits: ImageLimits) -> 
         )
 
 
-def _decode(data: bytes, image_format: ImageFormat, limits: ImageLimits) -> tuple[int, int, int]:
+def _decode(data: bytes, image_format: ImageFormat, limits: ImageLimits,
+            on_first_frame: Callable[[Image.Image], None] | None = None) -> tuple[int, int, int]:
     """Decode every frame with Pillow; return ``(width, height, frames)`` as Pillow saw them."""
     pil_format = _FORMATS[image_format][0]
+    with _pillow_errors(image_format), Image.open(io.BytesIO(data), formats=[pil_format]) as image:
+        if image.format != pil_format:
+            raise ImageRejected(f"Pillow reads the {image_format.upper()} bytes as {image.format}")
+        frames = getattr(image, "n_frames", 1)
+        _check_limits(*image.size, frames, limits)
+        for frame in range(frames):
+            image.seek(frame)
+            _check_limits(*image.size, frames, limits)  # a GIF frame can grow the canvas
+            image.load()
+            if frame == 0 and on_first_frame is not None:
+                on_first_frame(image)
+        return image.size[0], image.size[1], frames
+
+
+@contextlib.contextmanager
+def _pillow_errors(image_format: ImageFormat) -> Iterator[None]:
+    """Whatever Pillow raises on these bytes, as an :class:`ImageRejected` saying why."""
+    pil_format = _FORMATS[image_format][0]
     try:
-        with Image.open(io.BytesIO(data), formats=[pil_format]) as image:
-            if image.format != pil_format:
-                raise ImageRejected(f"Pillow reads the {image_format.upper()} bytes as {image.format}")
-            frames = getattr(image, "n_frames", 1)
-            _check_limits(*image.size, frames, limits)
-            for frame in range(frames):
-                image.seek(frame)
-                _check_limits(*image.size, frames, limits)  # a GIF frame can grow the canvas
-                image.load()
-            return image.size[0], image.size[1], frames
+        yield
     except ImageRejected:
         raise
     except Image.DecompressionBombError as exc:
@@ -646,28 +686,27 @@ def _scaled(edge: int) -> int:
     return max(1, edge // _JPEG_SCALE)
 
 
-def _decode_bounded(data: bytes, header: ImageHeader, limits: ImageLimits) -> tuple[int, int, int]:
+def _decode_bounded(data: bytes, header: ImageHeader, limits: ImageLimits,
+                    on_first_frame: Callable[[Image.Image], None] | None) -> tuple[int, int, int]:
     """Check an image too large to decode whole in bounded memory; return ``(width, height, frames)``.
 
-    Pillow reads the header (and, for a JPEG, decodes every scan at 1/8 scale); a PNG's image data
-    is then inflated and checked here, row by row, holding about a megabyte at a time.
+    Pillow reads the header (and, for a JPEG, decodes every scan at 1/8 scale, the frame handed to
+    ``on_first_frame``); a PNG's image data is then inflated and checked here, row by row, holding
+    about a megabyte at a time.
     """
     pil_format = _FORMATS[header.format][0]
-    try:
-        with Image.open(io.BytesIO(data), formats=[pil_format]) as image:
-            if image.format != pil_format:
-                raise ImageRejected(f"Pillow reads the {header.format.upper()} bytes as {image.format}")
-            if image.size != (header.width, header.height) or getattr(image, "n_frames", 1) != 1:
-                raise _broken(f"Pillow reads a {image.size[0]}x{image.size[1]} image, the structure says "
-                              f"{header.width}x{header.height}")
-            _check_limits(*image.size, 1, limits)
-            if header.format == "jpeg":
-                image.draft(image.mode, (_scaled(header.width), _scaled(header.height)))
-                image.load()
-    except ImageRejected:
-        raise
-    except Exception as exc:  # whatever hostile bytes make Pillow raise, as in _decode
-        raise ImageRejected(f"Pillow cannot decode it: {type(exc).__name__}: {exc}") from None
+    with _pillow_errors(header.format), Image.open(io.BytesIO(data), formats=[pil_format]) as image:
+        if image.format != pil_format:
+            raise ImageRejected(f"Pillow reads the {header.format.upper()} bytes as {image.format}")
+        if image.size != (header.width, header.height) or getattr(image, "n_frames", 1) != 1:
+            raise _broken(f"Pillow reads a {image.size[0]}x{image.size[1]} image, the structure says "
+                          f"{header.width}x{header.height}")
+        _check_limits(*image.size, 1, limits)
+        if header.format == "jpeg":
+            image.draft(image.mode, (_scaled(header.width), _scaled(header.height)))
+            image.load()
+            if on_first_frame is not None:
+                on_first_frame(image)
     if header.format == "png":
         _inflate_png_rows(data, header)
     return header.width, header.height, 1
@@ -734,3 +773,57 @@ def _idat_pieces(data: bytes, view: memoryview) -> Iterator[memoryview]:
             for start in range(pos + 8, pos + 8 + length, 1 << 16):
                 yield view[start : min(start + (1 << 16), pos + 8 + length)]
         pos += 12 + length
+
+
+# --- first frames and headers, for thumbnails -----------------------------------------------
+
+
+def probe_image(data: bytes) -> tuple[ImageFormat, int, int, int]:
+    """``(format, width, height, frames)`` as the container structure says, without decoding any pixels.
+
+    The same sniffing and structure walk as :func:`validate_image` (so truncation, bad chunk sizes and
+    trailing bytes are refused); cheap enough to check many small files.
+    """
+    image_format = _sniff(data)
+    header = _PROBES[image_format](data)
+    return image_format, header.width, header.height, header.frames
+
+
+def open_first_frame(source: str | os.PathLike[str] | BinaryIO, limits: ImageLimits = ImageLimits(), *,
+                     draft_edge: int | None = None, max_decode_bytes: int | None = None) -> Image.Image:
+    """The first frame of an image file, decoded under ``limits``; raise :class:`ImageRejected`.
+
+    The structure and the limits are checked as :func:`validate_image` checks them, before Pillow
+    decodes anything; only the first frame is decoded. ``draft_edge`` lets a JPEG decode at a
+    reduced DCT scale (1/2 to 1/8) whose longest edge stays at least that long: a fraction of the
+    work, for a thumbnail. A first frame whose decode would hold more than ``max_decode_bytes``
+    (the memory budget) is refused rather than decoded. The caller closes the image.
+    """
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is on in this process; refusing to decode images")
+    data = _read_all(source, limits.max_file_bytes)
+    image_format = _sniff(data)
+    header = _PROBES[image_format](data)
+    width, height, frames = header.width, header.height, header.frames
+    _check_limits(width, height, frames, limits)
+    if max_decode_bytes is not None:
+        needed = ImageHeader(image_format, width, height, frames, header.boundable).first_frame_bytes(draft_edge)
+        if needed > max_decode_bytes:
+            raise ImageRejected(f"its first frame needs {needed:,} bytes decoded, more than the memory budget "
+                                f"({max_decode_bytes:,} bytes)")
+    pil_format = _FORMATS[image_format][0]
+    with _pillow_errors(image_format):
+        image = Image.open(io.BytesIO(data), formats=[pil_format])
+        try:
+            if image.format != pil_format:
+                raise ImageRejected(f"Pillow reads the {image_format.upper()} bytes as {image.format}")
+            _check_limits(*image.size, frames, limits)
+            if draft_edge is not None and image_format == "jpeg":
+                longest = max(image.size)
+                image.draft(None, (max(1, image.size[0] * draft_edge // longest),
+                                   max(1, image.size[1] * draft_edge // longest)))
+            image.load()
+        except BaseException:
+            image.close()
+            raise
+        return image

@@ -37,9 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-__all__ = ["STATE_DIR_ENV", "AlreadyRunning", "Finding", "InstanceLock", "Layout", "UntrustedPath", "check_file",
-           "check_folder", "default_layout", "inspect_layout", "judge_file", "judge_folder", "layout_folders",
-           "open_nofollow", "resolve_state_dir", "secure_layout"]
+__all__ = ["STATE_DIR_ENV", "THUMBNAILS_DIR", "AlreadyRunning", "Finding", "InstanceLock", "Layout", "UntrustedPath",
+           "check_file", "check_folder", "default_layout", "inspect_layout", "judge_file", "judge_folder",
+           "layout_folders", "open_nofollow", "resolve_state_dir", "secure_layout"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 STATE_DIR_ENV = "STELLA_DATA_DIR"
 #: The state folder inside a root when nothing else names one.
 ROOT_STATE_SUBDIR = "state"
+#: The thumbnails' folder inside the outputs folder (hidden: it holds derived data, not outputs).
+THUMBNAILS_DIR = ".thumbs"
 
 
 def resolve_state_dir(root: Path, state_dir: Path | None) -> Path:
@@ -73,6 +75,11 @@ class Layout:
     @property
     def outputs(self) -> Path:
         return self.media / "outputs"
+
+    @property
+    def thumbnails(self) -> Path:
+        """``<outputs>/.thumbs``: a small WebP per image output (:mod:`materializer.thumbnails`)."""
+        return self.outputs / THUMBNAILS_DIR
 
     @property
     def ledger(self) -> Path:

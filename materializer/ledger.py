@@ -50,8 +50,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
+import secrets
 import sqlite3
 import threading
 import time
@@ -73,19 +75,24 @@ __all__ = [
     "SCHEMA_VERSION",
     "Event",
     "EventPage",
+    "FailedEntry",
     "Feed",
     "GalleryEntry",
     "Job",
     "JobStatus",
     "Ledger",
     "LedgerBusyError",
+    "LedgerDamagedError",
     "LedgerError",
     "LedgerOpenError",
     "LedgerStatus",
     "OutputFile",
     "QuarantinedJob",
+    "UNDECODABLE_DOCUMENT",
     "UnknownJobError",
 ]
+
+_log = logging.getLogger(__name__)
 
 DEFAULT_EVENT_CAP = 100_000
 DEFAULT_CURSOR_OVERLAP_MS = 2_000.0
@@ -100,6 +107,14 @@ _APPLICATION_ID = 0x53544D4C
 _FEEDS: tuple[Feed, ...] = ("succeeded", "failed")
 _STATUSES: tuple[JobStatus, ...] = ("pending", "materialized", "quarantined")
 _SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
+#: The primary result codes SQLite gives for a file whose bytes are damaged (not for one it cannot open).
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+#: The first 16 bytes of every SQLite 3 database file (the file-format documentation's "magic header").
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+#: The smallest valid database: one page of the smallest size SQLite allows.
+_MIN_DATABASE_BYTES = 512
+#: The start of the reason a job is quarantined with when its stored document no longer decodes.
+UNDECODABLE_DOCUMENT = "stored document does not decode"
 # Keeps every `IN (...)` list well under SQLite's bound-parameter limit.
 _CHUNK = 500
 
@@ -110,6 +125,13 @@ class LedgerError(Exception):
 
 class LedgerOpenError(LedgerError):
     """The file is missing, not SQLite, corrupt, someone else's database, or from a newer version."""
+
+
+class LedgerDamagedError(LedgerOpenError):
+    """The file at the ledger's path is there but its bytes are damaged (empty, truncated, garbled, foreign).
+
+    Never replaced silently: ``materializer repair`` moves it aside and rebuilds the ledger.
+    """
 
 
 class LedgerBusyError(LedgerError):
@@ -162,6 +184,8 @@ class Event:
     type: str
     payload: dict[str, Any]
     created_at: float
+    unreadable: str | None = None
+    """Why the stored payload could not be read (then ``payload`` is empty): sent as a notice, not as the event."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +216,17 @@ class GalleryEntry:
     completed_at_ms: float
     materialized_at: float
     files: list[OutputFile]
+
+
+@dataclass(frozen=True, slots=True)
+class FailedEntry:
+    """A job that failed upstream (``failed`` or ``unknown``), as noted with its ``media.failed`` event."""
+
+    job_id: str
+    completed_at_ms: float | None
+    noted_at: float
+    event_seq: int
+    doc: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,7 +359,7 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if application_id != _APPLICATION_ID:
             if application_id != 0 or conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone():
-                raise LedgerOpenError(f"{path} is a SQLite database but not a materializer ledger")
+                raise LedgerDamagedError(f"{path} is a SQLite database but not a materializer ledger")
             conn.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
         if version > SCHEMA_VERSION:
             raise LedgerOpenError(
@@ -376,17 +411,36 @@ def _open_checked(path: Path, busy_timeout: float) -> sqlite3.Connection:
 
 
 def _connect(path: Path, *, create: bool, busy_timeout: float) -> sqlite3.Connection:
+    """Open the ledger at ``path``, creating it first when it is absent (and ``create`` allows).
+
+    A symlink or someone else's file raises :class:`UntrustedPath`; a file that is there but damaged
+    (empty, truncated, garbled, failing ``quick_check``, someone else's database) raises
+    :class:`LedgerDamagedError` before anything is written to it.
+    """
     _refuse_untrusted(path)
     if not path.exists():
+        if os.path.lexists(f"{path}-wal"):
+            # Its write-ahead log would be replayed into a new file at the path: that is no fresh start.
+            raise LedgerDamagedError(f"{path} is damaged: it is missing but its write-ahead log {path}-wal is there")
         if not create:
             raise LedgerOpenError(f"no ledger at {path}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Prompts are private. SQLite gives the -wal and -shm files the
-        # database file's mode, so creating it 0600 covers all three.
-        with contextlib.suppress(FileExistsError):  # another process made it meanwhile
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
-    conn = _open_checked(path, busy_timeout)
+        _create(path, busy_timeout)
     try:
+        with os.fdopen(open_nofollow(path, os.O_RDONLY), "rb") as file:
+            problem = header_problem(file.read(100), os.fstat(file.fileno()).st_size)
+    except OSError as exc:
+        raise LedgerOpenError(f"cannot read ledger {path}: {exc.strerror or exc}") from exc
+    if problem is not None:
+        raise LedgerDamagedError(f"{path} is damaged: {problem}")
+    conn = _open_checked(path, busy_timeout)
+    # A flipped byte in one text cell must not make every query that reads it fail: text is read
+    # leniently, and the cells that are parsed (documents, payloads) are checked one row at a time.
+    conn.text_factory = _lenient_text
+    try:
+        problems = [row[0] for row in conn.execute("PRAGMA quick_check(5)")]
+        if problems != ["ok"]:
+            details = "; ".join(line for problem in problems for line in problem.splitlines())
+            raise LedgerDamagedError(f"{path} is damaged: SQLite's quick_check found {details}")
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode != "wal":
             raise LedgerOpenError(f"{path}: SQLite refused WAL mode (journal_mode is {mode!r})")
@@ -395,17 +449,12 @@ def _connect(path: Path, *, create: bool, busy_timeout: float) -> sqlite3.Connec
         # Zero what a write frees: a finished job's old document (its signed URLs) must not linger in free space.
         conn.execute("PRAGMA secure_delete = ON")
         _migrate(conn, path)
-        problems = [row[0] for row in conn.execute("PRAGMA quick_check(5)")]
-        if problems != ["ok"]:
-            details = "; ".join(line for problem in problems for line in problem.splitlines())
-            raise LedgerOpenError(f"{path} is corrupt: {details}")
-    except sqlite3.OperationalError as exc:
+    except sqlite3.DatabaseError as exc:
         conn.close()
         if _is_busy(exc):
             raise LedgerBusyError(f"ledger {path} stayed locked by another process: {exc}") from exc
-        raise LedgerOpenError(f"{path} is not a usable materializer ledger: {exc}") from exc
-    except sqlite3.DatabaseError as exc:
-        conn.close()
+        if getattr(exc, "sqlite_errorcode", 0) & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+            raise LedgerDamagedError(f"{path} is damaged: {exc}") from exc
         raise LedgerOpenError(f"{path} is not a usable materializer ledger: {exc}") from exc
     except BaseException:
         conn.close()
@@ -413,12 +462,104 @@ def _connect(path: Path, *, create: bool, busy_timeout: float) -> sqlite3.Connec
     return conn
 
 
+def _create(path: Path, busy_timeout: float) -> None:
+    """Make a new ledger at ``path`` whole or not at all: built under a hidden temporary name, then linked.
+
+    So a crash during the first start never leaves an empty or half-made file at ``path``, and a
+    file found there that is empty or not a ledger is damage, never an interrupted start (a crash
+    at that moment leaves only the hidden temporary file). A link, unlike a rename, never replaces
+    a ledger another process created meanwhile.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.new-{secrets.token_hex(8)}")
+    # Prompts are private. SQLite gives the -wal and -shm files the
+    # database file's mode, so creating it 0600 covers all three.
+    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+    try:
+        conn = sqlite3.connect(temporary, timeout=busy_timeout, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")  # kept in the file's header
+            _migrate(conn, path)
+        finally:
+            conn.close()  # the last connection: SQLite checkpoints and removes the -wal and -shm files
+        with contextlib.suppress(FileExistsError):
+            os.link(temporary, path)
+        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    finally:
+        for leftover in (temporary, Path(f"{temporary}-wal"), Path(f"{temporary}-shm")):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
+
+
+def header_problem(header: bytes, size: int) -> str | None:
+    """What is wrong with a database file, judged from its first 100 bytes and its size; None if nothing.
+
+    The layout is SQLite's file format (https://www.sqlite.org/fileformat.html, "The Database
+    Header"): the magic string, the page size at offset 16 (1 meaning 65536), and the database's
+    size in pages at offset 28, valid when the change counter (offset 24) equals the
+    version-valid-for number (offset 92). A whole file is a whole number of pages, at least as many
+    as a valid header says.
+    """
+    if size == 0:
+        return "the file is empty (0 bytes)"
+    if len(header) < 100 or not header.startswith(_SQLITE_MAGIC):
+        return f"the file ({size} bytes) does not start with SQLite's header: it is garbled or not a database"
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    if page_size < _MIN_DATABASE_BYTES or page_size & (page_size - 1):
+        return f"its header names an impossible page size ({page_size}): it is garbled"
+    if size % page_size:
+        return f"the file is truncated: {size} bytes is not a whole number of {page_size}-byte pages"
+    pages = int.from_bytes(header[28:32], "big")
+    if pages and header[24:28] == header[92:96] and pages * page_size > size:
+        return f"the file is truncated: its header says {pages * page_size} bytes, it has {size}"
+    return None
+
+
+def _lenient_text(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace")
+
+
+def _connect_read_only(path: Path, busy_timeout: float) -> sqlite3.Connection:
+    """A connection that can only read: SQLite's ``mode=ro``, on a ledger of exactly this schema version."""
+    _refuse_untrusted(path)
+    if not path.exists():
+        raise LedgerOpenError(f"no ledger at {path}")
+    try:
+        conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=busy_timeout,
+                               isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise LedgerOpenError(f"cannot open ledger {path}: {exc}") from exc
+    conn.text_factory = _lenient_text  # as for writers: one flipped byte must not stop every read
+    try:
+        application_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise LedgerOpenError(f"{path} is not a usable materializer ledger: {exc}") from exc
+    if application_id != _APPLICATION_ID or version != SCHEMA_VERSION:
+        conn.close()
+        what = "not a materializer ledger" if application_id != _APPLICATION_ID else (
+            f"ledger schema version {version}, not this materializer's {SCHEMA_VERSION}"
+            + ("; upgrade stella-materializer" if version > SCHEMA_VERSION else "; run the daemon once to upgrade it"))
+        raise LedgerOpenError(f"{path} is {what}")
+    return conn
+
+
 # -- the ledger ------------------------------------------------------------------
 
+# The rowid names a row whose job id itself may be garbled; the document is read as bytes and
+# decoded in Python, one row at a time (see _decode_jobs).
 _JOB_COLUMNS = (
-    "job_id, completed_at_ms, capability, profile, prompt, created_at_ms, status, attempts,"
-    " next_attempt_at, last_error, first_seen_at, materialized_at, lease_owner, lease_expires_at, doc"
+    "rowid, job_id, completed_at_ms, capability, profile, prompt, created_at_ms, status, attempts,"
+    " next_attempt_at, last_error, first_seen_at, materialized_at, lease_owner, lease_expires_at,"
+    " CAST(doc AS BLOB)"
 )
+_EVENT_COLUMNS = "seq, type, CAST(payload AS BLOB), created_at"
 _OUTPUT_COLUMNS = "job_id, idx, path, mime_type, width, height, size_bytes, sha256"
 
 
@@ -431,7 +572,10 @@ class Ledger:
     write lock before raising :class:`LedgerBusyError`. ``create=False`` (for
     ``materializer status``) refuses to create a missing ledger. A ledger (or
     ``-wal``/``-shm``) that is a symlink, not a regular file, or another user's
-    raises :class:`~materializer.layout.UntrustedPath` before SQLite opens it.
+    raises :class:`~materializer.layout.UntrustedPath` before SQLite opens it. ``read_only=True``
+    (for ``materializer gallery``) opens an existing ledger of this schema version for
+    reading alone: it never creates, migrates or writes it, and writes raise
+    :class:`LedgerError`.
     """
 
     def __init__(
@@ -442,6 +586,7 @@ class Ledger:
         busy_timeout: float = 10.0,
         event_cap: int = DEFAULT_EVENT_CAP,
         clock: Callable[[], float] = time.time,
+        read_only: bool = False,
     ) -> None:
         if event_cap < 1:
             raise ValueError(f"event_cap must be at least 1, got {event_cap}")
@@ -449,7 +594,8 @@ class Ledger:
         self._event_cap = event_cap
         self._clock = clock
         self._lock = threading.Lock()
-        self._conn = _connect(self.path, create=create, busy_timeout=busy_timeout)
+        self._conn = (_connect_read_only(self.path, busy_timeout) if read_only
+                      else _connect(self.path, create=create, busy_timeout=busy_timeout))
 
     def close(self) -> None:
         with self._lock:
@@ -541,13 +687,24 @@ class Ledger:
                 " WHERE job_id = :job_id AND status = 'pending' AND doc != :doc",
                 [rows[job_id] for job_id in known],
             )
+            # A job quarantined because its stored document stopped decoding heals with a fresh one.
+            conn.executemany(
+                "UPDATE jobs SET completed_at_ms = :completed_at_ms, capability = :capability,"
+                " profile = :profile, prompt = :prompt, created_at_ms = :created_at_ms, doc = :doc,"
+                " status = 'pending', attempts = 0, next_attempt_at = 0, last_error = NULL"
+                " WHERE job_id = :job_id AND status = 'quarantined' AND substr(last_error, 1, :n) = :undecodable",
+                [{**rows[job_id], "n": len(UNDECODABLE_DOCUMENT), "undecodable": UNDECODABLE_DOCUMENT}
+                 for job_id in known],
+            )
             _note_seen(conn, "succeeded", max(row["completed_at_ms"] for row in rows.values()))
         return new
 
     def job(self, job_id: str) -> Job | None:
+        """The job, or None if never observed; a pending job whose document does not decode is quarantined."""
         with self._read() as conn:
-            row = conn.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-        return _job(row) if row else None
+            rows = conn.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE job_id = ?", (job_id,)).fetchall()
+        jobs = self._decode_jobs(rows)
+        return jobs[0] if jobs else None
 
     def outputs(self, job_id: str) -> list[OutputFile]:
         """The committed files of a job, by index (empty unless it is materialized)."""
@@ -564,7 +721,42 @@ class Ledger:
                 " ORDER BY completed_at_ms, job_id LIMIT :limit",
                 {"now": now, "limit": _count(limit, "limit")},
             ).fetchall()
-        return [_job(row) for row in rows]
+        return [job for job in self._decode_jobs(rows) if job.status == "pending"]
+
+    def _decode_jobs(self, rows: list[Any]) -> list[Job]:
+        """The jobs of ``rows`` (selected as ``_JOB_COLUMNS``), each decoded on its own.
+
+        A pending job whose stored document does not decode (a flipped byte on disk) is quarantined
+        with the reason, in one transaction with its ``quarantined`` state event, and comes back so
+        (with an empty document): it must not stop the jobs around it. Observing the job again (a
+        replay, the feed) brings a fresh document and makes it pending again.
+        """
+        jobs: list[Job] = []
+        broken: list[tuple[int, str, str]] = []
+        for rowid, *fields, raw in rows:
+            try:
+                doc = _decode_object(raw)
+            except ValueError as exc:
+                reason = f"{UNDECODABLE_DOCUMENT}: {exc}"
+                if fields[6] == "pending":
+                    broken.append((rowid, fields[0], reason))
+                    fields[6], fields[7], fields[9] = "quarantined", fields[7] + 1, reason
+                    fields[12] = fields[13] = None
+                doc = {}
+            jobs.append(Job(*fields, doc=doc))  # type: ignore[misc]
+        if broken:
+            with self._write() as conn:
+                for rowid, job_id, reason in broken:
+                    changed = conn.execute(
+                        "UPDATE jobs SET status = 'quarantined', attempts = attempts + 1, last_error = ?,"
+                        " lease_owner = NULL, lease_expires_at = NULL WHERE rowid = ? AND status = 'pending'",
+                        (reason, rowid),
+                    ).rowcount
+                    if changed:
+                        _log.warning("job %r quarantined: %s", job_id, reason)
+                        payload = {"state": "quarantined", "jobId": job_id, "reason": reason}
+                        self._append_event(conn, "materializer.state", None, _payload_json(payload))
+        return jobs
 
     def next_due_at(self) -> float | None:
         """When the earliest pending job becomes due (attempt time or lease expiry), or None.
@@ -676,6 +868,41 @@ class Ledger:
                 ]
         return requeued
 
+    def mark_vanished(self, reasons: Mapping[str, str]) -> list[str]:
+        """Make materialized jobs whose files are gone (removed, replaced, changed) pending again.
+
+        ``reasons`` gives each job's reason, kept as its ``last_error``. Their file rows go, their
+        announcement stays: materialized again at the same paths, they are not announced a second
+        time (see :meth:`mark_materialized`). Returns the jobs changed (those still materialized).
+        """
+        changed: list[str] = []
+        with self._write() as conn:
+            for job_id, reason in reasons.items():
+                if conn.execute(
+                    "UPDATE jobs SET status = 'pending', attempts = 0, next_attempt_at = 0, last_error = ?,"
+                    " materialized_at = NULL WHERE status = 'materialized' AND job_id = ?",
+                    (_reason(reason), job_id),
+                ).rowcount:
+                    conn.execute("DELETE FROM outputs WHERE job_id = ?", (job_id,))
+                    changed.append(job_id)
+        return changed
+
+    def materialized_outputs(self, after_job_id: str, limit: int) -> list[tuple[str, list[OutputFile]]]:
+        """Materialized jobs with ``job_id > after_job_id`` (by job id, at most ``limit``) with their files.
+
+        Pages through every materialized job (pass the last id of a page to get the next).
+        """
+        with self._read() as conn:
+            ids = [
+                row[0]
+                for row in conn.execute(
+                    "SELECT job_id FROM jobs WHERE status = 'materialized' AND job_id > ? ORDER BY job_id LIMIT ?",
+                    (after_job_id, _count(limit, "limit")),
+                )
+            ]
+            files = _outputs_of(conn, ids)
+        return [(job_id, files.get(job_id, [])) for job_id in ids]
+
     def mark_materialized(
         self, job_id: str, files: Sequence[OutputFile], event_payload: Mapping[str, Any],
         missing: Sequence[str] = (),
@@ -691,12 +918,15 @@ class Ledger:
         ``missing`` names the extra outputs (not the announced asset) that could
         not be kept, one reason each; they become the job's ``last_error``, so
         the job's record says what it lacks.
+
+        A job announced before its files vanished (:meth:`mark_vanished`) gets
+        its files back without a second announcement (None is returned).
         """
         checked = _check_files(files)
         payload = _payload_json(event_payload)
         note = f"materialized without {len(missing)} extra output(s): {'; '.join(missing)}" if missing else None
         with self._write() as conn:
-            row = conn.execute("SELECT status, doc FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            row = conn.execute("SELECT status, doc, event_seq FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
             if row is None:
                 raise UnknownJobError(f"job {job_id!r} was never observed; observe it before materializing")
             if row[0] == "materialized":
@@ -709,6 +939,15 @@ class Ledger:
                     for f in checked
                 ],
             )
+            if row[2] is not None:
+                # Announced before its files vanished (see mark_vanished): back at the announced paths,
+                # it is not announced again.
+                conn.execute(
+                    "UPDATE jobs SET status = 'materialized', materialized_at = ?, doc = ?, last_error = ?,"
+                    " lease_owner = NULL, lease_expires_at = NULL WHERE job_id = ?",
+                    (self._clock(), record, None if note is None else _reason(note), job_id),
+                )
+                return None
             event = self._append_event(conn, "media.materialized", job_id, payload)
             conn.execute(
                 "UPDATE jobs SET status = 'materialized', materialized_at = ?, event_seq = ?, doc = ?,"
@@ -765,7 +1004,7 @@ class Ledger:
         """
         with self._read() as conn:
             rows = conn.execute(
-                "SELECT seq, type, payload, created_at FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+                f"SELECT {_EVENT_COLUMNS} FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
                 (_count(after_seq, "after_seq"), _count(limit, "limit")),
             ).fetchall()
             first_seq = conn.execute("SELECT min(seq) FROM events").fetchone()[0]
@@ -852,7 +1091,13 @@ class Ledger:
     def get_state(self, key: str, default: Any = None) -> Any:
         with self._read() as conn:
             row = conn.execute("SELECT value FROM kv WHERE key = ?", (_text(key),)).fetchone()
-        return json.loads(row[0]) if row else default
+        if row is None:
+            return default
+        try:
+            return json.loads(row[0])
+        except ValueError as exc:
+            _log.warning("ledger state %r does not decode (%s); using its default", key, exc)
+            return default
 
     # -- reports ---------------------------------------------------------------
 
@@ -870,6 +1115,17 @@ class Ledger:
             files = _outputs_of(conn, [row[0] for row in rows])
         return [GalleryEntry(*row, files=files.get(row[0], [])) for row in rows]  # type: ignore[misc]
 
+    def failed_entries(self, limit: int) -> list[FailedEntry]:
+        """The newest ``limit`` jobs noted as failed upstream (newest noted first), with their documents."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT job_id, completed_at_ms, noted_at, event_seq, doc FROM failed_jobs"
+                " ORDER BY noted_at DESC, job_id DESC LIMIT ?",
+                (_count(limit, "limit"),),
+            ).fetchall()
+        return [FailedEntry(job_id, completed_at_ms, noted_at, event_seq, json.loads(doc))
+                for job_id, completed_at_ms, noted_at, event_seq, doc in rows]
+
     def status(self, quarantined_limit: int = 100) -> LedgerStatus:
         """Counts, quarantined jobs with reasons, cursors, last event and state, in one snapshot."""
         with self._read() as conn:
@@ -885,24 +1141,39 @@ class Ledger:
                 )
             ]
             cursors = dict(conn.execute("SELECT feed, since_ms FROM cursors ORDER BY feed").fetchall())
-            last = conn.execute(
-                "SELECT seq, type, payload, created_at FROM events ORDER BY seq DESC LIMIT 1"
-            ).fetchone()
-            state = {key: json.loads(value) for key, value in conn.execute("SELECT key, value FROM kv ORDER BY key")}
+            last = conn.execute(f"SELECT {_EVENT_COLUMNS} FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+            state = {}
+            for key, value in conn.execute("SELECT key, value FROM kv ORDER BY key"):
+                with contextlib.suppress(ValueError):  # a garbled value is left out, not fatal
+                    state[key] = json.loads(value)
             version = conn.execute("PRAGMA user_version").fetchone()[0]
         return LedgerStatus(counts, failed, quarantined, cursors, _event(last) if last else None, state, version)
 
 # -- helpers ---------------------------------------------------------------------
 
 
-def _job(row: Sequence[Any]) -> Job:
-    # The row is the SELECT of _JOB_COLUMNS: every field but doc, in order, then the document.
-    return Job(*row[:-1], doc=json.loads(row[-1]))  # type: ignore[misc]
+def _decode_object(raw: Any) -> dict[str, Any]:
+    """A stored JSON object (read as bytes), or ValueError saying why it is not one."""
+    if not isinstance(raw, bytes):
+        raise ValueError(f"it is stored as {type(raw).__name__}, not as text")
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"invalid UTF-8 at byte {exc.start}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(str(exc)) from None
+    if not isinstance(value, dict):
+        raise ValueError(f"it is a JSON {type(value).__name__}, not an object")
+    return value
 
 
 def _event(row: Sequence[Any]) -> Event:
-    seq, type_, payload, created_at = row
-    return Event(seq, type_, json.loads(payload), created_at)
+    """One event row (``_EVENT_COLUMNS``); a payload that does not decode makes an unreadable event, not an error."""
+    seq, type_, raw, created_at = row
+    try:
+        return Event(seq, type_, _decode_object(raw), created_at)
+    except ValueError as exc:
+        return Event(seq, type_, {}, created_at, unreadable=f"its stored payload does not decode: {exc}")
 
 
 def _last_seq(conn: sqlite3.Connection) -> int:
@@ -972,7 +1243,9 @@ def _finished_document(doc: Any) -> Any:
     """A finished job's document as the record keeps it: URLs without query or fragment, secrets redacted.
 
     Every ``http(s)`` URL anywhere in the document loses what follows its path (a CDN's signature,
-    credential and expiry); nothing downloads from a finished job's stored document again.
+    credential and expiry). A finished job downloads from it again only when its files vanish
+    (:meth:`mark_vanished`): URLs that needed their signature then fail, are retried and, at last,
+    quarantined; ``replay`` lists the job afresh and fetches it with its current URLs.
     """
     if isinstance(doc, str):
         url = _URL_WITH_QUERY.fullmatch(doc)

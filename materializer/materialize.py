@@ -17,6 +17,7 @@ with its reason.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -31,15 +32,25 @@ from urllib.parse import urlsplit
 
 from materializer.fetch import Fetcher, FetchError
 from materializer.gallery import MANIFEST_NAME, render_manifest
-from materializer.images import ImageLimits, ImageRejected, memory_needed, validate_image
+from materializer.images import IMAGE_EXTENSIONS, ImageInfo, ImageLimits, ImageRejected, memory_needed, validate_image
 from materializer.jobs import Job, JobRejected, OutputRef, choose_asset, extract_outputs
 from materializer.layout import secure_layout
 from materializer.ledger import Event, GalleryEntry, Ledger, OutputFile
-from materializer.media_files import SNIFF_BYTES, MediaRejected, looks_like_image, needs_whole_file, output_type
+from materializer.media_files import (
+    BINARY,
+    MEDIA_TYPES,
+    SNIFF_BYTES,
+    TEXT,
+    MediaRejected,
+    looks_like_image,
+    needs_whole_file,
+    output_type,
+)
 from materializer.options import DaemonOptions
 from materializer.payloads import materialized_payload, media_asset
 from materializer.resources import DownloadSlots, MemoryBudget
-from materializer.store import OutputStore, PartialFile, StorageError
+from materializer.store import FolderReplaced, OutputStore, PartialFile, StorageError
+from materializer.thumbnails import FirstFrame, Thumbnails, is_image
 
 __all__ = ["Attempt", "JobMaterializer", "JobRunner", "Materialized", "Permanent", "Retry", "RetryPolicy",
            "Workspace", "printable"]
@@ -48,6 +59,11 @@ log = logging.getLogger("materializer.daemon")
 #: The most memory parsing JSON takes per byte of it: the decoded text, and CPython's objects (``{},`` is
 #: 3 bytes, an empty dict and its reference 72). A JSON output read whole to tell glTF is weighted so.
 _PARSED_JSON_WEIGHT = 25
+#: The extensions a committed output can have, by what the output is (the bytes decide among them).
+_TEXT_EXTENSIONS = (TEXT.ext,)
+_ANY_EXTENSIONS = (*IMAGE_EXTENSIONS, *MEDIA_TYPES, BINARY.ext)
+#: How many times one attempt writes an output when the outputs folder is found replaced at its commit.
+_FOLDER_REPLACED_TRIES = 3
 T = TypeVar("T")
 LedgerCall = Callable[..., Awaitable[Any]]
 
@@ -103,12 +119,16 @@ class JobMaterializer:
     ``fetcher``, ``image_limits``, ``max_data_bytes`` and ``max_outputs`` may be replaced while running
     (a reload); a download under way finishes with what it started with. Outputs share ``concurrency``
     download slots fairly among jobs, and validate within ``memory_budget`` bytes of memory
-    (:mod:`materializer.resources`).
+    (:mod:`materializer.resources`). With ``thumbnails``, each image gets its thumbnail right after
+    its file commits, made from the pixels validation decoded; one that cannot be made is left out
+    and never fails the job.
     """
 
     def __init__(self, store: OutputStore, fetcher: Fetcher, image_limits: ImageLimits, max_data_bytes: int,
-                 concurrency: int, *, max_outputs: int, memory_budget: int) -> None:
+                 concurrency: int, thumbnails: Thumbnails | None = None, *, max_outputs: int,
+                 memory_budget: int) -> None:
         self.store = store
+        self.thumbnails = thumbnails
         self.fetcher = fetcher
         self.image_limits = image_limits
         self.max_data_bytes = max_data_bytes
@@ -159,12 +179,21 @@ class JobMaterializer:
             log.warning("job %s: extra output not kept: %s", printable(job.job_id), printable(reason))
             missing.append(reason)
         files = {index: result for index, result in results.items() if isinstance(result, OutputFile)}
-        payload = materialized_payload(job, media_asset(choice, files, self.outputs_base))
+        thumbnails = None
+        if self.thumbnails is not None:
+            thumbnails = {index: self.thumbnails.path_of(files[index].path) for index in choice.indices
+                          if is_image(files[index])}
+        payload = materialized_payload(job, media_asset(choice, files, self.outputs_base, thumbnails))
         return Materialized(sorted(files.values(), key=lambda f: f.index), payload, missing)
 
     async def _materialize_output(self, job_id: str, ref: OutputRef) -> OutputFile:
         async with self._slots.slot(job_id):
             try:
+                for _ in range(_FOLDER_REPLACED_TRIES - 1):
+                    # The folder at the path is open again: write the file there now. A folder that
+                    # someone replaces over and over makes this a failed attempt, counted as any other.
+                    with contextlib.suppress(FolderReplaced):
+                        return await self._output(ref)
                 return await self._output(ref)
             except FetchError as exc:
                 if exc.retryable:
@@ -179,17 +208,12 @@ class JobMaterializer:
                 raise Retry(f"{ref.where}: {exc}") from None
 
     async def _output(self, ref: OutputRef) -> OutputFile:
-        if ref.media_kind == "image":
-            existing = await asyncio.to_thread(self.store.existing, ref.stem)
-            if existing is not None:
-                try:
-                    limits, budget = self.image_limits, self.memory.capacity
-                    async with self.memory.reserve(await asyncio.to_thread(memory_needed, existing, limits, budget)):
-                        info = await asyncio.to_thread(validate_image, existing, limits, full_decode_limit=budget)
-                    return _output_file(ref.index, existing.name, info.mime, info.width, info.height, info.bytes,
-                                        info.sha256)
-                except ImageRejected:
-                    log.warning("replacing invalid existing file %s", existing.name)
+        existing = await asyncio.to_thread(self._existing, ref)
+        if existing is not None:
+            async with self.memory.reserve(await asyncio.to_thread(self._memory_needed, existing, ref)):
+                committed = await asyncio.to_thread(self._committed, ref, existing)
+            if committed is not None:
+                return committed
         with self.store.temp_file(ref.stem) as partial:
             if ref.data is not None:
                 await asyncio.to_thread(partial.write, ref.data)
@@ -201,18 +225,65 @@ class JobMaterializer:
             async with self.memory.reserve(await asyncio.to_thread(self._memory_needed, partial, ref)):
                 return await asyncio.to_thread(self._validate_and_commit, partial, ref, fetched_sha)
 
-    def _memory_needed(self, partial: PartialFile, ref: OutputRef) -> int:
-        """What :meth:`_validate_and_commit` will hold in memory for this file (read in a worker thread).
+    def _memory_needed(self, source: PartialFile | Path, ref: OutputRef) -> int:
+        """What checking this file holds in memory (:meth:`_validate_and_commit`, :meth:`_committed`; in a thread).
 
         An image: the file and its decode. A file read whole to be named (JSON, to tell glTF) is parsed
-        too, and parsed JSON takes up to :data:`_PARSED_JSON_WEIGHT` times its text. Anything else: its head.
+        too, and parsed JSON takes up to :data:`_PARSED_JSON_WEIGHT` times its text. A file compared with
+        the output's data: itself. Anything else: its head.
         """
-        head = os.pread(partial.fileno(), SNIFF_BYTES, 0)
-        if ref.media_kind == "image" or (ref.media_kind != "text" and looks_like_image(head)):
-            return memory_needed(partial, self.image_limits, self.memory.capacity)
+        with contextlib.ExitStack() as stack:
+            file = stack.enter_context(open(source, "rb")) if isinstance(source, Path) else source
+            head = os.pread(file.fileno(), SNIFF_BYTES, 0)
+            size = os.fstat(file.fileno()).st_size
+            if ref.media_kind == "image" or (ref.media_kind != "text" and looks_like_image(head)):
+                return memory_needed(file, self.image_limits, self.memory.capacity)
         if needs_whole_file(head):
-            return os.fstat(partial.fileno()).st_size * (1 + _PARSED_JSON_WEIGHT)
-        return len(head)
+            return size * (1 + _PARSED_JSON_WEIGHT)
+        return size if ref.data is not None else len(head)
+
+    def _existing(self, ref: OutputRef) -> Path | None:
+        """The file already committed under this output's name, if any (see :meth:`_committed`)."""
+        extensions = _TEXT_EXTENSIONS if ref.media_kind == "text" else \
+            IMAGE_EXTENSIONS if ref.media_kind == "image" else _ANY_EXTENSIONS
+        return self.store.existing(ref.stem, extensions)
+
+    def _committed(self, ref: OutputRef, path: Path) -> OutputFile | None:
+        """The file already committed for this output at ``path``, if it is one this output would give; else None.
+
+        An attempt cut short after its commits, or a ledger rebuilt by ``materializer repair``,
+        finds the files in place: they are checked as a download would be (an image decoded, other
+        bytes named by their signature, the text or data compared) instead of fetched again.
+        """
+        ext = path.suffix[1:]
+        try:
+            if ext in IMAGE_EXTENSIONS:
+                info = self._validate_existing(path)  # its thumbnail made again too
+                if info.ext == ext and (ref.data is None or hashlib.sha256(ref.data).hexdigest() == info.sha256):
+                    return _output_file(ref.index, path.name, info.mime, info.width, info.height, info.bytes,
+                                        info.sha256)
+            else:
+                with open(path, "rb") as handle:
+                    data = handle.read(self.max_data_bytes + 1 if ref.data is not None else SNIFF_BYTES)
+                    if ref.data is None and needs_whole_file(data):
+                        data += handle.read(self.max_data_bytes)
+                kind = output_type(data, media_kind=ref.media_kind, url=ref.url, declared_mime=ref.declared_mime)
+                if kind.ext == ext and (ref.data is None or data == ref.data):
+                    return _output_file(ref.index, path.name, kind.mime, None, None, path.stat().st_size,
+                                        _sha256_file(path))
+        except (ImageRejected, MediaRejected, OSError) as exc:
+            log.warning("replacing %s: %s", path.name, exc)
+            return None
+        log.warning("replacing %s: it is not what %s gives", path.name, ref.where)
+        return None
+
+    def files_problem(self, files: list[OutputFile], *, hashes: bool) -> str | None:
+        """Why committed files are not all in the outputs folder as recorded, or None (OutputStore.file_problem)."""
+        for f in files:
+            problem = self.store.file_problem(f.path, f.size_bytes, f.sha256 if hashes else None)
+            if problem is not None:
+                return problem
+        return None
 
     def _validate_and_commit(self, partial: PartialFile, ref: OutputRef, fetched_sha: str | None) -> OutputFile:
         """Decide what a written output is from its bytes and commit it under that name (one worker-thread trip).
@@ -222,14 +293,31 @@ class JobMaterializer:
         """
         head = os.pread(partial.fileno(), SNIFF_BYTES, 0)
         if ref.media_kind == "image" or (ref.media_kind != "text" and looks_like_image(head)):
-            info = validate_image(partial, self.image_limits, full_decode_limit=self.memory.capacity)
-            path = self.store.commit(partial, f"{ref.stem}.{info.ext}")
+            frame = FirstFrame() if self.thumbnails is not None else None
+            info = validate_image(partial, self.image_limits, frame, full_decode_limit=self.memory.capacity)
+            name = f"{ref.stem}.{info.ext}"
+            # Encoded and committed beside the file's commit (which waits on fsyncs), not after it.
+            thumbnail = self.thumbnails.save_soon(name, frame) if self.thumbnails and frame else None
+            try:
+                path = self.store.commit(partial, name)
+            finally:
+                if thumbnail is not None:
+                    thumbnail.result()
             return _output_file(ref.index, path.name, info.mime, info.width, info.height, info.bytes, info.sha256)
         size = os.fstat(partial.fileno()).st_size
         data = os.pread(partial.fileno(), size, 0) if needs_whole_file(head) else head
         kind = output_type(data, media_kind=ref.media_kind, url=ref.url, declared_mime=ref.declared_mime)
         path = self.store.commit(partial, f"{ref.stem}.{kind.ext}")
         return _output_file(ref.index, path.name, kind.mime, None, None, size, fetched_sha or _sha256_file(path))
+
+
+    def _validate_existing(self, path: Path) -> ImageInfo:
+        """Validate an image already in place (a retry after a crash) and make its thumbnail again."""
+        frame = FirstFrame() if self.thumbnails is not None else None
+        info = validate_image(path, self.image_limits, frame, full_decode_limit=self.memory.capacity)
+        if self.thumbnails is not None and frame is not None:
+            self.thumbnails.save(path.name, frame)
+        return info
 
 
 class JobRunner:
@@ -265,6 +353,13 @@ class JobRunner:
             await self.db(self.ledger.record_failure, job_id, str(exc), time.time() + delay, owner=self.owner)
             return Attempt("retry", str(exc))
         event = await self.db(self.ledger.mark_materialized, job_id, done.files, done.payload, done.missing)
+        # The outputs folder may have been removed or moved between a commit and this record: then the
+        # files are not at their paths, and the job is done again (see Workspace.check_files).
+        problem = await asyncio.to_thread(self.materializer.files_problem, done.files, hashes=False)
+        if problem is not None:  # pending again and due now, in the folder as it is: not the job's failure
+            reason = f"its files vanished right after they were committed ({problem})"
+            await self.db(self.ledger.mark_vanished, {job_id: reason})
+            return Attempt("retry", reason, event=event)
         return Attempt("materialized", event=event)
 
     async def _give_up(self, job_id: str, reason: str) -> Attempt:
@@ -285,11 +380,16 @@ class Workspace:
         secure_layout(layout, options.root)  # UntrustedPath: refused before anything is opened in it
         self.ledger = Ledger(layout.ledger)
         self.store = OutputStore(layout.outputs)
+        self.thumbnails = (Thumbnails(layout.thumbnails, options.image_limits, options.download_concurrency,
+                                      max_decode_bytes=options.memory_budget_bytes)
+                           if options.thumbnails else None)
+        self._thumbnails_missing: list[OutputFile] = []
+        self._thumbnails_tried: set[str] = set()
         #: The ledger's own thread: every ledger call, in order (the sidebar server reads through it too).
         self.ledger_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
         self._retired_fetchers: list[Fetcher] = []
         self.materializer = JobMaterializer(self.store, _fetcher(options), options.image_limits,
-                                            options.fetch_max_bytes, options.download_concurrency,
+                                            options.fetch_max_bytes, options.download_concurrency, self.thumbnails,
                                             max_outputs=options.max_outputs_per_job,
                                             memory_budget=options.memory_budget_bytes)
         self.runner = JobRunner(self.ledger, self.db, self.materializer, owner, _retry_policy(options))
@@ -316,16 +416,75 @@ class Workspace:
                     log.warning("ignoring a job document the ledger cannot keep: %s", exc)
         return new
 
-    async def write_gallery(self) -> None:
+    async def check_files(self, jobs: list[tuple[str, list[OutputFile]]], *, hashes: bool) -> list[str]:
+        """Make the materialized ``jobs`` whose files are not in the outputs folder as recorded pending again.
+
+        ``hashes`` also compares every file with its recorded SHA-256 (at start, and for ``replay``'s
+        "already present"), not only its presence and size. Returns the jobs made pending again;
+        they keep their announcement and are materialized again at the same paths.
+        """
+        problems = await asyncio.to_thread(self._problems, jobs, hashes)
+        if not problems:
+            return []
+        for job_id, problem in problems.items():
+            log.warning("job %s: %s; materializing it again", printable(job_id), problem)
+        reasons = {job_id: f"its files vanished ({problem}); materializing it again"
+                   for job_id, problem in problems.items()}
+        vanished: list[str] = await self.db(self.ledger.mark_vanished, reasons)
+        return vanished
+
+    def _problems(self, jobs: list[tuple[str, list[OutputFile]]], hashes: bool) -> dict[str, str]:
+        found = {}
+        for job_id, files in jobs:
+            problem = self.materializer.files_problem(files, hashes=hashes)
+            if problem is not None:
+                found[job_id] = problem
+        return found
+
+    async def write_gallery(self) -> bool:
+        """Rewrite gallery.json; True when it found images without a thumbnail that
+        :meth:`repair_thumbnails` has not tried yet."""
         entries = await self.db(self.ledger.gallery_entries, self.options.gallery_size)
         try:
             await asyncio.to_thread(self._write_manifest, entries, time.time() * 1000)
         except StorageError as exc:
             log.error("could not write %s: %s (will try again with the next job)", MANIFEST_NAME, exc)
+        return bool(self._thumbnails_missing)
 
     def _write_manifest(self, entries: list[GalleryEntry], generated_at_ms: float) -> None:
         """Render and replace the manifest (in a worker thread: a thousand jobs take milliseconds)."""
-        self.store.atomic_write_bytes(MANIFEST_NAME, render_manifest(entries, generated_at_ms))
+        thumbnails: dict[str, str] = {}
+        missing: list[OutputFile] = []
+        if self.thumbnails is not None:
+            for file in (f for entry in entries for f in entry.files if is_image(f)):
+                found = self.thumbnails.path_of(file.path)
+                if found is not None:
+                    thumbnails[file.path] = found
+                elif file.path not in self._thumbnails_tried:
+                    missing.append(file)
+        self._thumbnails_missing = missing
+        self.store.atomic_write_bytes(MANIFEST_NAME, render_manifest(entries, generated_at_ms, thumbnails))
+
+    async def repair_thumbnails(self, files: list[OutputFile] | None = None) -> int:
+        """Rebuild missing or broken thumbnails, off the jobs' path; return how many were made.
+
+        ``files`` are checked (the gallery's jobs at start-up, the jobs a replay covered); by default,
+        the images the last gallery write found without one. Each file is tried once per process, so
+        a file that cannot be thumbnailed does not make every gallery write try again.
+        """
+        if self.thumbnails is None:
+            return 0
+        if files is None:
+            files, self._thumbnails_missing = self._thumbnails_missing, []
+        todo = [f for f in files if f.path not in self._thumbnails_tried]
+        self._thumbnails_tried.update(f.path for f in todo)
+        thumbnails, memory = self.thumbnails, self.materializer.memory
+        made = 0
+        for file in await asyncio.to_thread(thumbnails.needing_repair, todo) if todo else []:
+            # Each rebuild decodes a first frame: it takes its share of the memory budget like a download.
+            async with memory.reserve(await asyncio.to_thread(thumbnails.rebuild_memory, file.path)):
+                made += await asyncio.to_thread(thumbnails.rebuild, file.path)
+        return made
 
     def apply_live(self, options: DaemonOptions) -> None:
         """Take what a reloaded configuration may change while running (fetch and image limits, retries)."""
@@ -335,6 +494,8 @@ class Workspace:
             self._retired_fetchers.append(self.materializer.fetcher)
             self.materializer.fetcher = _fetcher(options)
         self.materializer.image_limits = options.image_limits
+        if self.thumbnails is not None:
+            self.thumbnails.limits = options.image_limits
         self.materializer.max_data_bytes = options.fetch_max_bytes
         self.materializer.max_outputs = options.max_outputs_per_job
         self.runner.retry = _retry_policy(options)
@@ -343,6 +504,8 @@ class Workspace:
         for fetcher in (self.materializer.fetcher, *self._retired_fetchers):
             await fetcher.aclose()
         self.ledger_executor.shutdown(wait=True)
+        if self.thumbnails is not None:
+            self.thumbnails.close()
         self.store.close()
         self.ledger.close()
 

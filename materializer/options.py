@@ -33,6 +33,7 @@ OPTION_KEYS: dict[str, str] = {
     "max_sidebar_clients": "daemon.max_sidebar_clients",
     "lease_seconds": "daemon.lease_seconds",
     "gallery_size": "daemon.gallery_size",
+    "thumbnails": "daemon.thumbnails",
     "inactivity_timeout": "daemon.inactivity_timeout_seconds",
     "fetch_max_bytes": "fetch.max_bytes",
     "connect_timeout": "fetch.connect_timeout",
@@ -67,6 +68,7 @@ class DaemonOptions:
     max_sidebar_clients: int = _default(OPTION_KEYS["max_sidebar_clients"])
     lease_seconds: float = _default(OPTION_KEYS["lease_seconds"])
     gallery_size: int = _default(OPTION_KEYS["gallery_size"])
+    thumbnails: bool = _default(OPTION_KEYS["thumbnails"])
     inactivity_timeout: float = _default(OPTION_KEYS["inactivity_timeout"])
     fetch_max_bytes: int = _default(OPTION_KEYS["fetch_max_bytes"])
     connect_timeout: float = _default(OPTION_KEYS["connect_timeout"])

@@ -7,7 +7,8 @@ use-media-materializer.js``)::
 
     {"kind": "media", "asset": {...}, "jobId": "...", "capability": "...", "prompt": "...", "createdAt": 1.7e12}
 
-- ``asset`` is one ``MediaAsset``: ``{kind: "image", filePaths}``,
+- ``asset`` is one ``MediaAsset``: ``{kind: "image", filePaths}`` (plus this
+  project's ``thumbnailPaths``, see :func:`media_asset`),
   ``{kind: "video" | "audio", filePath}``, ``{kind: "model3d", filePath,
   label}``, ``{kind: "download", filePath, label}`` or ``{kind: "text", text}``,
   with absolute paths;
@@ -56,11 +57,23 @@ IMAGE_CAPABILITIES = frozenset({"text_to_image", "image_edit", "icon"})
 MODEL3D_EXTENSIONS = frozenset({"glb", "gltf", "obj", "stl"})
 
 
-def media_asset(choice: AssetChoice, files: Mapping[int, OutputFile], outputs_base: Path) -> dict[str, Any]:
-    """The ``MediaAsset`` for a chosen output whose files (``files``, by index) are committed."""
+def media_asset(choice: AssetChoice, files: Mapping[int, OutputFile], outputs_base: Path,
+                thumbnails: Mapping[int, str | None] | None = None) -> dict[str, Any]:
+    """The ``MediaAsset`` for a chosen output whose files (``files``, by index) are committed.
+
+    ``thumbnails`` (by index, relative to ``outputs_base``, None where there is none) adds
+    ``thumbnailPaths`` to an image asset: one absolute path or null per entry of ``filePaths``.
+    It is this project's addition to the desktop's type; the desktop's reader passes the payload
+    through as it is (``normalizeDisplayPayload`` returns the very object, ``isMediaAsset`` checks
+    only ``filePaths``), so a sidebar that does not know it ignores it.
+    """
     paths = [str(outputs_base / files[index].path) for index in choice.indices]
     if choice.kind == "image":
-        return {"kind": "image", "filePaths": paths}
+        asset: dict[str, Any] = {"kind": "image", "filePaths": paths}
+        if thumbnails is not None:
+            found = [thumbnails.get(index) for index in choice.indices]
+            asset["thumbnailPaths"] = [None if path is None else str(outputs_base / path) for path in found]
+        return asset
     if choice.kind == "text":
         assert choice.text is not None
         return {"kind": "text", "text": choice.text}

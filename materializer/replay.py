@@ -30,7 +30,7 @@ from materializer.options import DaemonOptions
 from materializer.queries import JOB_QUERY, SUCCEEDED_QUERY, WINDOW_MAX, succeeded_pages
 from materializer.tokens import TokenProvider
 
-__all__ = ["ReplaySummary", "parse_when", "replay"]
+__all__ = ["ReplaySummary", "SignInNeeded", "find_jobs", "parse_when", "replay"]
 
 REPLAY_LEASE_PREFIX = "replay:"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
@@ -71,12 +71,19 @@ class ReplaySummary:
         }
 
 
-class _SignInNeeded(Exception):
-    pass
+class SignInNeeded(Exception):
+    """The backend refused the token: a person must sign in again."""
 
 
-async def _find_jobs(http: ConvexHttpClient, token: str | None, since: float, until: float | None,
-                     job_ids: list[str], summary: ReplaySummary, out: TextIO) -> list[dict[str, Any]]:
+async def find_jobs(http: ConvexHttpClient, token: str | None, since: float, until: float | None,
+                    job_ids: list[str], summary: ReplaySummary, out: TextIO,
+                    command: str = "replay") -> list[dict[str, Any]]:
+    """The succeeded jobs named by ``job_ids`` (``getByJobId``), else those of ``[since, until]``.
+
+    Listed with the page query where the backend has one, else ``listSucceededSince`` (a range it
+    cannot list goes to ``summary.uncovered``). Raises :class:`SignInNeeded`, or
+    :class:`~materializer.convex.http.ConvexHttpError` when a request fails.
+    """
     try:
         if job_ids:
             docs = []
@@ -94,14 +101,14 @@ async def _find_jobs(http: ConvexHttpClient, token: str | None, since: float, un
         try:
             return await _page_through(http, token, since, until)
         except ConvexFunctionError as exc:
-            print(f"replay: no page query on this backend ({exc.error_message.splitlines()[0][:200]}); "
+            print(f"{command}: no page query on this backend ({exc.error_message.splitlines()[0][:200]}); "
                   f"listing with {SUCCEEDED_QUERY}, which returns the newest {WINDOW_MAX} jobs", file=out)
         docs, gap = await _list_window(http, token, since, until)
         if gap is not None:
             summary.uncovered.append(gap)
         return docs
     except ConvexAuthError as exc:
-        raise _SignInNeeded(str(exc)) from None
+        raise SignInNeeded(str(exc)) from None
 
 
 async def _list_window(http: ConvexHttpClient, token: str | None, since: float,
@@ -148,8 +155,8 @@ async def replay(options: DaemonOptions, tokens: TokenProvider, *, since: float,
         return exits.SIGN_IN_NEEDED, summary
     async with ConvexHttpClient(options.convex_url) as http:
         try:
-            docs = await _find_jobs(http, token, since, until, job_ids, summary, out)
-        except _SignInNeeded:
+            docs = await find_jobs(http, token, since, until, job_ids, summary, out)
+        except SignInNeeded:
             print(f"replay: the token was refused: sign-in needed. {AUTH_ACTION}", file=out)
             return exits.SIGN_IN_NEEDED, summary
         except ConvexHttpError as exc:
@@ -164,8 +171,12 @@ async def replay(options: DaemonOptions, tokens: TokenProvider, *, since: float,
             job = await worker.db(worker.ledger.job, job_id)
             if job is None:
                 summary.failed.append((job_id, "the ledger could not keep this job document"))
-            elif job.status == "materialized":
-                summary.present.append(job_id)
+            elif job.status == "materialized" and (problem := await _files_problem(worker, job_id)) is None:
+                summary.present.append(job_id)  # its files are there, byte for byte as committed
+            elif job.status == "materialized" and not dry_run:
+                await worker.db(worker.ledger.mark_vanished, {job_id: f"its files vanished ({problem})"})
+                again = await worker.db(worker.ledger.job, job_id)
+                todo.append(again if again is not None else job)
             else:
                 todo.append(job)
         if dry_run:
@@ -183,11 +194,19 @@ async def replay(options: DaemonOptions, tokens: TokenProvider, *, since: float,
 
         await asyncio.gather(*(replay_one(job.job_id, job.doc) for job in todo))
         progress.finish()
-        if summary.materialized:
+        # Jobs materialized before thumbnails existed (or whose thumbnail broke) get theirs now.
+        present = [f for job_id in summary.present for f in await worker.db(worker.ledger.outputs, job_id)]
+        if await worker.repair_thumbnails(present) or summary.materialized:
             await worker.write_gallery()
     finally:
         await worker.aclose()
     return (exits.FAILED if summary.failed or summary.uncovered else exits.OK), summary
+
+
+async def _files_problem(worker: Workspace, job_id: str) -> str | None:
+    """Why a materialized job's files are not in the outputs folder as committed (SHA-256 and all), or None."""
+    files = await worker.db(worker.ledger.outputs, job_id)
+    return await asyncio.to_thread(worker.materializer.files_problem, files, hashes=True)
 
 
 async def _replay_one(worker: Workspace, job_id: str, doc: dict[str, Any], summary: ReplaySummary,

@@ -24,12 +24,13 @@ from materializer.daemon import Materializer
 from materializer.display import DisplayServer, DisplaySocketError
 from materializer.early_stop import EarlyStop
 from materializer.layout import AlreadyRunning, UntrustedPath
+from materializer.ledger import LedgerDamagedError, LedgerOpenError
 from materializer.logs import setup_logging
 from materializer.options import DaemonOptions
 from materializer.sdnotify import Notifier, run_watchdog
 from materializer.tokens import TokenProvider, TokenSourceError, provider_for
 
-__all__ = ["run_service"]
+__all__ = ["ledger_trouble", "run_service"]
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,8 @@ def _bound_malloc_retention() -> None:
 def run_service(settings: Settings, config_file: Path | None, overrides: dict[str, Any],
                 early_stop: EarlyStop | None = None) -> int:
     """Run the daemon until stopped; return the exit code (0 clean stop, 1 already running, 2 bad config or an
-    untrusted state folder: a symlink, another user's folder or file, see :mod:`materializer.layout`)."""
+    untrusted state folder: a symlink, another user's folder or file, see :mod:`materializer.layout`; 4 a damaged
+    ledger)."""
     _bound_malloc_retention()
     setup_logging(settings.log.level, settings.log.format)
     try:
@@ -106,6 +108,10 @@ async def _serve(settings: Settings, options: DaemonOptions, provider: TokenProv
         print(f"materializer run: {exc}", file=sys.stderr)
         await provider.aclose()
         return exits.USAGE
+    except LedgerOpenError as exc:
+        await provider.aclose()
+        print(f"materializer run: {ledger_trouble(exc)}", file=sys.stderr)
+        return exits.LEDGER_DAMAGED
     notifier = Notifier()
 
     def on_state(payload: dict[str, Any]) -> None:
@@ -156,6 +162,15 @@ async def _serve(settings: Settings, options: DaemonOptions, provider: TokenProv
         notifier.close()
     log.info("materializer stopped")
     return exits.OK
+
+
+def ledger_trouble(exc: LedgerOpenError) -> str:
+    """The one line a command prints for a ledger it cannot open: what is wrong, and the way out when there is one."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, LedgerDamagedError):
+        return (f"{text}. It was left as it is: `materializer repair` (with the same --root or --state-dir) moves "
+                "it aside and rebuilds the ledger from the files on disk and the backend")
+    return text
 
 
 async def _stop_with_parent(pid: int, daemon: Materializer) -> None:

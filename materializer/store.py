@@ -21,7 +21,14 @@ Every operation goes through a descriptor of the folder opened once with
   the folder or overwrite a temporary file.
 
 The folder is created with mode 0700 and files with 0600: generated images
-are the user's own. Disk errors come out as :class:`StorageError`, with
+are the user's own.
+
+A folder that is removed, replaced or moved away while the store holds it is
+noticed (:meth:`OutputStore.check_folder`: the held descriptor's device,
+inode and link count against a fresh ``lstat`` of the path), before every
+commit and whenever the owner asks, and opened again (recreated if need be),
+so files never keep going into a folder nobody can see at that path; a
+commit caught in between is refused as retryable. Disk errors come out as :class:`StorageError`, with
 ``retryable`` set for conditions that can clear on their own (a full disk, a
 quota, an I/O error), and leave no temporary file behind.
 
@@ -43,10 +50,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import io
 import os
 import secrets
 import stat
+import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -54,7 +63,7 @@ from types import TracebackType
 
 from materializer.images import IMAGE_EXTENSIONS
 
-__all__ = ["PARTIAL_PREFIX", "OutputStore", "PartialFile", "StorageError"]
+__all__ = ["PARTIAL_PREFIX", "FolderReplaced", "OutputStore", "PartialFile", "StorageError"]
 
 #: Start of every temporary file name; final names may not start with ".".
 PARTIAL_PREFIX = ".partial-"
@@ -65,9 +74,11 @@ _CREATE_ATTEMPTS = 16
 _FOLDER_MODE = 0o700
 _FILE_MODE = 0o600
 
-#: Errors that can clear without anyone changing our configuration.
+#: Errors that can clear without anyone changing our configuration. ENOENT is what a folder
+#: removed under us gives; the folder is then recreated and the job tried again.
 _RETRYABLE_ERRNOS = frozenset(
-    {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.EBUSY}
+    {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.EBUSY,
+     errno.ENOENT}
 )
 
 
@@ -79,6 +90,13 @@ class StorageError(Exception):
         self.reason = reason
         self.retryable = retryable
         self.errno = errno
+
+
+class FolderReplaced(StorageError):
+    """The outputs folder was removed, replaced or moved while a file was being written; it is open again."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, retryable=True)
 
 
 def _storage_error(action: str, exc: OSError) -> StorageError:
@@ -108,6 +126,33 @@ def _identity(st: os.stat_result) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
+def _open_folder(path: Path) -> int:
+    """A descriptor of the outputs folder at ``path`` (created 0700 if missing); a symlink or another's is refused."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(path, _FOLDER_MODE)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise _storage_error(f"creating the outputs folder {path}", exc) from exc
+    try:
+        dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if os.path.islink(path):
+            raise StorageError(
+                f"the outputs folder {path} is a symlink; refusing to follow it", retryable=False
+            ) from None
+        raise _storage_error(f"opening the outputs folder {path}", exc) from exc
+    owner = os.fstat(dir_fd).st_uid
+    if owner != os.geteuid():
+        os.close(dir_fd)
+        raise StorageError(
+            f"the outputs folder {path} belongs to uid {owner}, not to us (uid {os.geteuid()})",
+            retryable=False,
+        )
+    return dir_fd
+
+
 class PartialFile(io.FileIO):
     """A temporary file inside the outputs folder, open for reading and writing.
 
@@ -120,6 +165,8 @@ class PartialFile(io.FileIO):
     def __init__(self, store: OutputStore, fd: int, name: str) -> None:
         super().__init__(fd, "r+", closefd=True)
         self.store = store
+        self.dir_fd = store._fd()
+        """The folder it was created in (the store's folder may be opened again meanwhile)."""
         self.partial_name = name
         self.path = store.path / name
         self.identity = _identity(os.fstat(fd))
@@ -143,7 +190,7 @@ class PartialFile(io.FileIO):
             return
         self._finished = True
         try:
-            self.store._unlink_if_same(self.partial_name, self.identity)
+            self.store._unlink_if_same(self.partial_name, self.identity, self.dir_fd)
         except (OSError, ValueError):
             pass  # the folder is failing or closed: cleanup_stale_partials removes the file later
         finally:
@@ -168,35 +215,42 @@ class OutputStore:
 
     def __init__(self, outputs_dir: str | os.PathLike[str]) -> None:
         self.path = Path(os.path.abspath(outputs_dir))
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            os.mkdir(self.path, _FOLDER_MODE)
-        except FileExistsError:
-            pass
-        except OSError as exc:
-            raise _storage_error(f"creating the outputs folder {self.path}", exc) from exc
-        try:
-            dir_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as exc:
-            if os.path.islink(self.path):
-                raise StorageError(
-                    f"the outputs folder {self.path} is a symlink; refusing to follow it", retryable=False
-                ) from None
-            raise _storage_error(f"opening the outputs folder {self.path}", exc) from exc
-        owner = os.fstat(dir_fd).st_uid
-        if owner != os.geteuid():
-            os.close(dir_fd)
-            raise StorageError(
-                f"the outputs folder {self.path} belongs to uid {owner}, not to us (uid {os.geteuid()})",
-                retryable=False,
-            )
-        self._dir_fd: int | None = dir_fd
+        self._dir_fd: int | None = _open_folder(self.path)
+        self._retired_fds: list[int] = []
+        self._reopening = threading.Lock()
+        self.generation = 0
+        """How many times the folder was found removed, replaced or moved, and opened again."""
+
+    def check_folder(self) -> bool:
+        """Whether the folder at the path is no longer the one held; then open (or recreate) it and say True.
+
+        The held descriptor is compared with a fresh ``lstat`` of the path: a folder removed
+        (``st_nlink`` 0, or nothing at the path), moved away or replaced by another has a different
+        device and inode or none. The old descriptor stays open until :meth:`close` (another
+        thread may be using it). Raises :class:`StorageError` when the path cannot be opened as our
+        folder (see the class docstring).
+        """
+        with self._reopening:
+            held = os.fstat(self._fd())
+            try:
+                current: os.stat_result | None = os.lstat(self.path)
+            except FileNotFoundError:
+                current = None
+            if current is not None and held.st_nlink > 0 and _identity(current) == _identity(held):
+                return False
+            fd = _open_folder(self.path)
+            self._retired_fds.append(self._fd())
+            self._dir_fd = fd
+            self.generation += 1
+            return True
 
     def close(self) -> None:
         """Release the folder descriptor. Open temporary files cannot be committed or discarded after this."""
         if self._dir_fd is not None:
-            os.close(self._dir_fd)
+            for fd in (self._dir_fd, *self._retired_fds):
+                os.close(fd)
             self._dir_fd = None
+            self._retired_fds.clear()
 
     def __enter__(self) -> OutputStore:
         return self
@@ -215,6 +269,7 @@ class OutputStore:
         """A new, empty temporary file ``.partial-<stem>-<random>`` (mode 0600)."""
         _check_name(stem, room=len(PARTIAL_PREFIX) + 1 + 2 * _TOKEN_BYTES)
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        reopened = False
         for _ in range(_CREATE_ATTEMPTS):
             name = f"{PARTIAL_PREFIX}{stem}-{_random_token()}"
             try:
@@ -222,6 +277,9 @@ class OutputStore:
             except FileExistsError:
                 continue  # taken, perhaps by a planted symlink: never open it, pick another name
             except OSError as exc:
+                if exc.errno == errno.ENOENT and not reopened and self.check_folder():
+                    reopened = True  # the folder was removed under us: it is back, try there
+                    continue
                 raise _storage_error(f"creating a temporary file for {stem}", exc) from exc
             return PartialFile(self, fd, name)
         raise StorageError(f"no free temporary file name for {stem} after {_CREATE_ATTEMPTS} tries", retryable=True)
@@ -238,6 +296,12 @@ class OutputStore:
             raise ValueError("this temporary file belongs to another output store")
         if partial.closed:
             raise ValueError(f"{partial.partial_name} is closed (already committed or discarded)")
+        if self.check_folder() or partial.dir_fd != self._fd():
+            partial.discard()
+            raise FolderReplaced(
+                f"the outputs folder {self.path} was removed, replaced or moved while {final_name} was being"
+                " written; it is open again, and the file will be written there"
+            )
         dir_fd = self._fd()
         action = f"flushing {partial.partial_name} to disk"
         try:
@@ -293,6 +357,38 @@ class OutputStore:
                 return self.path / name
         return None
 
+    def file_problem(self, name: str, size: int, sha256: str | None) -> str | None:
+        """Why the committed file ``name`` is not the one recorded (``size`` bytes, and ``sha256`` if given), or None.
+
+        Looked up in the folder as it is at the path now: a file left in a folder that was removed or
+        moved away is not there.
+        """
+        _check_name(name)
+        self.check_folder()
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=self._fd())
+        except FileNotFoundError:
+            return f"{name} is missing"
+        except OSError as exc:
+            return f"{name} cannot be opened: {exc.strerror or exc}"
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return f"{name} is not a regular file"
+            if st.st_size != size:
+                return f"{name} has {st.st_size} bytes, {size} were committed"
+            if sha256 is not None:
+                digest = hashlib.sha256()
+                while block := os.read(fd, 1 << 20):
+                    digest.update(block)
+                if digest.hexdigest() != sha256:
+                    return f"{name} does not match the SHA-256 recorded when it was committed"
+        except OSError as exc:
+            return f"{name} cannot be read: {exc.strerror or exc}"
+        finally:
+            os.close(fd)
+        return None
+
     def cleanup_stale_partials(self, older_than_seconds: float) -> int:
         """Remove our temporary files untouched for ``older_than_seconds``; return how many.
 
@@ -327,17 +423,17 @@ class OutputStore:
             raise _storage_error("removing stale temporary files", exc) from exc
         return removed
 
-    def _is_same(self, name: str, identity: tuple[int, int]) -> bool:
-        """Whether ``name`` is (still) the regular file ``identity``."""
+    def _is_same(self, name: str, identity: tuple[int, int], dir_fd: int | None = None) -> bool:
+        """Whether ``name`` (in the folder, or in ``dir_fd``) is (still) the regular file ``identity``."""
         try:
-            st = os.stat(name, dir_fd=self._fd(), follow_symlinks=False)
+            st = os.stat(name, dir_fd=self._fd() if dir_fd is None else dir_fd, follow_symlinks=False)
         except FileNotFoundError:
             return False
         return stat.S_ISREG(st.st_mode) and _identity(st) == identity
 
-    def _unlink_if_same(self, name: str, identity: tuple[int, int]) -> None:
-        if self._is_same(name, identity):
-            os.unlink(name, dir_fd=self._fd())
+    def _unlink_if_same(self, name: str, identity: tuple[int, int], dir_fd: int | None = None) -> None:
+        if self._is_same(name, identity, dir_fd):
+            os.unlink(name, dir_fd=self._fd() if dir_fd is None else dir_fd)
 
     def _remove_if_not_regular(self, name: str) -> bool:
         """Unlink ``name`` if it is a symlink or another non-regular, non-directory entry."""

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from materializer import exits
-from materializer.display import ERROR, HELLO, PRUNED, TOO_MANY_CLIENTS, WELCOME
+from materializer.display import ERROR, HELLO, PRUNED, SKIPPED, TOO_MANY_CLIENTS, WELCOME
 from materializer.layout import Finding, check_file, check_folder
 
 __all__ = ["format_event", "run_watch"]
@@ -201,11 +201,13 @@ class _Follower:
                 self.resume_after = since  # the daemon's word: it may restart numbering (new ledger)
             return True
         seq = message.get("seq")
+        if kind == SKIPPED and isinstance(message.get("payload"), dict):
+            seq = message["payload"].get("seq")  # it stands in for that event: resume after it
         if isinstance(seq, int) and not isinstance(seq, bool):
             if self.resume_after is not None and seq <= self.resume_after:
                 return False
             self.resume_after = seq
-        elif kind != PRUNED:
+        elif kind not in (PRUNED, SKIPPED):
             return False
         line = raw.rstrip(b"\r\n").decode("utf-8", "replace") if self._as_json else format_event(message)
         self._out.write(line + "\n")
@@ -214,7 +216,7 @@ class _Follower:
 
 
 def format_event(message: Mapping[str, Any], received_at: datetime | None = None) -> str:
-    """One readable line for an event (or a pruned-events notice), control characters escaped."""
+    """One readable line for an event (or a pruned or skipped-events notice), control characters escaped."""
     when = (received_at or datetime.now()).strftime("%H:%M:%S")
     seq = message.get("seq")
     kind = message.get("type")
@@ -235,7 +237,7 @@ def format_event(message: Mapping[str, Any], received_at: datetime | None = None
         detail = f"{state}: {text}" if text else str(state)
         if payload:
             detail += " " + json.dumps(payload, separators=(",", ":"), sort_keys=True)
-    elif kind == PRUNED:
+    elif kind in (PRUNED, SKIPPED):
         detail = str(payload.get("message", ""))
     else:
         detail = json.dumps(payload, separators=(",", ":"), sort_keys=True)

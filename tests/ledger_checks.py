@@ -17,7 +17,7 @@ from typing import Any
 
 from materializer.ledger import Feed, Ledger
 
-__all__ = ["check_integrity", "cursor_of"]
+__all__ = ["check_integrity", "cursor_of", "flip_stored_byte"]
 
 _OUTPUT_COLUMNS = "job_id, idx, path, mime_type, width, height, size_bytes, sha256"
 
@@ -136,3 +136,20 @@ def _check_file_on_disk(outputs_dir: Path, row: Sequence[Any]) -> str | None:
 def cursor_of(ledger: Ledger, feed: Feed = "succeeded") -> float | None:
     """The feed's ``since`` (Unix ms) as the ledger keeps it, or None before the first run."""
     return ledger.status(quarantined_limit=0).cursors[feed]
+
+
+def flip_stored_byte(path: Path, marker: bytes, offset: int = 0, mask: int = 0x01) -> None:
+    """Damage one byte of the ledger file on disk: the one ``offset`` bytes into the only copy of ``marker``.
+
+    The write-ahead log is checkpointed into the file first (the ledger must be closed), so the
+    bytes are where SQLite reads them; the damage is inside a record, which SQLite's
+    ``quick_check`` does not read (asserted), as a bit flipped on a disk would be.
+    """
+    with closing(sqlite3.connect(path)) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    data = bytearray(path.read_bytes())
+    assert data.count(marker) == 1, f"{marker!r} appears {data.count(marker)} times in {path}"
+    data[data.index(marker) + offset] ^= mask
+    path.write_bytes(bytes(data))
+    with closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA quick_check").fetchall() == [("ok",)]

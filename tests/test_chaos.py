@@ -90,7 +90,7 @@ from materializer.daemon import Materializer
 from materializer.display import TOO_MANY_CLIENTS
 from materializer.images import validate_image
 from materializer.jobs import Job, JobRejected, extract_outputs, safe_job_id
-from materializer.layout import Layout, default_layout, inspect_layout, secure_layout
+from materializer.layout import THUMBNAILS_DIR, Layout, default_layout, inspect_layout, secure_layout
 from materializer.ledger import Ledger
 from materializer.materialize import Attempt
 from materializer.options import DaemonOptions
@@ -104,7 +104,7 @@ from stella_devbackend.harness import CgroupUnavailable, MemoryCgroup, clean_env
 from helpers import DaemonProcess, async_wait_until, blank_png, partial_files, wait_until
 from hostile_server import Close, Frame, HostileConvex, SocketState
 from impostor import OTHER_UID, can_impersonate, foreign_server
-from ledger_checks import check_integrity
+from ledger_checks import check_integrity, flip_stored_byte
 
 chaos = pytest.mark.chaos
 
@@ -210,7 +210,7 @@ def stray_paths(base: Path, allowed_top: set[str]) -> list[str]:
 
     Allowed: the top-level names given (backend data, token file, log, config),
     the root's ``state/media`` folder with the ledger files, and plain files
-    directly inside ``outputs`` (no folders, no symlinks).
+    directly inside ``outputs`` or its ``.thumbs`` folder (no other folders, no symlinks).
     """
     root = base / "root"
     media = root / "state" / "media"
@@ -221,12 +221,13 @@ def stray_paths(base: Path, allowed_top: set[str]) -> list[str]:
             strays.append(str(path))
     if not root.exists():
         return strays
+    thumbnails = outputs / THUMBNAILS_DIR
     for path in root.rglob("*"):
-        if path in (root / "state", media, outputs):
+        if path in (root / "state", media, outputs) or (path == thumbnails and not path.is_symlink()):
             continue
         if path.parent == media and path.name in STATE_FILES:
             continue
-        if path.parent == outputs and not path.is_symlink() and path.is_file():
+        if path.parent in (outputs, thumbnails) and not path.is_symlink() and path.is_file():
             continue
         strays.append(str(path.relative_to(base)))
     return strays
@@ -408,7 +409,7 @@ class KillRun:
         if final:
             self.counts["partial_files"] += len(partials)
         for path in folder.iterdir() if folder.exists() else []:
-            if path.name == "gallery.json" or path.name.startswith(PARTIAL_PREFIX):
+            if path.name in ("gallery.json", THUMBNAILS_DIR) or path.name.startswith(PARTIAL_PREFIX):
                 continue
             stat = path.stat()
             identity = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
@@ -430,7 +431,7 @@ class KillRun:
         self.counts["lost_jobs"] += sum(statuses.get(job_id) != "materialized" for job_id in self.images)
         announced = probe.announcements()
         self.counts["missing_announcements"] += sum(announced[job_id] == 0 for job_id in self.images)
-        names = {path.name for path in default_layout(self.root).outputs.iterdir()} - {"gallery.json"}
+        names = {path.name for path in default_layout(self.root).outputs.iterdir()} - {"gallery.json", THUMBNAILS_DIR}
         self.counts["missing_files"] += sum(
             not any(f"{job_id}_{index}.{ext}" in names for ext in ("png", "jpg", "webp"))
             for job_id, images in self.images.items() for index in range(images))
@@ -980,6 +981,9 @@ class HostileCase:
     query_value: Any = None
     #: Daemon settings for this case, over the suite's.
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Backend cases: what is done to the root once the outcome is recorded, while the daemon runs. It waits
+    #: for the daemon to recover and returns the output files it expects besides the case's (None: no recovery).
+    meddle: Callable[[Hostile, Path, str], set[str] | None] | None = None
 
     @property
     def scripted(self) -> bool:
@@ -1022,6 +1026,107 @@ def _plant_symlink(ctx: Hostile, root: Path, job_id: str) -> None:
     folder = default_layout(root).outputs
     folder.mkdir(parents=True, mode=0o700)
     (folder / f"{job_id}_0.png").symlink_to(outside / "target.png")
+
+
+def _plant_damaged_document(ctx: Hostile, root: Path, job_id: str) -> None:
+    """The job already in the ledger, pending, with one byte of its stored document flipped on disk.
+
+    The cursors are past it, so the feed does not bring the document again (which would heal it).
+    """
+    assert ctx.backend is not None
+    doc = ctx.backend.query("media_jobs:getByJobId", {"jobId": job_id}).json()["value"]
+    path = default_layout(root).ledger
+    with Ledger(path) as ledger:
+        ledger.observe_jobs([doc])
+        for feed in ("succeeded", "failed"):
+            ledger.ensure_cursor(doc["completedAt"] + 1, feed)  # type: ignore[arg-type]
+    flip_stored_byte(path, f'"jobId":"{job_id}"'.encode())
+
+
+def _plant_damaged_event(_ctx: Hostile, root: Path, _job_id: str) -> None:
+    """A ledger whose second event's stored payload has one byte flipped on disk."""
+    path = default_layout(root).ledger
+    with Ledger(path) as ledger:
+        for state in ("before", "damaged", "after"):
+            ledger.append_event("materializer.state", {"state": state})
+    flip_stored_byte(path, b'{"state":"damaged"}')
+
+
+def _sidebar_reads_past_the_damage(_ctx: Hostile, root: Path, job_id: str) -> set[str] | None:
+    """A sidebar client with since=0 gets event 1, the notice for event 2, then the rest up to the job's event."""
+    with socket.socket(socket.AF_UNIX) as client:
+        client.settimeout(30)
+        client.connect(str(default_layout(root).display_socket))
+        client.sendall(b'{"type": "hello", "since": 0}\n')
+        lines: list[dict[str, Any]] = []
+        with client.makefile("rb") as reader:
+            while not lines or lines[-1].get("payload", {}).get("jobId") != job_id:
+                line = reader.readline()
+                if not line:
+                    return None
+                lines.append(json.loads(line))
+    kinds = [(line.get("seq"), line["type"]) for line in lines[:4]]
+    notice = lines[2].get("payload", {})
+    good = kinds == [(None, "welcome"), (1, "materializer.state"), (None, "materializer.skipped"),
+                     (3, "materializer.state")] and notice.get("seq") == 2
+    return set() if good else None
+
+
+def _remove_folder(path: Path) -> bool:
+    """``rm -rf``, again until the folder at the path is gone or another (the daemon may write meanwhile)."""
+    inode = os.lstat(path).st_ino
+
+    def gone() -> bool:
+        shutil.rmtree(path, ignore_errors=True)
+        return not path.exists() or os.lstat(path).st_ino != inode
+
+    return bool(poll(gone))
+
+
+def _all_back(root: Path, job_ids: list[str]) -> bool:
+    """Every job materialized, with its file under the outputs folder and in the gallery."""
+    folder = default_layout(root).outputs
+    with Ledger(default_layout(root).ledger) as ledger:
+        if any((job := ledger.job(j)) is None or job.status != "materialized" for j in job_ids):
+            return False
+        listed = {entry.job_id for entry in ledger.gallery_entries(len(job_ids) + 10)}
+    manifest = manifest_figures(root)[2]
+    return all((folder / f"{j}_0.png").is_file() for j in job_ids) and set(job_ids) <= listed & set(manifest)
+
+
+def _outputs_removed(ctx: Hostile, root: Path, job_id: str) -> set[str] | None:
+    removed = _remove_folder(default_layout(root).outputs)
+    return set() if removed and poll(lambda: _all_back(root, [job_id])) else None
+
+
+def _outputs_moved(ctx: Hostile, root: Path, job_id: str) -> set[str] | None:
+    (ctx.base / "outside").mkdir(exist_ok=True)
+    default_layout(root).outputs.rename(ctx.base / "outside" / "moved-outputs")
+    return set() if poll(lambda: _all_back(root, [job_id])) else None
+
+
+def _outputs_churned(ctx: Hostile, root: Path, job_id: str) -> set[str] | None:
+    """A burst of jobs while the outputs folder is removed and moved away, in turns, four times."""
+    assert ctx.backend is not None
+    burst = ctx.backend.create_jobs(count=40, width=48, height=48, prompt="churn")
+    (ctx.base / "outside").mkdir(exist_ok=True)
+    folder = default_layout(root).outputs
+    for turn in range(4):
+        poll(folder.exists)  # the daemon has made it again
+        target = min(40, sum(status == "materialized" for status in ledger_statuses(root, burst)) + 5)
+        poll(lambda: sum(s == "materialized" for s in ledger_statuses(root, burst)) >= target)
+        if turn % 2:
+            folder.rename(ctx.base / "outside" / f"moved-{turn}")
+        elif not _remove_folder(folder):
+            return None
+    if not poll(lambda: _all_back(root, [job_id, *burst]), timeout=120):
+        return None
+    return {f"{j}_0.png" for j in burst}
+
+
+def ledger_statuses(root: Path, job_ids: list[str]) -> list[str | None]:
+    with Ledger(default_layout(root).ledger) as ledger:
+        return [None if (job := ledger.job(j)) is None else job.status for j in job_ids]
 
 
 def _frames(*frames: Frame) -> Callable[[SocketState], list[Frame]]:
@@ -1274,6 +1379,20 @@ HOSTILE_CASES = [
                 "job has 3000 outputs; the limit is 64 (max_outputs_per_job)",
                 doc=lambda ctx: {"output": {"images": [{"url": ctx.serve("many.png", small("PNG")),
                                                         "content_type": "image/png"}] * 3000}}),
+    HostileCase("outputs-removed-while-running", "rm -rf outputs/ once the job is materialized: recreated, the file "
+                "back", "materialized", "image/png", meddle=_outputs_removed),
+    HostileCase("outputs-moved-while-running", "mv outputs/ elsewhere once the job is materialized (the daemon holds "
+                "it open): a new outputs/ gets the file", "materialized", "image/png", meddle=_outputs_moved),
+    HostileCase("outputs-churned-during-a-burst", "outputs/ removed and moved away in turns, 4 times, while 40 more "
+                "jobs materialize: every file ends under outputs/", "materialized", "image/png",
+                meddle=_outputs_churned),
+    # -- the ledger -----------------------------------------------------------------------------------------
+    HostileCase("ledger-document-flipped-byte", "one flipped byte in the pending job's stored document (PRAGMA "
+                "quick_check still ok)", "quarantined", "stored document does not decode",
+                plant=_plant_damaged_document),
+    HostileCase("ledger-event-flipped-byte", "one flipped byte in an event's stored payload: a sidebar client with "
+                "since=0 gets a notice in its place and every later event", "materialized", "image/png",
+                plant=_plant_damaged_event, meddle=_sidebar_reads_past_the_damage),
     # -- job documents over the sync protocol -------------------------------------------------------------
     HostileCase("result-not-a-list", "the succeeded feed's value is a string", "logged",
                 "media_jobs:listSucceededSince answered str, not a list", script=_update("nope")),
@@ -1466,6 +1585,10 @@ def run_hostile_case(case: HostileCase, base: Path, backend: DevBackend | None) 
         counts["wrong_outcomes"] += not right_outcome
         if case.outcome == "materialized":
             expected_outputs.add(f"{job_id}_0.png")
+        if case.meddle is not None:
+            extra = case.meddle(ctx, root, job_id)
+            counts["wrong_outcomes"] += extra is None
+            expected_outputs |= extra or set()
         # Alive and well: a normal job still materializes.
         if backend is not None:
             [sentinel] = backend.create_jobs(prompt="sentinel")
@@ -1478,12 +1601,12 @@ def run_hostile_case(case: HostileCase, base: Path, backend: DevBackend | None) 
             listener.accept()
             counts["forbidden_connections"] += 1
     folder = default_layout(root).outputs
-    present = {path.name for path in folder.iterdir()} - {"gallery.json"} if folder.exists() else set()
+    present = {path.name for path in folder.iterdir()} - {"gallery.json", THUMBNAILS_DIR} if folder.exists() else set()
     counts["unexpected_outputs"] += len(present - expected_outputs - served_outputs) + len(expected_outputs - present)
     counts["files_outside_outputs"] += len(stray_paths(base, HOSTILE_TOP_LEVEL))
     log = daemon.log.read_text(errors="replace")
     counts["forged_log_lines"] += sum(line.startswith(FORGED) for line in log.splitlines())
-    if case.plant is not None:
+    if case.plant is _plant_symlink:
         planted = folder / f"{job_id}_0.png"
         counts["followed_symlinks"] += (planted.is_symlink() or (base / "outside" / "target.png").read_bytes()
                                         != b"precious")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import signal
 import socket
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from materializer.daemon import AUTH_ACTION
@@ -23,7 +25,7 @@ from stella_devbackend.control import DevBackend
 
 from helpers import DaemonProcess, gallery, ledger_events, ledger_jobs, output_files, wait_until
 
-COMMANDS = ["run", "replay", "status", "watch", "query", "doctor", "demo", "dev-backend"]
+COMMANDS = ["run", "replay", "repair", "status", "watch", "query", "doctor", "demo", "gallery", "dev-backend"]
 
 
 def materializer(*args: str, env: dict[str, str] | None = None,
@@ -345,10 +347,31 @@ def test_config_reload_on_sighup_and_file_change(backend: DevBackend, tmp_path: 
         wait_until(lambda: ledger_jobs(root).get(job) == "materialized", what="still working after a bad edit")
 
 
-def test_demo_end_to_end(tmp_path: Path) -> None:
-    result = materializer("demo", "--root", str(tmp_path / "demo"), timeout=180)
-    assert result.returncode == 0, result.stderr
-    assert "gallery manifest:" in result.stdout
-    files = output_files(tmp_path / "demo")
+def test_demo_end_to_end_with_its_gallery(tmp_path: Path) -> None:
+    """``demo --gallery``: the demo (the same run as without the flag), its page from the start, up until Ctrl-C."""
+    root = tmp_path / "demo"
+    command = [sys.executable, "-m", "materializer", "demo", "--gallery", "--root", str(root)]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          stdin=subprocess.DEVNULL) as process:
+        try:
+            assert process.stdout is not None
+            lines: list[str] = []
+            while not lines or not lines[-1].startswith("the gallery stays up"):
+                line = process.stdout.readline()
+                assert line, "".join(lines)
+                lines.append(line)
+            [url] = {match for line in lines for match in re.findall(r"http://127\.0\.0\.1:\d+/[\w-]+/", line)}
+            assert sum(url in line for line in lines) == 2  # when it starts, and when the demo is done
+            snapshot = httpx.get(url + "api/snapshot").json()
+            assert snapshot["daemon"]["running"] and snapshot["connection"]["state"] == "connected"
+            assert len(snapshot["jobs"]) == 14
+            assert all(f["thumbnail"] for job in snapshot["jobs"] for f in job["files"])
+            assert httpx.get(url.rsplit("/", 2)[0] + "/api/snapshot").status_code == 403
+        finally:
+            process.send_signal(signal.SIGINT)
+            out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert any("gallery manifest:" in line for line in lines)
+    files = output_files(root)
     assert len(files) == 17  # 4 + 1 + 1 + 1 + 10 realtime frames
-    assert len(gallery(tmp_path / "demo")["jobs"]) == 14
+    assert len(gallery(root)["jobs"]) == 14

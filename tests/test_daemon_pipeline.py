@@ -135,6 +135,8 @@ def assert_materialized(root: Path, doc: dict[str, Any], ext: str, count: int) -
     assert paths == [str(folder.resolve() / name) for name in names]
     assert all(Path(path).is_absolute() and Path(path).is_file() for path in paths)
     assert payload["asset"]["kind"] == "image"
+    thumbnails = [f".thumbs/{name.rsplit('.', 1)[0]}.webp" for name in names]
+    assert payload["asset"]["thumbnailPaths"] == [str(folder.resolve() / thumb) for thumb in thumbnails]
     assert payload["capability"] == doc["capability"]
     assert payload["prompt"] == doc["request"]["prompt"]
     assert payload["createdAt"] == doc["completedAt"]  # the desktop's completedAt ?? updatedAt
@@ -146,19 +148,27 @@ def assert_materialized(root: Path, doc: dict[str, Any], ext: str, count: int) -
         doc["capability"], doc["profile"], doc["request"]["prompt"], doc["completedAt"])
     assert entry["files"] == [
         {"index": index, "path": name, "mimeType": MIME_TYPES[ext], "width": width, "height": height,
-         "bytes": (folder / name).stat().st_size, "sha256": sha256_of(folder / name)}
+         "bytes": (folder / name).stat().st_size, "sha256": sha256_of(folder / name), "thumbnail": thumbnails[index]}
         for index, (name, (width, height)) in enumerate(zip(names, sizes, strict=True))
     ]
+    for thumb, (width, height) in zip(thumbnails, sizes, strict=True):
+        with Image.open(folder / thumb) as image:
+            image.load()
+            scale = min(1.0, 256 / max(width, height))  # the longest edge 256 px (or less), the aspect kept
+            assert (image.format, image.size) == ("WEBP", (round(width * scale), round(height * scale)))
     return [folder / name for name in names]
 
 
 def assert_nothing_else_written(root: Path, output_names: set[str]) -> None:
-    """The root holds the ledger, gallery.json and exactly ``output_names``: nothing partial, nothing elsewhere."""
+    """The root holds the ledger, gallery.json and exactly ``output_names`` with their images' thumbnails:
+    nothing partial, nothing elsewhere."""
     media = Path("state/media")
     found = {path.relative_to(root) for path in root.rglob("*")}
     folders = {path for path in found if (root / path).is_dir() and not (root / path).is_symlink()}
-    assert folders == {Path("state"), media, media / "outputs"}
+    assert folders - {media / "outputs" / ".thumbs"} == {Path("state"), media, media / "outputs"}
     expected = {media / "outputs" / name for name in output_names | {"gallery.json"}}
+    expected |= {media / "outputs" / ".thumbs" / f"{name.rsplit('.', 1)[0]}.webp" for name in output_names
+                 if name.rsplit(".", 1)[-1] in MIME_TYPES}
     unexpected = {path for path in found - folders - expected if path.parent != media or path.name not in LEDGER_FILES}
     assert unexpected == set()
     assert expected <= found

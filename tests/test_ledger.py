@@ -25,6 +25,7 @@ from materializer.ledger import (
     SCHEMA_VERSION,
     Ledger,
     LedgerBusyError,
+    LedgerDamagedError,
     LedgerError,
     LedgerOpenError,
     OutputFile,
@@ -101,9 +102,7 @@ def count_rows(db: Path, sql: str, *params: Any) -> int:
 # -- opening, schema, migration --------------------------------------------------
 
 
-def test_empty_file_is_migrated_to_the_current_schema_in_wal_mode(db: Path) -> None:
-    db.parent.mkdir(parents=True)
-    db.touch()
+def test_absent_file_is_created_with_the_current_schema_in_wal_mode(db: Path) -> None:
     with Ledger(db) as ledger:
         assert ledger.status().schema_version == SCHEMA_VERSION
         assert cursor_of(ledger) is None
@@ -141,7 +140,7 @@ def test_non_sqlite_file_is_refused_and_left_untouched(tmp_path: Path) -> None:
     path = tmp_path / "materializer.db"
     content = b"this is not a database, it is someone's notes\n" * 200
     path.write_bytes(content)
-    with pytest.raises(LedgerOpenError, match="not a usable materializer ledger: file is not a database"):
+    with pytest.raises(LedgerDamagedError, match="does not start with SQLite's header: it is garbled or not a"):
         Ledger(path)
     assert path.read_bytes() == content
 
@@ -153,7 +152,7 @@ def test_corrupt_ledger_is_refused_with_a_clear_error(db: Path, clock: Clock) ->
     with open(db, "r+b") as file:  # keep the header and schema page, scramble the rest
         file.seek(2 * page_size)
         file.write(bytes(range(256)) * (8 * page_size // 256))
-    with pytest.raises(LedgerOpenError, match="corrupt|malformed"):
+    with pytest.raises(LedgerDamagedError, match="is damaged: (SQLite.s quick_check found|.*malformed)"):
         Ledger(db)
 
 
@@ -162,7 +161,7 @@ def test_someone_elses_sqlite_database_is_refused_and_left_intact(tmp_path: Path
     with sqlite3.connect(path) as conn:
         conn.execute("CREATE TABLE notes (text TEXT)")
         conn.execute("INSERT INTO notes VALUES ('keep me')")
-    with pytest.raises(LedgerOpenError, match="not a materializer ledger"):
+    with pytest.raises(LedgerDamagedError, match="not a materializer ledger"):
         Ledger(path)
     assert count_rows(path, "SELECT count(*) FROM notes WHERE text = 'keep me'") == 1
 

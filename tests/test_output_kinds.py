@@ -45,6 +45,12 @@ def announcement(root: Path, job_id: str) -> dict[str, Any]:
     return event.payload
 
 
+def thumbnail_of(path: str) -> str:
+    """Where the thumbnail of an image output lives: ``<outputs>/.thumbs/<jobId>_<index>.webp``."""
+    folder, name = path.rsplit("/", 1)
+    return f"{folder}/.thumbs/{name.rsplit('.', 1)[0]}.webp"
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -75,7 +81,8 @@ async def test_every_output_kind_is_materialized_and_announced_as_the_desktop_sh
          lambda _: {"kind": "text", "text": "Rain on tin roofs,\nthe harbour hums."}),
         ("text_to_image", {"images": [{"url": serve(backend, "still", png), "content_type": "image/png"}],
                            "video": {"url": serve(backend, "preview", mp4)}},
-         [("png", png), ("mp4", mp4)], lambda paths: {"kind": "image", "filePaths": paths[:1]}),
+         [("png", png), ("mp4", mp4)],
+         lambda paths: {"kind": "image", "filePaths": paths[:1], "thumbnailPaths": [thumbnail_of(paths[0])]}),
     ]
     job_ids = [insert(backend, capability, output, prompt=f"{capability} prompt") for capability, output, _, _ in cases]
     async with running_daemon(root, backend, **FAST) as daemon:
@@ -129,7 +136,8 @@ async def test_extra_files_that_fail_are_recorded_and_do_not_hold_back_the_asset
         "video: HTTP 404 Not Found"
     )
     payload = over_the_socket(announcement(root, job_id))
-    assert payload["asset"] == {"kind": "image", "filePaths": [str(folder / f"{job_id}_0.png")]}
+    assert payload["asset"] == {"kind": "image", "filePaths": [str(folder / f"{job_id}_0.png")],
+                                "thumbnailPaths": [str(folder / ".thumbs" / f"{job_id}_0.webp")]}
     assert desktop_accepts(payload) and matches_media_type(payload)
     assert [name for name in output_files(root) if name.startswith(job_id)] == [f"{job_id}_0.png", f"{job_id}_4.bin"]
     [entry] = [e for e in gallery(root)["jobs"] if e["jobId"] == job_id]

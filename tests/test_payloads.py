@@ -58,8 +58,11 @@ def desktop_accepts(payload: Any) -> bool:
 
 
 #: MediaAsset's variants: required keys and optional keys, every value a string (filePaths: strings).
+#: ``thumbnailPaths`` (strings or nulls, one per file path) is this project's addition: the desktop's
+#: reader passes a payload through unchanged (``normalizeDisplayPayload`` returns the very object) and
+#: ``isMediaAsset`` looks at ``filePaths`` only, so a sidebar that does not know it ignores it.
 ASSET_KEYS: dict[str, tuple[set[str], set[str]]] = {
-    "image": ({"kind", "filePaths"}, set()),
+    "image": ({"kind", "filePaths"}, {"thumbnailPaths"}),
     "video": ({"kind", "filePath"}, set()),
     "audio": ({"kind", "filePath"}, set()),
     "model3d": ({"kind", "filePath"}, {"label"}),
@@ -81,7 +84,11 @@ def matches_media_type(payload: dict[str, Any]) -> bool:
     required, optional = ASSET_KEYS[asset["kind"]]
     if not required <= set(asset) <= required | optional:
         return False
-    if not all(isinstance(asset[key], str) for key in asset if key != "filePaths"):
+    if not all(isinstance(asset[key], str) for key in asset if key not in ("filePaths", "thumbnailPaths")):
+        return False
+    thumbnails = asset.get("thumbnailPaths", [])
+    if "thumbnailPaths" in asset and not (isinstance(thumbnails, list) and len(thumbnails) == len(asset["filePaths"])
+                                          and all(p is None or isinstance(p, str) for p in thumbnails)):
         return False
     if not set(payload) - {"kind", "asset", "createdAt"} <= set(MEDIA_OPTIONAL):
         return False
@@ -298,3 +305,19 @@ async def test_failed_and_unknown_jobs_from_the_feed_each_get_one_notice(backend
         icon: {"jobId": icon, "capability": "icon", "status": "failed", "message": "Image service is busy",
                "code": "x", "detail": "Rate limit exceeded"},
     }
+
+
+def test_an_image_asset_lists_its_thumbnails_one_per_file_and_null_where_there_is_none() -> None:
+    job = job_of({"images": [{"url": URL}, {"url": URL}]})
+    choice = choose_asset(job, extract_outputs(job))
+    files = committed(job, {0: "job_k_0.png", 1: "job_k_1.webp"})
+    asset = media_asset(choice, files, BASE, {0: ".thumbs/job_k_0.webp", 1: None})
+    assert asset == {"kind": "image", "filePaths": [f"{BASE}/job_k_0.png", f"{BASE}/job_k_1.webp"],
+                     "thumbnailPaths": [f"{BASE}/.thumbs/job_k_0.webp", None]}
+    payload = over_the_socket(materialized_payload(job, asset))
+    assert desktop_accepts(payload) and matches_media_type(payload)
+    # Only images have thumbnails; a list that does not pair up with filePaths is not the type.
+    video = job_of({"video": {"url": URL}})
+    assert "thumbnailPaths" not in media_asset(choose_asset(video, extract_outputs(video)), {0: files[0]}, BASE,
+                                               {0: ".thumbs/job_k_0.webp"})
+    assert not matches_media_type({**payload, "asset": {**asset, "thumbnailPaths": [None]}})

@@ -7,6 +7,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from materializer import exits
+
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "stella-materializer.service"
 
 
@@ -67,7 +69,7 @@ def test_the_unit_is_a_notify_service_with_a_watchdog_and_a_sandbox() -> None:
         "NotifyAccess": "main",
         "ExecStart": "%h/.local/bin/materializer run",
         "Restart": "on-failure",
-        "RestartPreventExitStatus": "2",
+        "RestartPreventExitStatus": f"{exits.USAGE} {exits.LEDGER_DAMAGED}",
         "WatchdogSec": "30",
         "TimeoutStopSec": "15",
         "UMask": "0077",
