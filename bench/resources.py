@@ -15,10 +15,11 @@ figures of issue 13 ("Never stall"), parts 2 and 8, measured the same way on any
 ``outputs``  one job with ``--outputs`` (3000) outputs (the same small PNG), then a normal job: how
              long the normal job waited, and what became of the big one.
 ``sidebar``  a 300-job burst (``--jobs``) with no sidebar client, then another while ``--clients``
-             (1000) clients connect with ``since=0``, ``--rounds`` (3) times: the median burst times
-             and daemon CPU seconds, the daemon's peak RSS, and what the clients got (welcomed or
-             refused; every event once, in seq order); then the daemon's CPU seconds for a crowd
-             alone (connecting and catching up, no burst), the steadiest figure on a busy machine.
+             (1000) clients connect with ``since=0``, ``--rounds`` (3) times, interleaved with bursts
+             alone: how much longer, and how much more daemon CPU, a burst with a crowd takes than
+             the bursts alone beside it (medians), the daemon's peak RSS, and what the clients got
+             (welcomed or refused; every event once, in seq order); then the daemon's CPU seconds for
+             a crowd alone (connecting and catching up, no burst), the steadiest figure.
 
 ``--env`` passes daemon settings (``MATERIALIZER_DAEMON__MAX_OUTPUTS_PER_JOB=3000``, say) to the
 daemon; a checkout that does not know a key refuses to start (exit code 2), which is reported.
@@ -258,7 +259,9 @@ async def _burst(root: Path, backend: DevBackend, jobs: int, prompt: str, daemon
 
 async def sidebar(folder: Path, backend: DevBackend, env: dict[str, str], clients: int, jobs: int, rounds: int
                   ) -> dict[str, Any]:
-    """``rounds`` pairs of bursts, one alone and one with a fresh crowd connecting as it starts (medians reported)."""
+    """Bursts alone and with a fresh crowd connecting as each starts, interleaved (alone, crowd, alone, ...,
+    alone): each crowd burst is compared with the mean of the alone bursts on either side of it, since
+    every burst finds a longer ledger and gallery than the one before (medians of the ratios reported)."""
     root = folder / "sidebar-root"
     alone: list[tuple[float, float]] = []
     crowded: list[tuple[float, float]] = []
@@ -267,8 +270,8 @@ async def sidebar(folder: Path, backend: DevBackend, env: dict[str, str], client
         await asyncio.sleep(1.0)
         await _burst(root, backend, jobs, "before", daemon)  # the ledger holds a history to catch up on
         peak_alone = peak_mb(daemon)
+        alone.append(await _burst(root, backend, jobs, "alone", daemon))
         for number in range(rounds):
-            alone.append(await _burst(root, backend, jobs, f"alone {number}", daemon))
             peak_alone = peak_mb(daemon)
             crowd = [Client() for _ in range(clients)]
             tasks = [asyncio.create_task(client.run(default_layout(root).display_socket)) for client in crowd]
@@ -288,18 +291,19 @@ async def sidebar(folder: Path, backend: DevBackend, env: dict[str, str], client
                 "every_event_once_in_order": sum(client.seqs == list(range(1, last + 1)) for client in welcomed),
                 "events": last, "errors": sorted({client.error for client in crowd if client.error})[:2]
                 + sorted({client.broken for client in crowd if client.broken})[:2]})
+            alone.append(await _burst(root, backend, jobs, f"alone {number}", daemon))
         crowd_only = [await _crowd_only(root, clients, daemon) for _ in range(rounds)]
         peak_crowd = peak_mb(daemon)
-    wall_alone, wall_crowd = statistics.median(a for a, _ in alone), statistics.median(c for c, _ in crowded)
-    cpu_alone, cpu_crowd = statistics.median(a for _, a in alone), statistics.median(c for _, c in crowded)
+    neighbours = [((alone[n][0] + alone[n + 1][0]) / 2, (alone[n][1] + alone[n + 1][1]) / 2) for n in range(rounds)]
     return {
         "clients": clients, "jobs_per_burst": jobs, "rounds": rounds,
-        "burst_alone_s": round(wall_alone, 2), "burst_with_clients_s": round(wall_crowd, 2),
-        "slowdown": round(wall_crowd / wall_alone, 3),
-        "daemon_cpu_alone_s": round(cpu_alone, 2), "daemon_cpu_with_clients_s": round(cpu_crowd, 2),
-        "cpu_ratio": round(cpu_crowd / cpu_alone, 3),
+        "slowdown": round(statistics.median(c / a for (c, _), (a, _) in zip(crowded, neighbours, strict=True)), 3),
+        "cpu_ratio": round(statistics.median(c / a for (_, c), (_, a) in zip(crowded, neighbours, strict=True)), 3),
         "daemon_cpu_per_crowd_without_a_burst_s": round(statistics.median(crowd_only), 3),
-        "each_round_s": [[round(a, 2), round(c, 2)] for (a, _), (c, _) in zip(alone, crowded, strict=True)],
+        "bursts_alone_s": [round(wall, 2) for wall, _ in alone],
+        "bursts_with_clients_s": [round(wall, 2) for wall, _ in crowded],
+        "daemon_cpu_alone_s": [round(cpu, 2) for _, cpu in alone],
+        "daemon_cpu_with_clients_s": [round(cpu, 2) for _, cpu in crowded],
         "peak_rss_before_crowds_mb": peak_alone and round(peak_alone, 1),
         "peak_rss_after_crowds_mb": peak_crowd and round(peak_crowd, 1),
         "crowds": crowds,
