@@ -9,7 +9,7 @@ each gets its wall time, and collects the figures every test records:
 
 ``sigkill``  50 rounds of SIGKILL during a 300-job burst, then a last run to the end
 ``faults``   every fault of the local backend, alone and mixed, during a burst
-``hostile``  the named hostile inputs of ``docs/hostile-inputs.md``
+``hostile``  the named hostile inputs and loads of ``docs/hostile-inputs.md``
 ``fuzz``     hypothesis on the sync protocol, job documents and the observe-and-materialize path
 
 ``--quick`` runs small sizes (5 rounds of 60 jobs, short faults, 300 examples) in
@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 SUITES = {
     "sigkill": "sigkill_rounds",
     "faults": "faults_clear",
-    "hostile": "hostile_input",
+    "hostile": "hostile_input or hostile_load",
     "fuzz": "fuzz_",
 }
 

@@ -112,6 +112,9 @@ class DaemonSettings(_Section):
     retry_base_seconds: float = Field(default=2.0, gt=0)
     retry_max_seconds: float = Field(default=600.0, gt=0)
     download_concurrency: int = Field(default=4, ge=1, le=64)
+    max_outputs_per_job: int = Field(default=64, ge=1)
+    memory_budget_bytes: int = Field(default=256 * 1024 * 1024, ge=16 * 1024 * 1024)
+    max_sidebar_clients: int = Field(default=32, ge=1)
     lease_seconds: float = Field(default=120.0, gt=0)
     gallery_size: int = Field(default=1000, ge=1)
     thumbnails: bool = True
@@ -268,6 +271,7 @@ LIVE_KEYS: frozenset[str] = frozenset(
         "daemon.retry_base_seconds",
         "daemon.retry_max_seconds",
         "daemon.gallery_size",
+        "daemon.max_outputs_per_job",
         *(f"fetch.{key}" for key in FetchSettings.model_fields),
         *(f"images.{key}" for key in ImagesSettings.model_fields),
         *(f"log.{key}" for key in LogSettings.model_fields),

@@ -176,7 +176,8 @@ class Materializer:
         if self._display_factory is not None:
             # The announcer below follows the ledger, so the server need not poll it too.
             self.display = self._display_factory(self.options.layout.display_socket, self.ledger,
-                                                 poll_interval=None, executor=self.work.ledger_executor)
+                                                 poll_interval=None, executor=self.work.ledger_executor,
+                                                 max_clients=self.options.max_sidebar_clients)
             await self.display.start()
         self.client = SyncClient(self.options.convex_url, self.tokens,
                                  inactivity_timeout=self.options.inactivity_timeout)

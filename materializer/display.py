@@ -31,6 +31,11 @@ Server to client:
   (the desktop's ``isDisplayPayload``) never takes it for one.
 - ``{"type": "error", "error": "..."}``: a client line was not understood; the
   line is ignored and the connection stays open.
+- ``{"type": "error", "error": "...", "code": "too_many_clients"}``, then the
+  end of the connection (or a reset, when the client's hello was left unread):
+  ``max_clients`` clients are connected already (the daemon's
+  ``daemon.max_sidebar_clients``). Nothing was sent or skipped; the client may
+  try again later, with the same ``since``.
 
 Client to server:
 
@@ -51,6 +56,12 @@ only appends to each client's bounded queue. A client whose queue overflows,
 or whose socket accepts nothing for ``write_timeout`` seconds, is dropped
 (disconnected); it can reconnect and resume with ``since``.
 
+A crowd of clients catching up does not slow the daemon either: the backlog
+is read from the ledger a page at a time, one read at a time, decoded and
+encoded in the ledger's executor; a page is read once for every client that
+needs it while catch-ups run, and each client is written at most
+``_WRITE_BATCH`` bytes before its socket must take them.
+
 Events committed by other processes (``materializer replay`` announcing the
 jobs it materialized) reach clients too: the server delivers the ledger's
 events strictly in seq order, reading any it was not handed from the ledger
@@ -67,8 +78,8 @@ import logging
 import os
 import socket
 import tempfile
-from collections import deque
-from collections.abc import Callable
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +91,7 @@ from materializer.ledger import Event, EventPage, Ledger, LedgerError
 __all__ = [
     "ERROR",
     "HELLO",
+    "TOO_MANY_CLIENTS",
     "PRUNED",
     "SKIPPED",
     "WELCOME",
@@ -94,6 +106,8 @@ WELCOME = "welcome"
 PRUNED = "materializer.pruned"
 SKIPPED = "materializer.skipped"
 ERROR = "error"
+#: The ``code`` of the error line a client over ``max_clients`` gets before the connection ends.
+TOO_MANY_CLIENTS = "too_many_clients"
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +115,16 @@ _T = TypeVar("_T")
 
 #: Events read from the ledger per query (backlogs and catch-ups page through it).
 _PAGE_SIZE = 500
+#: Events per page of a client's backlog: one ledger read, a few milliseconds of the ledger's thread.
+_BACKLOG_PAGE = 100
+#: Backlog pages kept for the next client that needs them, while any client is catching up.
+_KEPT_PAGES = 8
+#: Most bytes written to a client before its socket must take them (the transport buffers what it cannot).
+_WRITE_BATCH = 64 * 1024
+#: Connections accepted per wakeup of the listening socket (as asyncio's own servers do).
+_ACCEPTS_PER_WAKEUP = 100
+#: Refused connections kept open at once until their client closes (each costs a descriptor).
+_MAX_REFUSED_WAITING = 128
 #: Longest client line accepted; a hello is a few dozen bytes.
 _MAX_CLIENT_LINE = 64 * 1024
 #: ``sun_path`` is 108 bytes on Linux, including the terminating NUL.
@@ -150,6 +174,67 @@ class _Client:
     queue: deque[tuple[int | None, bytes]] = field(default_factory=deque)
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     dropped: bool = False
+    idle: bool = False
+    """Its sender is waiting for lines, with nothing queued: a line can be written at once."""
+
+
+@dataclass(frozen=True)
+class _BacklogPage:
+    """Events after ``after_seq`` as socket lines, read and encoded off the event loop."""
+
+    lines: tuple[tuple[int, bytes], ...]
+    #: The pruned-events line, when events after ``after_seq`` were pruned before the first of ``lines``.
+    pruned: bytes | None
+    #: The newest seq the ledger ever handed out, when the page was read.
+    last_seq: int
+    #: Whether the page is as long as asked: then no later event can join it (and it may be kept).
+    full: bool
+
+
+def _read_backlog_page(ledger: Ledger, after_seq: int) -> _BacklogPage:
+    """One page of a backlog, encoded (in the ledger's executor)."""
+    page = ledger.events_after(after_seq, _BACKLOG_PAGE)
+    return _BacklogPage(tuple((event.seq, encode_event(event)) for event in page.events),
+                        _pruned_line(page) if page.gap else None, page.last_seq, len(page.events) == _BACKLOG_PAGE)
+
+
+class _Backlog:
+    """Backlog pages for clients catching up: one ledger read at a time, each full page read once for all.
+
+    Only full pages are kept (a short one is the end of the log, which grows), at most
+    :data:`_KEPT_PAGES`, and only while some client is catching up, so that what a kept page says
+    about pruning stays current.
+    """
+
+    def __init__(self, read: Callable[[int], Awaitable[_BacklogPage]]) -> None:
+        self._read = read
+        self._lock = asyncio.Lock()
+        self._pages: OrderedDict[int, _BacklogPage] = OrderedDict()
+        self.readers = 0
+
+    async def page(self, after_seq: int) -> _BacklogPage:
+        async with self._lock:
+            page = self._pages.get(after_seq)
+            if page is not None:
+                self._pages.move_to_end(after_seq)
+                return page
+            page = await self._read(after_seq)
+            if page.full:
+                self._pages[after_seq] = page
+                while len(self._pages) > _KEPT_PAGES:
+                    self._pages.popitem(last=False)
+            return page
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Count a client catching up; forget the kept pages when the last one is done."""
+        self.readers += 1
+        try:
+            yield
+        finally:
+            self.readers -= 1
+            if not self.readers:
+                self._pages.clear()
 
 
 class DisplayServer:
@@ -161,6 +246,8 @@ class DisplayServer:
     ``poll_interval`` is how often the ledger is checked for events committed
     by other processes (``None``: never). Ledger calls run on ``executor``
     (the default thread pool if ``None``), never on the event loop.
+    ``max_clients`` bounds the clients connected at once (``None``: no bound);
+    one more gets a ``too_many_clients`` error line and is closed.
     """
 
     def __init__(
@@ -173,9 +260,12 @@ class DisplayServer:
         hello_timeout: float = 1.0,
         poll_interval: float | None = 1.0,
         executor: Executor | None = None,
+        max_clients: int | None = None,
     ) -> None:
         if max_queue < 1:
             raise ValueError(f"max_queue must be at least 1, got {max_queue}")
+        if max_clients is not None and max_clients < 1:
+            raise ValueError(f"max_clients must be at least 1, got {max_clients}")
         self.path = Path(path)
         self._ledger = ledger
         self._max_queue = max_queue
@@ -183,7 +273,14 @@ class DisplayServer:
         self._hello_timeout = hello_timeout
         self._poll_interval = poll_interval
         self._executor = executor
-        self._server: asyncio.Server | None = None
+        self._max_clients = max_clients
+        self._refusing = False
+        self._backlog = _Backlog(functools.partial(self._ledger_call, _read_backlog_page, ledger))
+        self._listener: socket.socket | None = None
+        #: Connections accepted and not yet finished (what ``max_clients`` counts).
+        self._connections = 0
+        #: Refused connections waiting for their client to close (it reads the error line first).
+        self._refused: dict[socket.socket, asyncio.TimerHandle] = {}
         self._socket_id: tuple[int, int] | None = None
         self._closed = False
         self._clients: set[_Client] = set()
@@ -208,17 +305,19 @@ class DisplayServer:
         other than a socket of ours is at its path (a symlink, a file, another
         user's socket), :class:`DisplaySocketError` if it cannot be created.
         """
-        if self._server is not None or self._closed:
+        if self._listener is not None or self._closed:
             raise RuntimeError("a DisplayServer starts once")
         # Read before binding: the first client may connect right after.
         self._published_seq = await self._ledger_call(self._ledger.last_seq)
         sock, self._socket_id = await asyncio.to_thread(_bind_private_socket, self.path)
         try:
-            self._server = await asyncio.start_unix_server(self._serve_client, sock=sock, limit=_MAX_CLIENT_LINE)
+            sock.setblocking(False)
+            asyncio.get_running_loop().add_reader(sock.fileno(), self._accept)
         except BaseException:
             self._remove_own_socket_file()
             sock.close()
             raise
+        self._listener = sock
         if self._poll_interval is not None:
             self._poll_task = asyncio.create_task(self._poll_ledger(self._poll_interval))
         if self._stash:
@@ -236,12 +335,12 @@ class DisplayServer:
         """
         if self._closed or event.seq <= self._published_seq:
             return
-        if self._server is not None and event.seq == self._published_seq + 1:
+        if self._listener is not None and event.seq == self._published_seq + 1:
             self._deliver(event)
             return
         self._stash[event.seq] = event
         self._stash_version += 1
-        if self._server is not None:
+        if self._listener is not None:
             self._catch_up()
 
     async def close(self) -> None:
@@ -249,13 +348,16 @@ class DisplayServer:
         if self._closed:
             return
         self._closed = True
-        server, self._server = self._server, None
-        if server is None:
+        listener, self._listener = self._listener, None
+        if listener is None:
             return
         # While the listening socket is open its file's inode cannot be reused,
         # so the identity check cannot mistake another server's socket for ours.
         self._remove_own_socket_file()
-        server.close()
+        asyncio.get_running_loop().remove_reader(listener.fileno())
+        listener.close()
+        for refused in list(self._refused):
+            self._end_refused(refused)
         for task in (self._poll_task, self._catch_up_task):
             if task is not None:
                 task.cancel()
@@ -266,7 +368,6 @@ class DisplayServer:
             *self._handlers,
             return_exceptions=True,
         )
-        await server.wait_closed()
 
     # -- delivery ----------------------------------------------------------------
 
@@ -280,6 +381,15 @@ class DisplayServer:
 
     def _offer(self, client: _Client, seq: int | None, line: bytes) -> None:
         if client.dropped:
+            return
+        transport = client.writer.transport
+        if client.idle and not client.queue and not transport.get_write_buffer_size() and not transport.is_closing():
+            # Caught up, and its socket has taken everything: write now rather than wake its sender
+            # (a task switch per line per client). What the socket does not take waits in the
+            # transport, and the next line goes through the sender, which waits for it to drain.
+            if seq is None or seq > client.sent_seq:
+                client.writer.write(line)
+                client.sent_seq = client.sent_seq if seq is None else seq
             return
         if len(client.queue) >= self._max_queue:
             self._drop(client, f"it fell {self._max_queue} lines behind")
@@ -341,9 +451,6 @@ class DisplayServer:
         if self._closed:
             writer.transport.abort()
             return
-        task = asyncio.current_task()
-        assert task is not None
-        self._handlers.add(task)
         client = _Client(writer, registered_at=self._published_seq, sent_seq=self._published_seq)
         self._clients.add(client)
         sender: asyncio.Task[None] | None = None
@@ -368,7 +475,6 @@ class DisplayServer:
         except ConnectionError:
             pass
         finally:
-            self._handlers.discard(task)
             self._clients.discard(client)
             if sender is not None:
                 sender.cancel()
@@ -376,6 +482,101 @@ class DisplayServer:
                     await sender
             client.dropped = True
             writer.transport.abort()
+
+    def _accept(self) -> None:
+        """Take the connections waiting on the listening socket (called when it is readable).
+
+        Accepted here, on the raw socket, so that refusing a client over ``max_clients`` costs a
+        few system calls and no streams or task: a crowd of connections cannot slow the daemon.
+        """
+        assert self._listener is not None
+        for _ in range(_ACCEPTS_PER_WAKEUP):
+            try:
+                conn, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of descriptors or memory: say so, and try again in a moment
+                log.warning("cannot accept a sidebar client: %s; trying again in 1 s", exc.strerror or exc)
+                loop = asyncio.get_running_loop()
+                loop.remove_reader(self._listener.fileno())
+                loop.call_later(1.0, self._resume_accepting)
+                return
+            conn.setblocking(False)
+            if self._max_clients is not None and self._connections >= self._max_clients:
+                self._refuse(conn)
+                continue
+            self._refusing = False
+            self._connections += 1
+            task = asyncio.create_task(self._open(conn))
+            self._handlers.add(task)
+            task.add_done_callback(self._handler_done)
+
+    def _resume_accepting(self) -> None:
+        if self._listener is not None:
+            asyncio.get_running_loop().add_reader(self._listener.fileno(), self._accept)
+
+    async def _open(self, conn: socket.socket) -> None:
+        try:
+            try:
+                reader, writer = await asyncio.open_unix_connection(sock=conn, limit=_MAX_CLIENT_LINE)
+            except OSError:
+                conn.close()
+                return
+            await self._serve_client(reader, writer)
+        finally:
+            self._connections -= 1
+
+    def _handler_done(self, task: asyncio.Task[None]) -> None:
+        self._handlers.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("a sidebar client's connection failed", exc_info=exc)
+
+    def _refuse(self, conn: socket.socket) -> None:
+        """Tell a client over ``max_clients`` so, in the protocol's error line, and end the connection.
+
+        The line goes straight into the client's receive queue; then our side is shut, and the
+        socket is closed once the client has closed its own (at most ``hello_timeout`` later; at
+        most :data:`_MAX_REFUSED_WAITING` wait at once, the others are closed at once). Closing
+        before the client has written its hello would make that write fail, and some clients
+        then drop what they had received.
+        """
+        if not self._refusing:
+            log.warning("refusing sidebar clients: %d are connected, the limit (daemon.max_sidebar_clients)",
+                        self._connections)
+            self._refusing = True
+        message = (f"too many sidebar clients: {self._max_clients} are connected, the limit "
+                   "(daemon.max_sidebar_clients); try again later")
+        try:
+            conn.send(_encode({"type": ERROR, "error": message, "code": TOO_MANY_CLIENTS}))
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            conn.close()
+            return
+        if len(self._refused) >= _MAX_REFUSED_WAITING:
+            conn.close()
+            return
+        loop = asyncio.get_running_loop()
+        self._refused[conn] = loop.call_later(self._hello_timeout, self._end_refused, conn)
+        loop.add_reader(conn.fileno(), self._read_refused, conn)
+
+    def _read_refused(self, conn: socket.socket) -> None:
+        """Discard what a refused client sends; end the connection when it closes its side."""
+        try:
+            if conn.recv(_MAX_CLIENT_LINE):
+                return
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass
+        self._end_refused(conn)
+
+    def _end_refused(self, conn: socket.socket) -> None:
+        timer = self._refused.pop(conn, None)
+        if timer is None:
+            return
+        timer.cancel()
+        asyncio.get_running_loop().remove_reader(conn.fileno())
+        conn.close()
 
     async def _first_line(self, reader: asyncio.StreamReader) -> bytes | None:
         """The client's first non-blank line, ``b""`` if it left, ``None`` if it said nothing in time."""
@@ -429,10 +630,14 @@ class DisplayServer:
                         batch.append(line)
                         client.sent_seq = seq
                 if batch:
-                    await self._write(client, b"".join(batch))
+                    await self._write_lines(client, batch)
                 else:
                     client.wakeup.clear()
-                    await client.wakeup.wait()
+                    client.idle = True
+                    try:
+                        await client.wakeup.wait()
+                    finally:
+                        client.idle = False
         except _Stalled:
             self._drop(client, f"its socket accepted nothing for {self._write_timeout} s")
         except ConnectionError:
@@ -445,27 +650,44 @@ class DisplayServer:
         if since is None:
             await self._write(client, _encode({"type": WELCOME, "since": client.sent_seq}))
             return
-        page = await self._ledger_call(self._ledger.events_after, since, _PAGE_SIZE)
-        if since > page.last_seq:  # a position from another ledger: start over
-            since = 0
-            page = await self._ledger_call(self._ledger.events_after, since, _PAGE_SIZE)
-        client.sent_seq = since
-        await self._write(client, _encode({"type": WELCOME, "since": since}))
-        while True:
-            lines = [_pruned_line(page)] if page.gap else []
-            for event in page.events:
-                if event.seq > client.registered_at:
-                    break  # its queue has the rest: stop here, or a busy daemon keeps the backlog growing
-                lines.append(encode_event(event))
-                client.sent_seq = event.seq
-            if lines:
-                await self._write(client, b"".join(lines))
-            if len(page.events) < _PAGE_SIZE or page.events[-1].seq >= client.registered_at:
-                return
-            page = await self._ledger_call(self._ledger.events_after, page.events[-1].seq, _PAGE_SIZE)
+        with self._backlog.reading():
+            page = await self._backlog.page(since)
+            if since > page.last_seq:  # a position from another ledger: start over
+                since = 0
+                page = await self._backlog.page(since)
+            client.sent_seq = since
+            await self._write(client, _encode({"type": WELCOME, "since": since}))
+            while True:
+                lines = [page.pruned] if page.pruned is not None else []
+                for seq, line in page.lines:
+                    if seq > client.registered_at:
+                        break  # its queue has the rest: stop here, or a busy daemon keeps the backlog growing
+                    lines.append(line)
+                    client.sent_seq = seq
+                await self._write_lines(client, lines)
+                if not page.lines or page.lines[-1][0] >= client.registered_at:
+                    return
+                # A short page is where the log ended when it was read: the next read has what came since.
+                page = await self._backlog.page(page.lines[-1][0])
+
+    async def _write_lines(self, client: _Client, lines: list[bytes]) -> None:
+        """Write lines in batches of about :data:`_WRITE_BATCH` bytes, each taken by the socket before the next."""
+        batch: list[bytes] = []
+        size = 0
+        for line in lines:
+            batch.append(line)
+            size += len(line)
+            if size >= _WRITE_BATCH:
+                await self._write(client, b"".join(batch))
+                batch, size = [], 0
+        if batch:
+            await self._write(client, b"".join(batch))
 
     async def _write(self, client: _Client, data: bytes) -> None:
         client.writer.write(data)
+        transport = client.writer.transport
+        if not transport.get_write_buffer_size() and not transport.is_closing():
+            return  # the socket took it all: nothing to wait for (and no timer to arm, once per line per client)
         try:
             async with asyncio.timeout(self._write_timeout):
                 await client.writer.drain()

@@ -19,6 +19,21 @@ consulted. In order, it
 5. decodes every frame with Pillow, restricted to the sniffed format,
    re-checking the limits on what Pillow reports.
 
+Memory. A full decode holds width x height x 4 bytes per frame (an RGB
+pixel takes four), so :func:`inspect_image` reads the structure of a file
+first, mapped rather than read, and :func:`memory_needed` says what its
+validation will hold; the pipeline reserves that much of its memory budget
+(:mod:`materializer.resources`) before :func:`validate_image` runs. An image
+whose full decode needs more than ``full_decode_limit`` (the whole budget) is
+decoded in bounded memory where the format allows it, so that it neither
+waits for a machine-sized budget nor takes the machine's memory: a still PNG
+is inflated and checked row by row (the zlib stream must inflate to every row
+its header declares, each with a valid filter type: what Pillow's decoder
+checks, without keeping the pixels), after Pillow has read its header; a
+sequential JPEG is decoded by Pillow at 1/8 scale, which still decodes every
+byte of its entropy-coded data. Other images (animations, WebP, GIF,
+progressive JPEG) are always decoded whole.
+
 JPEG and WebP carry no checksum, so bytes flipped inside their compressed
 data can decode to a damaged picture without any error; truncation and
 structural damage are always caught.
@@ -48,6 +63,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import mmap
 import os
 import re
 import struct
@@ -68,8 +84,9 @@ from PIL import (
 
 from materializer.limits import MAX_DECODED_BYTES, MAX_DOWNLOAD_BYTES, MAX_EDGE, MAX_FRAMES, MAX_PIXELS
 
-__all__ = ["IMAGE_EXTENSIONS", "IMAGE_MIME_TYPES", "ImageFormat", "ImageInfo", "ImageLimits", "ImageRejected",
-           "open_first_frame", "probe_image", "validate_image"]
+__all__ = ["IMAGE_EXTENSIONS", "IMAGE_MIME_TYPES", "ImageFormat", "ImageHeader", "ImageInfo", "ImageLimits",
+           "ImageRejected", "first_frame_memory", "inspect_image", "memory_needed", "open_first_frame", "probe_image",
+           "validate_image"]
 
 ImageFormat = Literal["png", "jpeg", "webp", "gif"]
 
@@ -88,6 +105,17 @@ IMAGE_MIME_TYPES: dict[str, str] = {ext: mime for _, ext, mime in _FORMATS.value
 
 #: Bytes per pixel in the decoded-size limit: RGBA, as a viewer holds every frame.
 _DECODED_BYTES_PER_PIXEL = 4
+#: Most bytes one inflate step of a bounded PNG check produces (it holds about this much).
+_INFLATE_STEP = 1 << 20
+#: What a bounded PNG check holds besides the file: inflate output and zlib's own state.
+_BOUNDED_PNG_BYTES = 2 * _INFLATE_STEP
+#: How much smaller a bounded JPEG decode is per edge (libjpeg's smallest DCT scale).
+_JPEG_SCALE = 8
+#: JPEG frame markers of sequential (not progressive) Huffman coding: one scan at a time, no coefficient buffer.
+_JPEG_SEQUENTIAL = frozenset({0xC0, 0xC1})
+#: Adam7 passes: (first column, first row, column step, row step).
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: In JPEG entropy-coded data, 0xFF followed by one of these is not a marker.
@@ -150,18 +178,98 @@ class _Header:
     width: int
     height: int
     frames: int
+    #: Whether Pillow can check it in bounded memory: a still PNG, a sequential JPEG.
+    boundable: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ImageHeader:
+    """What an image file's structure says it is, before anything is decoded (:func:`inspect_image`)."""
+
+    format: ImageFormat
+    width: int
+    height: int
+    frames: int
+    #: Whether it can be decoded in bounded memory (a still PNG, a sequential JPEG).
+    boundable: bool
+
+    @property
+    def decoded_bytes(self) -> int:
+        """The memory a full decode is weighted at: width x height x 4 x frames."""
+        return self.width * self.height * _DECODED_BYTES_PER_PIXEL * self.frames
+
+    def decode_bytes(self, full_decode_limit: int | None) -> int:
+        """The memory its decode holds at once: the full decode, or a bounded one when that is over the limit."""
+        if full_decode_limit is None or self.decoded_bytes <= full_decode_limit or not self.boundable:
+            return self.decoded_bytes
+        if self.format == "jpeg":
+            return _scaled(self.width) * _scaled(self.height) * _DECODED_BYTES_PER_PIXEL
+        return _BOUNDED_PNG_BYTES
+
+    def first_frame_bytes(self, draft_edge: int | None) -> int:
+        """The memory decoding its first frame alone holds (:func:`open_first_frame`): a sequential JPEG at
+        the DCT scale ``draft_edge`` allows, anything else whole."""
+        scale = 1
+        if draft_edge is not None and self.format == "jpeg" and self.boundable:
+            ratio = max(self.width, self.height) // max(1, draft_edge)
+            scale = next(step for step in (8, 4, 2, 1) if ratio >= step)
+        return -(-self.width // scale) * -(-self.height // scale) * _DECODED_BYTES_PER_PIXEL
+
+
+def inspect_image(source: str | os.PathLike[str] | BinaryIO, limits: ImageLimits = ImageLimits()) -> ImageHeader:
+    """Read an image file's format, size and frames from its structure, without decoding it or reading it into memory.
+
+    The file is mapped, not read (its pages are the page cache's, not the process's). Raises
+    :class:`ImageRejected` for what :func:`validate_image` refuses on structure or limits alone
+    (PNG chunk checksums excepted: validation checks them, on the same bytes, so the sizes read
+    here are the ones it finds).
+    """
+    with _mapped(source, limits.max_file_bytes) as data:
+        image_format = _sniff(data[:_DESCRIBED_BYTES])
+        header = _probe_png(data, check_crc=False) if image_format == "png" else _PROBES[image_format](data)
+    _check_limits(header.width, header.height, header.frames, limits)
+    return ImageHeader(image_format, header.width, header.height, header.frames, header.boundable)
+
+
+def memory_needed(source: str | os.PathLike[str] | BinaryIO, limits: ImageLimits, full_decode_limit: int | None) -> int:
+    """The bytes :func:`validate_image` holds at once for this file: the file itself, and its decode.
+
+    A file that :func:`inspect_image` refuses needs only itself: validating it stops at the same refusal.
+    """
+    size = _size_of(source) if not isinstance(source, (str, os.PathLike)) else os.stat(source).st_size
+    try:
+        header = inspect_image(source, limits)
+    except ImageRejected:
+        return size
+    return size + header.decode_bytes(full_decode_limit)
+
+
+def first_frame_memory(source: str | os.PathLike[str] | BinaryIO, limits: ImageLimits, draft_edge: int | None,
+                       max_decode_bytes: int | None) -> int:
+    """The bytes :func:`open_first_frame` holds at once for this file: the file itself, and its first frame
+    (unless that frame needs more than ``max_decode_bytes``: then it is refused, not decoded)."""
+    size = _size_of(source) if not isinstance(source, (str, os.PathLike)) else os.stat(source).st_size
+    try:
+        frame = inspect_image(source, limits).first_frame_bytes(draft_edge)
+    except ImageRejected:
+        return size
+    return size if max_decode_bytes is not None and frame > max_decode_bytes else size + frame
 
 
 def validate_image(source: str | os.PathLike[str] | BinaryIO, limits: ImageLimits = ImageLimits(),
-                   on_first_frame: Callable[[Image.Image], None] | None = None) -> ImageInfo:
+                   on_first_frame: Callable[[Image.Image], None] | None = None, *,
+                   full_decode_limit: int | None = None) -> ImageInfo:
     """Validate an image file (a path, or a binary file open for reading); raise :class:`ImageRejected`.
 
     A file object is read from its start and left open. Reads the whole file
     into memory (at most ``limits.max_file_bytes``) so that the bytes
-    hashed, checked and decoded are the same bytes.
+    hashed, checked and decoded are the same bytes. An image whose full
+    decode would need more than ``full_decode_limit`` bytes is decoded in
+    bounded memory where its format allows (see the module docstring).
 
     ``on_first_frame`` is handed the first frame once Pillow has decoded it (to make a thumbnail
-    from pixels already decoded, not decode them twice). It must not raise, keep or change the
+    from pixels already decoded, not decode them twice); a JPEG decoded in bounded memory hands
+    its 1/8-scale frame, a PNG checked row by row none. It must not raise, keep or change the
     image: the decoder moves on to the next frame when it returns.
     """
     if ImageFile.LOAD_TRUNCATED_IMAGES:
@@ -171,7 +279,11 @@ def validate_image(source: str | os.PathLike[str] | BinaryIO, limits: ImageLimit
     image_format = _sniff(data)
     header = _PROBES[image_format](data)
     _check_limits(header.width, header.height, header.frames, limits)
-    width, height, frames = _decode(data, image_format, limits, on_first_frame)
+    summary = ImageHeader(image_format, header.width, header.height, header.frames, header.boundable)
+    if summary.decode_bytes(full_decode_limit) < summary.decoded_bytes:
+        width, height, frames = _decode_bounded(data, summary, limits, on_first_frame)
+    else:
+        width, height, frames = _decode(data, image_format, limits, on_first_frame)
     _, ext, mime = _FORMATS[image_format]
     return ImageInfo(
         format=image_format,
@@ -203,6 +315,31 @@ def _read_all(source: str | os.PathLike[str] | BinaryIO, max_bytes: int) -> byte
     if len(data) > max_bytes:
         raise ImageRejected(f"file is larger than the {max_bytes:,} byte limit")
     return data
+
+
+@contextlib.contextmanager
+def _mapped(source: str | os.PathLike[str] | BinaryIO, max_bytes: int) -> Iterator[bytes]:
+    """The file's bytes, mapped read-only (typed as bytes: the probes read it through the buffer protocol).
+
+    A file object without a descriptor (already in memory) is read instead.
+    """
+    with contextlib.ExitStack() as stack:
+        if isinstance(source, (str, os.PathLike)):
+            fd = stack.enter_context(open(source, "rb")).fileno()
+        else:
+            try:
+                fd = source.fileno()
+            except (AttributeError, OSError, io.UnsupportedOperation):
+                yield _read_all(source, max_bytes)
+                return
+        size = os.fstat(fd).st_size
+        if size > max_bytes:
+            raise ImageRejected(f"file is larger than the {max_bytes:,} byte limit")
+        if size == 0:
+            yield b""
+            return
+        mapped = stack.enter_context(mmap.mmap(fd, size, access=mmap.ACCESS_READ))
+        yield mapped  # type: ignore[misc]
 
 
 def _size_of(source: BinaryIO) -> int:
@@ -250,8 +387,12 @@ def _sniff(data: bytes) -> ImageFormat:
     raise ImageRejected(f"bytes are {_describe(data)}, not a PNG, JPEG, WebP or GIF image")
 
 
+#: How much of the bytes :func:`_describe` looks at.
+_DESCRIBED_BYTES = 512
+
+
 def _describe(data: bytes) -> str:
-    """A short description of what non-image bytes look like."""
+    """A short description of what non-image bytes look like (from their first :data:`_DESCRIBED_BYTES`)."""
     text = data[:512].lstrip(b"\xef\xbb\xbf\t\n\f\r ").lower()
     if text.startswith(_HTML_STARTS):
         return "HTML"
@@ -295,15 +436,19 @@ def _refuse_trailing(data: bytes, end: int, name: str) -> None:
     if end < len(data):
         extra = len(data) - end
         raise ImageRejected(
-            f"{name} image is followed by {extra:,} bytes of {_describe(data[end:])}; "
+            f"{name} image is followed by {extra:,} bytes of {_describe(data[end:end + _DESCRIBED_BYTES])}; "
             "files that are also something else (polyglots) are refused"
         )
 
 
-def _probe_png(data: bytes) -> _Header:
-    """Walk every chunk, checking its CRC, up to IEND."""
-    view = memoryview(data)
-    pos, size, frames, seen_idat = len(_PNG_SIGNATURE), None, 1, False
+def _probe_png(data: bytes, check_crc: bool = True) -> _Header:
+    """Walk every chunk, checking its CRC (unless only the structure's sizes are wanted), up to IEND."""
+    with memoryview(data) as view:  # released on the way out, even by an exception (data may be a mapping)
+        return _walk_png(data, view, check_crc)
+
+
+def _walk_png(data: bytes, view: memoryview, check_crc: bool) -> _Header:
+    pos, size, frames, seen_idat, animated = len(_PNG_SIGNATURE), None, 1, False, False
     while True:
         if pos + 8 > len(data):
             raise _truncated("PNG ends before its IEND chunk")
@@ -314,14 +459,14 @@ def _probe_png(data: bytes) -> _Header:
             raise _broken(f"PNG chunk {name!r} at offset {pos:,} has an impossible length")
         if end + 4 > len(data):
             raise _truncated(f"PNG chunk {name!r} at offset {pos:,} is cut off")
-        if zlib.crc32(view[pos + 4 : end]) != struct.unpack_from(">I", data, end)[0]:
+        if check_crc and zlib.crc32(view[pos + 4 : end]) != struct.unpack_from(">I", data, end)[0]:
             raise _broken(f"PNG chunk {name!r} at offset {pos:,} fails its CRC check")
         if size is None:
             if chunk_type != b"IHDR" or length != 13:
                 raise _broken("PNG does not start with its IHDR chunk")
             size = struct.unpack_from(">II", data, start)
         elif chunk_type == b"acTL" and length >= 8 and not seen_idat:
-            frames = struct.unpack_from(">I", data, start)[0]
+            frames, animated = struct.unpack_from(">I", data, start)[0], True
         seen_idat = seen_idat or chunk_type == b"IDAT"
         pos = end + 4
         if chunk_type == b"IEND":
@@ -329,12 +474,12 @@ def _probe_png(data: bytes) -> _Header:
     if not seen_idat:
         raise _broken("PNG has no image data (IDAT chunk)")
     _refuse_trailing(data, pos, "PNG")
-    return _Header(size[0], size[1], frames)
+    return _Header(size[0], size[1], frames, boundable=not animated)
 
 
 def _probe_jpeg(data: bytes) -> _Header:
     """Walk the markers and entropy-coded segments up to EOI."""
-    pos, size, n = 2, None, len(data)
+    pos, size, n, sequential = 2, None, len(data), False
     while True:
         if pos >= n:
             raise _truncated("JPEG ends before its end-of-image marker")
@@ -363,7 +508,7 @@ def _probe_jpeg(data: bytes) -> _Header:
             if segment_end - pos < 8:
                 raise _broken("JPEG frame header is too short")
             height, width = struct.unpack_from(">HH", data, pos + 3)
-            size = (width, height)
+            size, sequential = (width, height), marker in _JPEG_SEQUENTIAL
         pos = segment_end
         if marker == 0xDA:  # start of scan: entropy-coded data runs to the next real marker
             if size is None:
@@ -375,7 +520,7 @@ def _probe_jpeg(data: bytes) -> _Header:
     if size is None:
         raise _broken("JPEG has no frame header")
     _refuse_trailing(data, pos, "JPEG")
-    return _Header(size[0], size[1], 1)
+    return _Header(size[0], size[1], 1, boundable=sequential)
 
 
 def _probe_webp(data: bytes) -> _Header:
@@ -392,7 +537,7 @@ def _probe_webp(data: bytes) -> _Header:
         if end > riff_end:
             raise _broken(f"WebP chunk {fourcc!r} at offset {pos:,} runs past the end of the RIFF data")
         if size is None:
-            size, animated = _webp_canvas(fourcc, data[start:end])
+            size, animated = _webp_canvas(fourcc, data[start:min(end, start + _WEBP_CANVAS_BYTES)])
         if fourcc == b"ANMF":
             frames += 1
         pos = end + (length & 1)
@@ -404,8 +549,12 @@ def _probe_webp(data: bytes) -> _Header:
     return _Header(size[0], size[1], frames if animated else 1)
 
 
+#: How much of the first WebP chunk :func:`_webp_canvas` needs.
+_WEBP_CANVAS_BYTES = 16
+
+
 def _webp_canvas(fourcc: bytes, chunk: bytes) -> tuple[tuple[int, int], bool]:
-    """``((width, height), animated)`` from the first chunk of a WebP file."""
+    """``((width, height), animated)`` from (the first :data:`_WEBP_CANVAS_BYTES` of) the first chunk of a WebP file."""
     if fourcc == b"VP8X" and len(chunk) >= 10:
         width = 1 + int.from_bytes(chunk[4:7], "little")
         height = 1 + int.from_bytes(chunk[7:10], "little")
@@ -532,6 +681,100 @@ def _pillow_errors(image_format: ImageFormat) -> Iterator[None]:
         raise ImageRejected(f"Pillow cannot decode it: {type(exc).__name__}: {exc}") from None
 
 
+def _scaled(edge: int) -> int:
+    """An edge at the bounded JPEG decode's scale."""
+    return max(1, edge // _JPEG_SCALE)
+
+
+def _decode_bounded(data: bytes, header: ImageHeader, limits: ImageLimits,
+                    on_first_frame: Callable[[Image.Image], None] | None) -> tuple[int, int, int]:
+    """Check an image too large to decode whole in bounded memory; return ``(width, height, frames)``.
+
+    Pillow reads the header (and, for a JPEG, decodes every scan at 1/8 scale, the frame handed to
+    ``on_first_frame``); a PNG's image data is then inflated and checked here, row by row, holding
+    about a megabyte at a time.
+    """
+    pil_format = _FORMATS[header.format][0]
+    with _pillow_errors(header.format), Image.open(io.BytesIO(data), formats=[pil_format]) as image:
+        if image.format != pil_format:
+            raise ImageRejected(f"Pillow reads the {header.format.upper()} bytes as {image.format}")
+        if image.size != (header.width, header.height) or getattr(image, "n_frames", 1) != 1:
+            raise _broken(f"Pillow reads a {image.size[0]}x{image.size[1]} image, the structure says "
+                          f"{header.width}x{header.height}")
+        _check_limits(*image.size, 1, limits)
+        if header.format == "jpeg":
+            image.draft(image.mode, (_scaled(header.width), _scaled(header.height)))
+            image.load()
+            if on_first_frame is not None:
+                on_first_frame(image)
+    if header.format == "png":
+        _inflate_png_rows(data, header)
+    return header.width, header.height, 1
+
+
+def _png_rows(width: int, height: int, bits_per_pixel: int, interlaced: bool) -> Iterator[int]:
+    """The length of every row of a PNG's filtered image data (filter byte included), in order."""
+    passes = _ADAM7 if interlaced else ((0, 0, 1, 1),)
+    for first_column, first_row, column_step, row_step in passes:
+        columns = (width - first_column + column_step - 1) // column_step
+        rows = (height - first_row + row_step - 1) // row_step
+        if columns > 0 and rows > 0:  # an empty pass has no rows at all, not even filter bytes
+            length = 1 + (columns * bits_per_pixel + 7) // 8
+            for _ in range(rows):
+                yield length
+
+
+def _inflate_png_rows(data: bytes, header: ImageHeader) -> None:
+    """Inflate a still PNG's image data a step at a time: every declared row must be there, with a known filter.
+
+    What Pillow's decoder refuses, this refuses (a broken zlib stream, an unknown filter type, data
+    that ends early), and more strictly: a stream that ends cleanly short of the last row is refused
+    too. Data past the last row is ignored, as Pillow ignores it.
+    """
+    depth, color_type, _, _, interlace = struct.unpack_from(">BBBBB", data, 24)
+    if color_type not in _PNG_CHANNELS:
+        raise _broken(f"PNG has an unknown color type {color_type}")
+    lengths = list(_png_rows(header.width, header.height, _PNG_CHANNELS[color_type] * depth, interlace == 1))
+    needed = sum(lengths)
+    inflater = zlib.decompressobj()
+    row = row_start = produced = 0  # the next row to check, where it starts, and the bytes inflated so far
+    with memoryview(data) as view:
+        for piece in _idat_pieces(data, view):
+            pending: bytes | memoryview = piece
+            while pending and produced < needed and not inflater.eof:
+                try:
+                    out = inflater.decompress(pending, _INFLATE_STEP)
+                except zlib.error as exc:
+                    raise _broken(f"PNG image data does not inflate (row {row + 1:,} of {len(lengths):,}): "
+                                  f"{exc}") from None
+                pending = inflater.unconsumed_tail
+                while row < len(lengths) and row_start < produced + len(out):
+                    if (filter_type := out[row_start - produced]) > 4:
+                        raise _broken(f"PNG row {row + 1:,} of {len(lengths):,} has an unknown filter type "
+                                      f"{filter_type}")
+                    row_start += lengths[row]
+                    row += 1
+                produced += len(out)
+            if produced >= needed or inflater.eof:
+                break
+    if produced < needed:
+        raise _truncated(f"PNG image data {'ends' if inflater.eof else 'is cut off'} after {produced:,} of the "
+                         f"{needed:,} bytes its {len(lengths):,} rows need")
+
+
+def _idat_pieces(data: bytes, view: memoryview) -> Iterator[memoryview]:
+    """The image data of a PNG whose chunks are already checked, in pieces of at most 64 KiB."""
+    pos = len(_PNG_SIGNATURE)
+    while True:
+        length, chunk_type = struct.unpack_from(">I4s", data, pos)
+        if chunk_type == b"IEND":
+            return
+        if chunk_type == b"IDAT":
+            for start in range(pos + 8, pos + 8 + length, 1 << 16):
+                yield view[start : min(start + (1 << 16), pos + 8 + length)]
+        pos += 12 + length
+
+
 # --- first frames and headers, for thumbnails -----------------------------------------------
 
 
@@ -547,19 +790,27 @@ def probe_image(data: bytes) -> tuple[ImageFormat, int, int, int]:
 
 
 def open_first_frame(source: str | os.PathLike[str] | BinaryIO, limits: ImageLimits = ImageLimits(), *,
-                     draft_edge: int | None = None) -> Image.Image:
+                     draft_edge: int | None = None, max_decode_bytes: int | None = None) -> Image.Image:
     """The first frame of an image file, decoded under ``limits``; raise :class:`ImageRejected`.
 
     The structure and the limits are checked as :func:`validate_image` checks them, before Pillow
     decodes anything; only the first frame is decoded. ``draft_edge`` lets a JPEG decode at a
     reduced DCT scale (1/2 to 1/8) whose longest edge stays at least that long: a fraction of the
-    work, for a thumbnail. The caller closes the image.
+    work, for a thumbnail. A first frame whose decode would hold more than ``max_decode_bytes``
+    (the memory budget) is refused rather than decoded. The caller closes the image.
     """
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is on in this process; refusing to decode images")
     data = _read_all(source, limits.max_file_bytes)
-    image_format, width, height, frames = probe_image(data)
+    image_format = _sniff(data)
+    header = _PROBES[image_format](data)
+    width, height, frames = header.width, header.height, header.frames
     _check_limits(width, height, frames, limits)
+    if max_decode_bytes is not None:
+        needed = ImageHeader(image_format, width, height, frames, header.boundable).first_frame_bytes(draft_edge)
+        if needed > max_decode_bytes:
+            raise ImageRejected(f"its first frame needs {needed:,} bytes decoded, more than the memory budget "
+                                f"({max_decode_bytes:,} bytes)")
     pil_format = _FORMATS[image_format][0]
     with _pillow_errors(image_format):
         image = Image.open(io.BytesIO(data), formats=[pil_format])

@@ -35,7 +35,7 @@ from materializer.clock import SteadyClock
 from materializer.fetch import Fetcher, FetchError
 from materializer.finite import finite_number
 from materializer.gallery import MANIFEST_NAME, render_manifest
-from materializer.images import IMAGE_EXTENSIONS, ImageInfo, ImageLimits, ImageRejected, validate_image
+from materializer.images import IMAGE_EXTENSIONS, ImageInfo, ImageLimits, ImageRejected, memory_needed, validate_image
 from materializer.jobs import Job, JobRejected, OutputRef, choose_asset, extract_outputs
 from materializer.layout import secure_layout
 from materializer.ledger import Event, GalleryEntry, Ledger, OutputFile
@@ -52,6 +52,7 @@ from materializer.media_files import (
 )
 from materializer.options import DaemonOptions
 from materializer.payloads import materialized_payload, media_asset
+from materializer.resources import DownloadSlots, MemoryBudget
 from materializer.store import FolderReplaced, OutputStore, PartialFile, StorageError
 from materializer.thumbnails import FirstFrame, Thumbnails, is_image
 
@@ -59,6 +60,9 @@ __all__ = ["Attempt", "JobMaterializer", "JobRunner", "Materialized", "Permanent
            "Workspace", "printable"]
 
 log = logging.getLogger("materializer.daemon")
+#: The most memory parsing JSON takes per byte of it: the decoded text, and CPython's objects (``{},`` is
+#: 3 bytes, an empty dict and its reference 72). A JSON output read whole to tell glTF is weighted so.
+_PARSED_JSON_WEIGHT = 25
 #: The extensions a committed output can have, by what the output is (the bytes decide among them).
 _TEXT_EXTENSIONS = (TEXT.ext,)
 _ANY_EXTENSIONS = (*IMAGE_EXTENSIONS, *MEDIA_TYPES, BINARY.ext)
@@ -125,21 +129,26 @@ class RetryPolicy:
 class JobMaterializer:
     """Commits a job's files and builds its sidebar payload; raises :class:`Permanent` or :class:`Retry`.
 
-    ``fetcher``, ``image_limits`` and ``max_data_bytes`` may be replaced while running (a reload);
-    a download under way finishes with what it started with. With ``thumbnails``, each image gets
-    its thumbnail right after its file commits, made from the pixels validation decoded; one that
-    cannot be made is left out and never fails the job.
+    ``fetcher``, ``image_limits``, ``max_data_bytes`` and ``max_outputs`` may be replaced while running
+    (a reload); a download under way finishes with what it started with. Outputs share ``concurrency``
+    download slots fairly among jobs, and validate within ``memory_budget`` bytes of memory
+    (:mod:`materializer.resources`). With ``thumbnails``, each image gets its thumbnail right after
+    its file commits, made from the pixels validation decoded; one that cannot be made is left out
+    and never fails the job.
     """
 
     def __init__(self, store: OutputStore, fetcher: Fetcher, image_limits: ImageLimits, max_data_bytes: int,
-                 concurrency: int, thumbnails: Thumbnails | None = None) -> None:
+                 concurrency: int, thumbnails: Thumbnails | None = None, *, max_outputs: int,
+                 memory_budget: int) -> None:
         self.store = store
         self.thumbnails = thumbnails
         self.fetcher = fetcher
         self.image_limits = image_limits
         self.max_data_bytes = max_data_bytes
+        self.max_outputs = max_outputs
         self.outputs_base = store.path.resolve()  # for the sidebar's absolute paths (resolving costs lstats)
-        self._slots = asyncio.Semaphore(concurrency)
+        self.memory = MemoryBudget(memory_budget)
+        self._slots = DownloadSlots(concurrency)
 
     async def materialize(self, doc: dict[str, Any]) -> Materialized:
         """Commit a job's asset and what extra files can be; raise Permanent or Retry when the asset cannot be.
@@ -154,11 +163,14 @@ class JobMaterializer:
             choice = choose_asset(job, refs)
         except JobRejected as exc:
             raise Permanent(str(exc)) from None
+        if len(refs) > self.max_outputs:
+            raise Permanent(f"job has {len(refs)} outputs; the limit is {self.max_outputs} (max_outputs_per_job)")
         refused = [refs[index].error for index in choice.indices if refs[index].error]
         if refused:
             raise Permanent(refused[0])  # already names its output ("images[1]: ...")
         wanted = [ref for ref in refs if ref.error is None]
-        outcomes = await asyncio.gather(*(self._materialize_output(ref) for ref in wanted), return_exceptions=True)
+        outcomes = await asyncio.gather(*(self._materialize_output(job.job_id, ref) for ref in wanted),
+                                        return_exceptions=True)
         results: dict[int, OutputFile | BaseException] = dict(zip((ref.index for ref in wanted), outcomes, strict=True))
         asset = [results[index] for index in choice.indices]
         for result in asset:
@@ -187,8 +199,8 @@ class JobMaterializer:
         payload = materialized_payload(job, media_asset(choice, files, self.outputs_base, thumbnails))
         return Materialized(sorted(files.values(), key=lambda f: f.index), payload, missing)
 
-    async def _materialize_output(self, ref: OutputRef) -> OutputFile:
-        async with self._slots:
+    async def _materialize_output(self, job_id: str, ref: OutputRef) -> OutputFile:
+        async with self._slots.slot(job_id):
             try:
                 for _ in range(_FOLDER_REPLACED_TRIES - 1):
                     # The folder at the path is open again: write the file there now. A folder that
@@ -209,9 +221,12 @@ class JobMaterializer:
                 raise Retry(f"{ref.where}: {exc}") from None
 
     async def _output(self, ref: OutputRef) -> OutputFile:
-        committed = await asyncio.to_thread(self._committed, ref)
-        if committed is not None:
-            return committed
+        existing = await asyncio.to_thread(self._existing, ref)
+        if existing is not None:
+            async with self.memory.reserve(await asyncio.to_thread(self._memory_needed, existing, ref)):
+                committed = await asyncio.to_thread(self._committed, ref, existing)
+            if committed is not None:
+                return committed
         with self.store.temp_file(ref.stem) as partial:
             if ref.data is not None:
                 await asyncio.to_thread(partial.write, ref.data)
@@ -219,20 +234,40 @@ class JobMaterializer:
             else:
                 assert ref.url is not None
                 fetched_sha = (await self.fetcher.fetch(ref.url, partial)).sha256
-            return await asyncio.to_thread(self._validate_and_commit, partial, ref, fetched_sha)
+            # Files wait for their share of the memory budget on disk, not in memory.
+            async with self.memory.reserve(await asyncio.to_thread(self._memory_needed, partial, ref)):
+                return await asyncio.to_thread(self._validate_and_commit, partial, ref, fetched_sha)
 
-    def _committed(self, ref: OutputRef) -> OutputFile | None:
-        """The file already committed for this output, if it is one this output would give; else None.
+    def _memory_needed(self, source: PartialFile | Path, ref: OutputRef) -> int:
+        """What checking this file holds in memory (:meth:`_validate_and_commit`, :meth:`_committed`; in a thread).
+
+        An image: the file and its decode. A file read whole to be named (JSON, to tell glTF) is parsed
+        too, and parsed JSON takes up to :data:`_PARSED_JSON_WEIGHT` times its text. A file compared with
+        the output's data: itself. Anything else: its head.
+        """
+        with contextlib.ExitStack() as stack:
+            file = stack.enter_context(open(source, "rb")) if isinstance(source, Path) else source
+            head = os.pread(file.fileno(), SNIFF_BYTES, 0)
+            size = os.fstat(file.fileno()).st_size
+            if ref.media_kind == "image" or (ref.media_kind != "text" and looks_like_image(head)):
+                return memory_needed(file, self.image_limits, self.memory.capacity)
+        if needs_whole_file(head):
+            return size * (1 + _PARSED_JSON_WEIGHT)
+        return size if ref.data is not None else len(head)
+
+    def _existing(self, ref: OutputRef) -> Path | None:
+        """The file already committed under this output's name, if any (see :meth:`_committed`)."""
+        extensions = _TEXT_EXTENSIONS if ref.media_kind == "text" else \
+            IMAGE_EXTENSIONS if ref.media_kind == "image" else _ANY_EXTENSIONS
+        return self.store.existing(ref.stem, extensions)
+
+    def _committed(self, ref: OutputRef, path: Path) -> OutputFile | None:
+        """The file already committed for this output at ``path``, if it is one this output would give; else None.
 
         An attempt cut short after its commits, or a ledger rebuilt by ``materializer repair``,
         finds the files in place: they are checked as a download would be (an image decoded, other
         bytes named by their signature, the text or data compared) instead of fetched again.
         """
-        extensions = _TEXT_EXTENSIONS if ref.media_kind == "text" else \
-            IMAGE_EXTENSIONS if ref.media_kind == "image" else _ANY_EXTENSIONS
-        path = self.store.existing(ref.stem, extensions)
-        if path is None:
-            return None
         ext = path.suffix[1:]
         try:
             if ext in IMAGE_EXTENSIONS:
@@ -272,7 +307,7 @@ class JobMaterializer:
         head = os.pread(partial.fileno(), SNIFF_BYTES, 0)
         if ref.media_kind == "image" or (ref.media_kind != "text" and looks_like_image(head)):
             frame = FirstFrame() if self.thumbnails is not None else None
-            info = validate_image(partial, self.image_limits, frame)
+            info = validate_image(partial, self.image_limits, frame, full_decode_limit=self.memory.capacity)
             name = f"{ref.stem}.{info.ext}"
             # Encoded and committed beside the file's commit (which waits on fsyncs), not after it.
             thumbnail = self.thumbnails.save_soon(name, frame) if self.thumbnails and frame else None
@@ -292,7 +327,7 @@ class JobMaterializer:
     def _validate_existing(self, path: Path) -> ImageInfo:
         """Validate an image already in place (a retry after a crash) and make its thumbnail again."""
         frame = FirstFrame() if self.thumbnails is not None else None
-        info = validate_image(path, self.image_limits, frame)
+        info = validate_image(path, self.image_limits, frame, full_decode_limit=self.memory.capacity)
         if self.thumbnails is not None and frame is not None:
             self.thumbnails.save(path.name, frame)
         return info
@@ -359,7 +394,8 @@ class Workspace:
         # Attempt times and leases on a clock that wall-clock steps do not move (see materializer.clock).
         self.ledger = Ledger(layout.ledger, clock=SteadyClock())
         self.store = OutputStore(layout.outputs)
-        self.thumbnails = (Thumbnails(layout.thumbnails, options.image_limits, options.download_concurrency)
+        self.thumbnails = (Thumbnails(layout.thumbnails, options.image_limits, options.download_concurrency,
+                                      max_decode_bytes=options.memory_budget_bytes)
                            if options.thumbnails else None)
         self._thumbnails_missing: list[OutputFile] = []
         self._thumbnails_tried: set[str] = set()
@@ -367,7 +403,9 @@ class Workspace:
         self.ledger_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
         self._retired_fetchers: list[Fetcher] = []
         self.materializer = JobMaterializer(self.store, _fetcher(options), options.image_limits,
-                                            options.fetch_max_bytes, options.download_concurrency, self.thumbnails)
+                                            options.fetch_max_bytes, options.download_concurrency, self.thumbnails,
+                                            max_outputs=options.max_outputs_per_job,
+                                            memory_budget=options.memory_budget_bytes)
         self.runner = JobRunner(self.ledger, self.db, self.materializer, owner, _retry_policy(options))
 
     async def db(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -471,7 +509,13 @@ class Workspace:
             files, self._thumbnails_missing = self._thumbnails_missing, []
         todo = [f for f in files if f.path not in self._thumbnails_tried]
         self._thumbnails_tried.update(f.path for f in todo)
-        return await asyncio.to_thread(self.thumbnails.repair, todo) if todo else 0
+        thumbnails, memory = self.thumbnails, self.materializer.memory
+        made = 0
+        for file in await asyncio.to_thread(thumbnails.needing_repair, todo) if todo else []:
+            # Each rebuild decodes a first frame: it takes its share of the memory budget like a download.
+            async with memory.reserve(await asyncio.to_thread(thumbnails.rebuild_memory, file.path)):
+                made += await asyncio.to_thread(thumbnails.rebuild, file.path)
+        return made
 
     def apply_live(self, options: DaemonOptions) -> None:
         """Take what a reloaded configuration may change while running (fetch and image limits, retries)."""
@@ -484,6 +528,7 @@ class Workspace:
         if self.thumbnails is not None:
             self.thumbnails.limits = options.image_limits
         self.materializer.max_data_bytes = options.fetch_max_bytes
+        self.materializer.max_outputs = options.max_outputs_per_job
         self.runner.retry = _retry_policy(options)
 
     async def aclose(self) -> None:

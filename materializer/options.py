@@ -28,6 +28,9 @@ OPTION_KEYS: dict[str, str] = {
     "retry_base_seconds": "daemon.retry_base_seconds",
     "retry_max_seconds": "daemon.retry_max_seconds",
     "download_concurrency": "daemon.download_concurrency",
+    "max_outputs_per_job": "daemon.max_outputs_per_job",
+    "memory_budget_bytes": "daemon.memory_budget_bytes",
+    "max_sidebar_clients": "daemon.max_sidebar_clients",
     "lease_seconds": "daemon.lease_seconds",
     "gallery_size": "daemon.gallery_size",
     "thumbnails": "daemon.thumbnails",
@@ -60,6 +63,9 @@ class DaemonOptions:
     retry_base_seconds: float = _default(OPTION_KEYS["retry_base_seconds"])
     retry_max_seconds: float = _default(OPTION_KEYS["retry_max_seconds"])
     download_concurrency: int = _default(OPTION_KEYS["download_concurrency"])
+    max_outputs_per_job: int = _default(OPTION_KEYS["max_outputs_per_job"])
+    memory_budget_bytes: int = _default(OPTION_KEYS["memory_budget_bytes"])
+    max_sidebar_clients: int = _default(OPTION_KEYS["max_sidebar_clients"])
     lease_seconds: float = _default(OPTION_KEYS["lease_seconds"])
     gallery_size: int = _default(OPTION_KEYS["gallery_size"])
     thumbnails: bool = _default(OPTION_KEYS["thumbnails"])

@@ -20,7 +20,9 @@ They are derived data, so nothing here may hold a job back or fail it:
   rebuilds missing or broken ones from the file later (the daemon at start and whenever
   its gallery writer finds one missing; ``replay`` for the jobs it covers);
 - rebuilding decodes the file's first frame only, under the configured image limits
-  (:func:`materializer.images.open_first_frame`; a JPEG at a reduced DCT scale);
+  (:func:`materializer.images.open_first_frame`; a JPEG at a reduced DCT scale) and within the
+  memory budget: a first frame that would take more is not decoded, and gets no thumbnail (the
+  daemon reserves :meth:`Thumbnails.rebuild_memory` of its budget before each rebuild);
 - they are committed like every other file (:class:`materializer.store.OutputStore`:
   temporary file, fsync, rename, folder fsync; a symlink at ``.thumbs`` is refused), and
   count against nothing the user configured.
@@ -42,7 +44,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from materializer.images import ImageLimits, ImageRejected, open_first_frame, probe_image
+from materializer.images import ImageLimits, ImageRejected, first_frame_memory, open_first_frame, probe_image
 from materializer.layout import THUMBNAILS_DIR
 from materializer.ledger import OutputFile
 from materializer.store import OutputStore, StorageError
@@ -137,14 +139,17 @@ class Thumbnails:
     """The thumbnails of one outputs folder, in ``folder`` (``<outputs>/.thumbs``).
 
     ``limits`` bound the decoding of a file when a thumbnail is rebuilt from it (the image
-    limits of the configuration; may be replaced while running). ``workers`` threads make
+    limits of the configuration; may be replaced while running), and so does
+    ``max_decode_bytes`` (the memory budget: ``None``, none). ``workers`` threads make
     the thumbnails handed to :meth:`save_soon` (one per download slot).
     """
 
-    def __init__(self, folder: Path, limits: ImageLimits, workers: int = 4) -> None:
+    def __init__(self, folder: Path, limits: ImageLimits, workers: int = 4, *,
+                 max_decode_bytes: int | None = None) -> None:
         self.folder = Path(folder)
         self.outputs = self.folder.parent
         self.limits = limits
+        self.max_decode_bytes = max_decode_bytes
         self._store: OutputStore | None = None
         self._lock = threading.Lock()
         self._failing = False
@@ -182,7 +187,8 @@ class Thumbnails:
                 if not stat.S_ISREG(os.fstat(source.fileno()).st_mode):
                     self._note_failure(file_name, "not a regular file")
                     return False
-                with open_first_frame(source, self.limits, draft_edge=THUMBNAIL_EDGE) as image:
+                with open_first_frame(source, self.limits, draft_edge=THUMBNAIL_EDGE,
+                                      max_decode_bytes=self.max_decode_bytes) as image:
                     small = shrink(image)
         except ImageRejected as exc:
             self._note_failure(file_name, str(exc))
@@ -191,6 +197,17 @@ class Thumbnails:
             self._note_failure(file_name, f"{type(exc).__name__}: {exc}")
             return False
         return self._commit(file_name, small)
+
+    def rebuild_memory(self, file_name: str) -> int:
+        """What :meth:`rebuild` holds in memory for ``<outputs>/file_name``: the file and its first frame."""
+        try:
+            fd = os.open(self.outputs / file_name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return 0
+        with open(fd, "rb") as source:
+            if not stat.S_ISREG(os.fstat(source.fileno()).st_mode):
+                return 0
+            return first_frame_memory(source, self.limits, THUMBNAIL_EDGE, self.max_decode_bytes)
 
     def _commit(self, file_name: str, small: Image.Image) -> bool:
         name = thumbnail_name(file_name)
@@ -253,13 +270,13 @@ class Thumbnails:
 
     # -- keeping -------------------------------------------------------------------------------
 
+    def needing_repair(self, files: Iterable[OutputFile]) -> list[OutputFile]:
+        """The images among ``files`` whose thumbnail is missing or broken."""
+        return [file for file in files if is_image(file) and not self.is_sound(file.path)]
+
     def repair(self, files: Iterable[OutputFile]) -> int:
         """Rebuild the thumbnails of ``files`` that are missing or broken; return how many were made."""
-        made = 0
-        for file in files:
-            if is_image(file) and not self.is_sound(file.path) and self.rebuild(file.path):
-                made += 1
-        return made
+        return sum(self.rebuild(file.path) for file in self.needing_repair(files))
 
     def cleanup_stale_partials(self, older_than_seconds: float) -> int:
         """Remove temporary thumbnail files left by a crash (see :meth:`OutputStore.cleanup_stale_partials`)."""

@@ -16,7 +16,9 @@ seq it printed: when the daemon goes away (a restart, a crash) it waits and
 reconnects with exponential backoff, resuming right after that seq, so nothing
 is printed twice and nothing published meanwhile is missed. For the same
 reason it starts even when the daemon is not running yet: it says so on
-stderr and waits for it. Status messages go to stderr, events to ``out``.
+stderr and waits for it, and when the daemon has as many sidebar clients as
+it takes (``too_many_clients``) it says so and tries again the same way.
+Status messages go to stderr, events to ``out``.
 
 :func:`run_watch` runs until cancelled (Ctrl-C); it returns 1 only when
 waiting cannot help: the socket path cannot be used at all, or the daemon
@@ -45,7 +47,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from materializer import exits
-from materializer.display import ERROR, HELLO, PRUNED, SKIPPED, WELCOME
+from materializer.display import ERROR, HELLO, PRUNED, SKIPPED, TOO_MANY_CLIENTS, WELCOME
 from materializer.layout import Finding, check_file, check_folder
 
 __all__ = ["format_event", "run_watch"]
@@ -57,6 +59,10 @@ _MAX_LINE = 16 * 1024 * 1024
 
 class _GiveUp(Exception):
     """The daemon refused the hello or sent garbage: reconnecting would not help."""
+
+
+class _Busy(Exception):
+    """The daemon has all the sidebar clients it takes: reconnecting later will help."""
 
 
 async def run_watch(
@@ -81,7 +87,7 @@ async def run_watch(
     follower = _Follower(since, as_json, out)
     folders = [socket_path.parent] if folders is None else list(folders)
     delay = _FIRST_RETRY_DELAY
-    said_waiting = False
+    said_waiting = said_busy = False
     while True:
         untrusted = _untrusted(socket_path, folders)
         if untrusted is not None:
@@ -105,18 +111,25 @@ async def run_watch(
                 return exits.USAGE
             if said_waiting:
                 _say(err, "connected")
+            busy: _Busy | None = None
             try:
                 if await follower.follow(reader, writer):
                     delay = _FIRST_RETRY_DELAY
             except _GiveUp as exc:
                 _say(err, str(exc))
                 return exits.FAILED
+            except _Busy as exc:
+                busy = exc
             except ConnectionError:
                 pass
             finally:
                 writer.transport.abort()
-            _say(err, "the connection to the daemon was lost; reconnecting")
-            said_waiting = True
+            if busy is None:
+                _say(err, "the connection to the daemon was lost; reconnecting")
+                said_waiting = True
+            elif not said_busy:
+                _say(err, f"{busy}; trying again")
+            said_busy = busy is not None
         await asyncio.sleep(delay)
         delay = min(delay * 2, max_retry_delay)
 
@@ -178,6 +191,8 @@ class _Follower:
     def _handle(self, message: dict[str, Any], raw: bytes) -> bool:
         """Print the message if it is a new event or a notice; True if it was the welcome."""
         kind = message.get("type")
+        if kind == ERROR and message.get("code") == TOO_MANY_CLIENTS:
+            raise _Busy(f"the daemon is busy: {_printable(str(message.get('error')))}")
         if kind == ERROR:
             raise _GiveUp(f"the daemon refused the request: {_printable(str(message.get('error')))}")
         if kind == WELCOME:

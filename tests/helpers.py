@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import struct
 import time
+import zlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,7 +23,7 @@ from materializer.tokens import StaticTokenProvider
 from stella_devbackend.control import DevBackend
 from stella_devbackend.harness import DaemonProcess
 
-__all__ = ["DaemonProcess", "async_wait_until", "gallery", "ledger_events", "ledger_jobs", "output_files",
+__all__ = ["DaemonProcess", "async_wait_until", "blank_png", "gallery", "ledger_events", "ledger_jobs", "output_files",
            "partial_files", "running_daemon", "wait_until"]
 
 T = TypeVar("T")
@@ -100,3 +102,30 @@ async def running_daemon(root: Path, backend: DevBackend, **options: Any) -> Asy
         daemon.stop()
         await task
         await daemon.aclose()
+
+
+def blank_png(width: int, height: int) -> bytes:
+    """An all-black RGB PNG of any size in a fraction of a second and a few megabytes of memory.
+
+    A zlib stream built from one compressed band of rows, flushed so that it stands alone, repeated:
+    a real PNG (Pillow and zlib decode it) without compressing ``width x height x 3`` bytes here.
+    """
+    row = b"\x00" + bytes(3 * width)
+    band_rows = max(1, min(height, (4 << 20) // len(row)))
+    band = row * band_rows
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    segment = deflate.compress(band) + deflate.flush(zlib.Z_FULL_FLUSH)
+    bands, rest = divmod(height, band_rows)
+    tail = zlib.compressobj(9, zlib.DEFLATED, -15)
+    last = tail.compress(row * rest) + tail.flush(zlib.Z_FINISH) if rest else b"\x03\x00"  # an empty final block
+    checksum = 1
+    for _ in range(bands):
+        checksum = zlib.adler32(band, checksum)
+    checksum = zlib.adler32(row * rest, checksum)
+    stream = b"\x78\xda" + segment * bands + last + struct.pack(">I", checksum)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", stream) + chunk(b"IEND", b"")

@@ -19,6 +19,8 @@ Every test here is marked ``chaos`` and left out of the default run (see
    path-traversing job ids to decompression bombs and malformed protocol
    frames from a scripted server. Each: a recorded reason, the daemon alive
    and still materializing, nothing partial, nothing outside the outputs folder.
+   And hostile loads (listed there too): huge images under a real memory limit,
+   a crowd of sidebar clients during a burst.
 4. **Fuzzing** with hypothesis: the sans-I/O sync protocol core, job documents,
    and the daemon's observe-and-materialize path on a real ledger and store.
 
@@ -85,6 +87,7 @@ from materializer.convex.protocol import (
 )
 from materializer.convex.values import Int64, encode_ts
 from materializer.daemon import Materializer
+from materializer.display import TOO_MANY_CLIENTS
 from materializer.images import validate_image
 from materializer.jobs import Job, JobRejected, extract_outputs, safe_job_id
 from materializer.layout import THUMBNAILS_DIR, Layout, default_layout, inspect_layout, secure_layout
@@ -93,11 +96,12 @@ from materializer.materialize import Attempt
 from materializer.options import DaemonOptions
 from materializer.store import PARTIAL_PREFIX
 from materializer.tokens import StaticTokenProvider
+from stella_devbackend import imaging
 from stella_devbackend.app import ADMIN_HEADER
 from stella_devbackend.control import DevBackend
-from stella_devbackend.harness import clean_env
+from stella_devbackend.harness import CgroupUnavailable, MemoryCgroup, clean_env
 
-from helpers import DaemonProcess, partial_files, wait_until
+from helpers import DaemonProcess, async_wait_until, blank_png, partial_files, wait_until
 from hostile_server import Close, Frame, HostileConvex, SocketState
 from impostor import OTHER_UID, can_impersonate, foreign_server
 from ledger_checks import check_integrity, flip_stored_byte
@@ -1387,6 +1391,15 @@ HOSTILE_CASES = [
                 "a symlink planted at the job's file name (jobId_0.png), pointing outside: replaced, never followed",
                 "materialized",
                 "image/png", plant=_plant_symlink),
+    # -- sizes within the limits ---------------------------------------------------------------------------
+    HostileCase("png-10000x10000-within-limits",
+                "a 290 KB PNG of 10,000 x 10,000 pixels (400 MB decoded: the limit, more than the memory budget), "
+                "checked row by row", "materialized", "image/png",
+                doc=_served("huge.png", lambda: blank_png(10_000, 10_000))),
+    HostileCase("outputs-3000", "a job with 3,000 outputs (the same small PNG)", "quarantined",
+                "job has 3000 outputs; the limit is 64 (max_outputs_per_job)",
+                doc=lambda ctx: {"output": {"images": [{"url": ctx.serve("many.png", small("PNG")),
+                                                        "content_type": "image/png"}] * 3000}}),
     HostileCase("outputs-removed-while-running", "rm -rf outputs/ once the job is materialized: recreated, the file "
                 "back", "materialized", "image/png", meddle=_outputs_removed),
     HostileCase("outputs-moved-while-running", "mv outputs/ elsewhere once the job is materialized (the daemon holds "
@@ -1889,6 +1902,172 @@ def test_hostile_input_local_machine(case: LocalCase, request: pytest.FixtureReq
         run_local_case(case, base, request.getfixturevalue("backend") if case.outcome == "tightened" else None)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+# -- hostile loads -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HostileLoad:
+    """A load rather than an input: what it is and what must come of it (listed in docs/hostile-inputs.md)."""
+
+    name: str
+    what: str
+    expected: str
+
+
+HOSTILE_LOADS = [
+    HostileLoad("huge-pngs-under-a-memory-limit",
+                "8 PNGs of 10,000 x 10,000 (about 1.75 MB each, inside every limit) and 3 normal jobs, the daemon in "
+                "a cgroup limited to 400 MB (skipped, saying why, where no memory cgroup can be made)",
+                "all 11 materialized, no OOM kill, the daemon alive"),
+    HostileLoad("sidebar-crowd",
+                "1,000 sidebar clients with since=0 connecting while 300 jobs are materialized",
+                "at most max_sidebar_clients welcomed, each gets every event once in seq order; the others get the "
+                "too_many_clients line or are closed; every job materialized, the daemon alive"),
+]
+MEMORY_LIMIT = 400 * 1000 * 1000
+CROWD, CROWD_JOBS = 1000, 300
+
+
+def _load(name: str) -> HostileLoad:
+    return next(load for load in HOSTILE_LOADS if load.name == name)
+
+
+def _settled(probe: LedgerProbe, job_ids: list[str]) -> bool:
+    statuses = probe.statuses()
+    return all(statuses.get(job_id, "pending") != "pending" for job_id in job_ids)
+
+
+@chaos
+@pytest.mark.timeout(600)
+def test_hostile_load_huge_pngs_under_a_memory_limit(backend: DevBackend, tmp_path: Path) -> None:
+    load = _load("huge-pngs-under-a-memory-limit")
+    try:
+        cgroup = MemoryCgroup.create(MEMORY_LIMIT, "materializer-chaos")
+    except CgroupUnavailable as exc:
+        pytest.skip(str(exc))
+    root = tmp_path / "root"
+    counts: Counter[str] = Counter()
+    try:
+        huge = imaging.render("huge", 10_000, 10_000, "png")
+        daemon = DaemonProcess(root, backend, cgroup=cgroup).start()
+        with contextlib.closing(LedgerProbe(root)) as probe:
+            jobs = []
+            for number in range(8):
+                (backend.data_dir / "files" / f"huge{number}.png").write_bytes(huge)
+                jobs += backend.create_jobs(prompt=f"huge {number}", output={"images": [
+                    {"url": f"{backend.url}/files/huge{number}.png", "content_type": "image/png"}]})
+            jobs += backend.create_jobs(count=3, prompt="normal")
+            started = time.monotonic()
+            poll(lambda: _settled(probe, jobs) or daemon.poll() is not None, timeout=300)
+            seconds = time.monotonic() - started
+            statuses = probe.statuses()
+            counts["unmaterialized_jobs"] = sum(statuses.get(job) != "materialized" for job in jobs)
+            counts["daemon_deaths"] = int(daemon.poll() is not None)
+            counts["partial_files"] = lingering_partials(root)
+        counts["unclean_exits"] = int(daemon.stop() != 0)
+        counts["oom_kills"] = cgroup.oom_kills()
+        peak = cgroup.peak_bytes()
+    finally:
+        cgroup.remove()
+    figures = {name: counts[name] for name in ("oom_kills", "daemon_deaths", "unmaterialized_jobs", "partial_files",
+                                               "unclean_exits")}
+    report("hostile", load.name, figures, {"outcome": "load", "png_bytes": len(huge), "seconds": round(seconds, 1),
+                                           "cgroup": f"v{cgroup.version}", "limit_mb": MEMORY_LIMIT // 1_000_000,
+                                           "cgroup_peak_mb": None if peak is None else round(peak / 1e6, 1)})
+    assert_all_zero(figures, f"hostile load {load.name}")
+
+
+class _CrowdClient:
+    """A sidebar client with since=0 that keeps the seqs it reads, its welcome, and how it was turned away."""
+
+    def __init__(self) -> None:
+        self.seqs: list[int] = []
+        self.welcomed = False
+        self.refused = False
+        self.broken: str | None = None
+
+    async def run(self, path: Path) -> None:
+        try:
+            reader, writer = await asyncio.open_unix_connection(path, limit=1 << 24)
+        except OSError as exc:  # the kernel's accept queue was full
+            self.broken = type(exc).__name__
+            return
+        try:
+            writer.write(b'{"type": "hello", "since": 0}\n')
+            async for line in reader:
+                message = json.loads(line)
+                if "seq" in message:
+                    self.seqs.append(message["seq"])
+                elif message.get("type") == "welcome":
+                    self.welcomed = True
+                elif message.get("code") == TOO_MANY_CLIENTS:
+                    self.refused = True
+        except OSError as exc:
+            self.broken = type(exc).__name__
+        finally:
+            writer.transport.abort()
+
+
+async def _crowd_burst(backend: DevBackend, probe: LedgerProbe, prompt: str) -> tuple[list[str], float]:
+    started = time.monotonic()
+    jobs = await asyncio.to_thread(backend.create_jobs, count=CROWD_JOBS, prompt=prompt, share_files=True)
+    await async_wait_until(lambda: _settled(probe, jobs), 300, what=f"the {prompt} burst")
+    return jobs, time.monotonic() - started
+
+
+@chaos
+@pytest.mark.timeout(900)
+async def test_hostile_load_sidebar_crowd(backend: DevBackend, tmp_path: Path) -> None:
+    load = _load("sidebar-crowd")
+    root = tmp_path / "root"
+    cap = DaemonOptions.max_sidebar_clients
+    counts: Counter[str] = Counter()
+    with DaemonProcess(root, backend) as daemon, contextlib.closing(LedgerProbe(root)) as probe:
+        alone_jobs, alone = await _crowd_burst(backend, probe, "alone")
+        crowd = [_CrowdClient() for _ in range(CROWD)]
+        tasks = [asyncio.create_task(client.run(default_layout(root).display_socket)) for client in crowd]
+        crowd_jobs, crowded = await _crowd_burst(backend, probe, "crowd")
+        last = probe.scalar("SELECT max(seq) FROM events")
+        welcomed = [client for client in crowd if client.welcomed]
+        await async_wait_until(lambda: all(client.seqs[-1:] == [last] for client in welcomed), 120,
+                               what="every welcomed client caught up")
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        peak = proc_status(daemon.pid, "VmHWM")
+        statuses = probe.statuses()
+        counts["unmaterialized_jobs"] = sum(statuses.get(job) != "materialized" for job in alone_jobs + crowd_jobs)
+        counts["daemon_deaths"] = int(daemon.poll() is not None)
+    counts["unclean_exits"] = int(daemon.stop() != 0)
+    counts["lost_duplicated_or_misordered"] = sum(client.seqs != list(range(1, last + 1)) for client in welcomed)
+    counts["welcomed_over_the_cap"] = max(0, len(welcomed) - cap)
+    counts["events_to_unwelcomed_clients"] = sum(bool(client.seqs) for client in crowd if not client.welcomed)
+    figures = {name: counts[name] for name in ("unmaterialized_jobs", "daemon_deaths", "unclean_exits",
+                                               "lost_duplicated_or_misordered", "welcomed_over_the_cap",
+                                               "events_to_unwelcomed_clients")}
+    report("hostile", load.name, figures, {
+        "outcome": "load", "clients": CROWD, "jobs_per_burst": CROWD_JOBS, "burst_alone_s": round(alone, 2),
+        "burst_with_crowd_s": round(crowded, 2), "peak_rss_mb": round(peak * 1024 / 1e6, 1),
+        "welcomed": len(welcomed), "refused_with_the_line": sum(client.refused for client in crowd),
+        "closed_first": sum(not client.welcomed and not client.refused for client in crowd), "events": last})
+    assert_all_zero(figures, f"hostile load {load.name}")
+
+
+def proc_status(pid: int, key: str) -> int:
+    """One figure (in KiB) of /proc/<pid>/status."""
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(f"{key}:"))
+
+
+@chaos
+def test_hostile_loads_doc_lists_every_load() -> None:
+    """``docs/hostile-inputs.md`` names every hostile load, with what it is and what must come of it."""
+    doc = (Path(__file__).parent.parent / "docs" / "hostile-inputs.md").read_text()
+    listed = [line for line in doc.splitlines() if line.startswith("- load `")]
+    expected = [f"- load `{load.name}` - {load.what} - {load.expected}" for load in HOSTILE_LOADS]
+    assert listed == expected, "the loads in docs/hostile-inputs.md should read:\n" + "\n".join(expected)
 
 
 # =================================================================================================

@@ -75,7 +75,9 @@ def test_sigterm_mid_download_stops_promptly_and_cleanly(backend: DevBackend, tm
     backend.set_faults([{"kind": "stall", "fraction": 0.3}])
     job = backend.create_jobs(count=1, width=256, height=256, noise=True)[0]
     with DaemonProcess(root, backend) as daemon:
-        wait_until(lambda: partial_files(root), what="a download in progress")
+        # The job's own temporary file: the one gallery.json is rewritten through at start comes and goes.
+        wait_until(lambda: [name for name in partial_files(root) if name.startswith(f".partial-{job}_")],
+                   what="a download in progress")
         assert daemon.signal(signal.SIGTERM) == 0
     assert partial_files(root) == [] and output_files(root) == []
     assert ledger_jobs(root)[job] == "pending"

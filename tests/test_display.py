@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 
 from materializer.display import (
+    TOO_MANY_CLIENTS,
     DisplayServer,
     DisplaySocketError,
     DisplaySocketInUseError,
@@ -383,6 +385,122 @@ async def test_many_clients_each_get_every_event_in_order(start_server: Any, soc
     for peer in peers:
         assert await peer.recv_seqs_until(events[-1].seq) == [event.seq for event in events]
         peer.close()
+
+
+async def test_a_crowd_catching_up_on_a_long_backlog_gets_every_event_once_in_order(
+    start_server: Any, sock_path: Path, ledger: Ledger
+) -> None:
+    """Backlogs longer than the pages kept for sharing, read by many clients from several places while live
+    events are published: each client gets exactly the events after its since, in seq order."""
+    append(ledger, 2500, pad="p" * 200)
+    server = await start_server(max_queue=100_000)
+    sinces = [0] * 30 + [1234] * 10 + [2499] * 5
+    peers = [await Peer.connect(sock_path) for _ in sinces]
+    for peer, since in zip(peers, sinces, strict=True):
+        await peer.send({"type": "hello", "since": since})
+    live = append(ledger, 60)
+    for event in live:
+        server.publish(event)
+        await asyncio.sleep(0)  # interleave with the catch-ups
+    for peer, since in zip(peers, sinces, strict=True):
+        assert await peer.recv() == {"type": "welcome", "since": since}
+        assert await peer.recv_seqs_until(live[-1].seq) == list(range(since + 1, live[-1].seq + 1))
+        peer.close()
+
+
+async def test_a_client_that_stops_reading_its_backlog_is_dropped_and_holds_no_one_back(
+    start_server: Any, sock_path: Path, ledger: Ledger
+) -> None:
+    append(ledger, 3000, pad="p" * 400)  # about 1.4 MB of backlog: more than a socket buffers
+    server = await start_server(write_timeout=0.2, max_queue=100_000)
+    loop = asyncio.get_running_loop()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stuck:  # a raw socket: nothing reads it ahead
+        stuck.setblocking(False)
+        await loop.sock_connect(stuck, str(sock_path))
+        await loop.sock_sendall(stuck, b'{"type": "hello", "since": 0}\n')
+        reader = await Peer.connect(sock_path)
+        await reader.hello(0)
+        assert await reader.recv_seqs_until(3000) == list(range(1, 3001))
+        await wait_until(lambda: server.client_count == 1)  # the stuck one is gone, the reader is not
+        reader.close()
+        received = b""
+        async with asyncio.timeout(DEADLINE):
+            while chunk := await loop.sock_recv(stuck, 1 << 16):  # what the kernel buffered, then the end
+                received += chunk
+    assert 0 < received.count(b"\n") < 3001
+
+
+async def test_a_client_over_the_cap_gets_the_error_line_then_the_end(
+    start_server: Any, sock_path: Path, ledger: Ledger
+) -> None:
+    server = await start_server(max_clients=2)
+    first, second = await Peer.connect(sock_path), await Peer.connect(sock_path)
+    await first.hello(None)
+    await second.hello(None)
+    third = await Peer.connect(sock_path)
+    await third.send({"type": "hello", "since": 0})  # sent before reading: the line still arrives
+    assert await third.recv() == {
+        "type": "error", "code": TOO_MANY_CLIENTS,
+        "error": "too many sidebar clients: 2 are connected, the limit (daemon.max_sidebar_clients); try again later"}
+    assert await third.read_to_end() == b""
+    third.close()
+    silent = await Peer.connect(sock_path)  # says nothing at all: refused the same way
+    assert (await silent.recv())["code"] == TOO_MANY_CLIENTS
+    silent.close()
+
+    first.close()
+    await wait_until(lambda: server.client_count == 1)
+    fourth = await Peer.connect(sock_path)
+    assert await fourth.hello(None) == {"type": "welcome", "since": 0}
+    [event] = append(ledger)
+    server.publish(event)
+    assert (await second.recv())["seq"] == (await fourth.recv())["seq"] == event.seq
+    second.close()
+    fourth.close()
+
+
+async def test_a_flood_of_connections_over_the_cap_leaves_the_clients_served(
+    start_server: Any, sock_path: Path, ledger: Ledger
+) -> None:
+    server = await start_server(max_clients=1)
+    kept = await Peer.connect(sock_path)
+    await kept.hello(None)
+    flood = []
+    for _ in range(300):  # more than are kept waiting for their close: the rest are closed at once
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        with contextlib.suppress(BlockingIOError):  # a full accept queue: the kernel refuses
+            sock.connect(str(sock_path))
+        flood.append(sock)
+    events = append(ledger, 5)
+    for event in events:
+        server.publish(event)
+    assert await kept.recv_seqs_until(events[-1].seq) == [event.seq for event in events]
+    for sock in flood:
+        sock.close()
+    assert server.client_count == 1
+    kept.close()
+
+
+async def test_watch_waits_while_the_daemon_has_all_the_clients_it_takes(
+    start_server: Any, sock_path: Path, ledger: Ledger
+) -> None:
+    server = await start_server(max_clients=1)
+    holder = await Peer.connect(sock_path)
+    await holder.hello(None)
+    task, out, err = await _run_watch(sock_path, 0, as_json=True)
+    await wait_until(lambda: err.getvalue().count("\n") >= 1)
+    assert err.getvalue() == ("materializer watch: the daemon is busy: too many sidebar clients: 1 are connected, the "
+                              "limit (daemon.max_sidebar_clients); try again later; trying again\n")
+    [early] = append(ledger)
+    server.publish(early)
+    holder.close()
+    [late] = append(ledger)
+    server.publish(late)  # the watch gets it live or from the ledger, whichever its next try meets
+    await wait_until(lambda: out.getvalue().count("\n") == 2)
+    await _stop(task)
+    assert out.getvalue() == encode_event(early).decode() + encode_event(late).decode()
+    assert err.getvalue().count("busy") == 1  # said once, however many tries it took
 
 
 async def _publish_past_a_stuck_client(server: DisplayServer, sock_path: Path, ledger: Ledger) -> tuple[bytes, int]:

@@ -16,7 +16,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
-from materializer.images import IMAGE_EXTENSIONS, ImageInfo, ImageLimits, ImageRejected, validate_image
+from materializer.images import (
+    IMAGE_EXTENSIONS,
+    ImageInfo,
+    ImageLimits,
+    ImageRejected,
+    inspect_image,
+    memory_needed,
+    validate_image,
+)
 
 # --- building real images -------------------------------------------------------------------
 
@@ -456,3 +464,146 @@ def test_mangled_images_are_accepted_or_refused_never_anything_else(
     else:
         assert info.sha256 == hashlib.sha256(data).hexdigest()
         assert info.width >= 1 and info.height >= 1 and info.frames >= 1
+
+
+# --- memory: the structure first, then a decode that fits -------------------------------------------
+
+MIB = 1 << 20
+
+
+def gray_png(width: int, height: int, rows: bytes | None = None, *, stream: bytes | None = None) -> bytes:
+    """A grayscale PNG from raw filtered ``rows`` (all filter 0 and black by default), or a given zlib ``stream``."""
+    if stream is None:
+        stream = zlib.compress(rows if rows is not None else (b"\x00" + bytes(width)) * height)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", stream) + png_chunk(b"IEND", b"")
+
+
+BIG_STILLS = {
+    "rgb": encode(noise((1024, 1024)), "PNG"),
+    "rgba": encode(noise((1024, 768), "RGBA"), "PNG"),
+    "gray": encode(noise((1024, 1024), "L"), "PNG"),
+    "palette": encode(noise((1024, 1024)).convert("P"), "PNG"),
+    "16-bit": encode(Image.new("I;16", (1100, 1000), 40000), "PNG"),
+    "1-bit": encode(noise((1027, 1021), "L").convert("1"), "PNG"),
+    "interlaced": encode(noise((1023, 1021)), "PNG", interlace=1),
+    "interlaced-gray": encode(noise((1001, 1013), "L"), "PNG", interlace=1),
+    "sequential-jpeg": encode(noise((1024, 1024)), "JPEG"),
+}
+
+
+@pytest.mark.parametrize(
+    ("data", "facts"),
+    [
+        (PNG, ("png", 64, 48, 1, True)),
+        (animation("PNG", 3), ("png", 16, 16, 3, False)),
+        (JPEG, ("jpeg", 64, 48, 1, True)),
+        (encode(noise((64, 48)), "JPEG", progressive=True), ("jpeg", 64, 48, 1, False)),
+        (WEBP, ("webp", 64, 48, 1, False)),
+        (GIF, ("gif", 64, 48, 1, False)),
+        (animation("WEBP", 4), ("webp", 16, 16, 4, False)),
+    ],
+)
+def test_inspect_image_reads_what_the_structure_says(tmp_path: Path, data: bytes,
+                                                      facts: tuple[str, int, int, int, bool]) -> None:
+    path = write(tmp_path, data)
+    header = inspect_image(path)
+    assert (header.format, header.width, header.height, header.frames, header.boundable) == facts
+    with open(path, "rb") as opened:  # an open file is mapped too, and left open
+        assert inspect_image(opened) == header
+        assert not opened.closed
+    info = validate_image(path)
+    assert (info.format, info.width, info.height, info.frames) == facts[:4]
+    assert header.decoded_bytes == info.width * info.height * 4 * info.frames
+
+
+@pytest.mark.parametrize("data", [b"<html>hi</html>", png_claiming(20_000, 9_000), PNG[:-12], JPEG + b"<html>", b""],
+                         ids=["html", "bomb", "truncated", "polyglot", "empty"])
+def test_inspect_image_refuses_what_validation_refuses_on_structure(tmp_path: Path, data: bytes) -> None:
+    path = write(tmp_path, data)
+    with pytest.raises(ImageRejected) as inspected:
+        inspect_image(path)
+    assert inspected.value.reason == reason(tmp_path, data)
+    assert memory_needed(path, DEFAULT_LIMITS, None) == len(data)  # validating it stops at the same refusal
+
+
+def test_memory_needed_is_the_file_and_its_decode(tmp_path: Path) -> None:
+    still, jpeg, moving = BIG_STILLS["rgb"], BIG_STILLS["sequential-jpeg"], animation("PNG", 30, (200, 200))
+    for data, full in ((still, 1024 * 1024 * 4), (jpeg, 1024 * 1024 * 4), (moving, 200 * 200 * 4 * 30)):
+        assert memory_needed(write(tmp_path, data), DEFAULT_LIMITS, None) == len(data) + full
+    # Over the limit, a still PNG needs its inflate steps and a sequential JPEG an eighth of each edge;
+    # an animation has no bounded decode and needs all of it.
+    assert memory_needed(write(tmp_path, still), DEFAULT_LIMITS, MIB) == len(still) + 2 * MIB
+    assert memory_needed(write(tmp_path, jpeg), DEFAULT_LIMITS, MIB) == len(jpeg) + 128 * 128 * 4
+    assert memory_needed(write(tmp_path, moving), DEFAULT_LIMITS, MIB) == len(moving) + 200 * 200 * 4 * 30
+    # Within the limit, the full decode.
+    assert memory_needed(write(tmp_path, still), DEFAULT_LIMITS, 8 * MIB) == len(still) + 1024 * 1024 * 4
+
+
+@pytest.mark.parametrize("name", sorted(BIG_STILLS))
+def test_an_image_over_the_full_decode_limit_is_checked_in_bounded_memory_with_the_same_result(
+        tmp_path: Path, name: str) -> None:
+    path = write(tmp_path, BIG_STILLS[name])
+    assert inspect_image(path).boundable
+    assert validate_image(path, full_decode_limit=MIB) == validate_image(path)
+
+
+@pytest.mark.parametrize("data", [encode(noise((1024, 1024)), "JPEG", progressive=True),
+                                  animation("PNG", 8, (600, 600)), encode(noise((1024, 1024)), "WEBP")],
+                         ids=["progressive-jpeg", "apng", "webp"])
+def test_an_image_without_a_bounded_decode_is_decoded_whole_whatever_the_limit(tmp_path: Path, data: bytes) -> None:
+    path = write(tmp_path, data)
+    header = inspect_image(path)
+    assert not header.boundable
+    assert memory_needed(path, DEFAULT_LIMITS, MIB) == len(data) + header.decoded_bytes
+    assert validate_image(path, full_decode_limit=MIB) == validate_image(path)
+
+
+WIDE, TALL = 2048, 1024  # 8 MiB decoded: over a 1 MiB limit, so checked row by row
+ROW = b"\x00" + bytes(WIDE)
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (gray_png(WIDE, TALL, ROW * 600 + b"\x09" + ROW[1:] + ROW * (TALL - 601)),
+         "corrupt: PNG row 601 of 1,024 has an unknown filter type 9"),
+        (gray_png(WIDE, TALL, stream=zlib.compress(ROW * TALL)[:-4000]),
+         "truncated: PNG image data is cut off after"),
+        (gray_png(WIDE, TALL, ROW * (TALL - 1)),
+         "truncated: PNG image data ends after 2,096,127 of the 2,098,176 bytes its 1,024 rows need"),
+        (gray_png(WIDE, TALL, stream=b"\x78\x9c" + bytes(range(256)) * 64),
+         "corrupt: PNG image data does not inflate (row 1 of 1,024)"),
+    ],
+    ids=["unknown-filter", "cut-off-stream", "missing-last-row", "not-zlib"],
+)
+def test_the_bounded_png_check_refuses_broken_image_data_precisely(tmp_path: Path, data: bytes, expected: str) -> None:
+    with pytest.raises(ImageRejected) as refused:
+        validate_image(write(tmp_path, data), full_decode_limit=MIB)
+    assert refused.value.reason.startswith(expected)
+
+
+def test_the_bounded_png_check_ignores_data_past_the_last_row_as_pillow_does(tmp_path: Path) -> None:
+    data = gray_png(WIDE, TALL, ROW * (TALL + 5))
+    assert validate_image(write(tmp_path, data), full_decode_limit=MIB) == validate_image(write(tmp_path, data))
+
+
+def test_a_large_png_within_every_limit_is_checked_without_its_pixels(tmp_path: Path) -> None:
+    """10000 x 10000 pixels (400 MB decoded, the limit) in bounded memory; Pillow would need the 400 MB."""
+    rows = zlib.compressobj(9)
+    stream = b"".join(rows.compress(b"\x00" + bytes(10_000)) for _ in range(10_000)) + rows.flush()
+    path = write(tmp_path, gray_png(10_000, 10_000, stream=stream))
+    assert memory_needed(path, DEFAULT_LIMITS, 256 * MIB) < 4 * MIB
+    info = validate_image(path, full_decode_limit=256 * MIB)
+    assert (info.width, info.height, info.frames) == (10_000, 10_000, 1)
+
+
+def test_inspect_image_leaves_png_checksums_to_validation(tmp_path: Path) -> None:
+    """The structure walk that sizes the reservation skips the CRCs (they cost a pass over the file); the sizes
+    are the same either way, and validation, on the same bytes, refuses the broken checksum."""
+    length = struct.unpack(">I", PNG[idat_offset(PNG) : idat_offset(PNG) + 4])[0]
+    path = write(tmp_path, flip(PNG, idat_offset(PNG) + 8 + length))
+    header = inspect_image(path)
+    assert (header.width, header.height, header.frames) == (64, 48, 1)
+    with pytest.raises(ImageRejected, match="fails its CRC check"):
+        validate_image(path)

@@ -24,7 +24,7 @@ from materializer.thumbnails import FirstFrame, Thumbnails, fit, shrink, thumbna
 from materializer.tokens import StaticTokenProvider
 from stella_devbackend.control import DevBackend
 
-from helpers import async_wait_until, gallery, ledger_events, running_daemon
+from helpers import async_wait_until, blank_png, gallery, ledger_events, running_daemon
 
 RED, BLUE, GREEN = (255, 0, 0), (0, 0, 255), (0, 255, 0)
 
@@ -156,6 +156,33 @@ def test_an_image_over_the_limits_gets_no_thumbnail_and_nothing_fails(tmp_path: 
         assert not thumbnails.rebuild("job_0.png")
     assert "no thumbnail for job_0.png" in caplog.text and "1,000,000" in caplog.text
     assert thumbnails.path_of("job_0.png") is None
+
+
+def test_a_first_frame_over_the_memory_budget_is_not_decoded_for_a_thumbnail(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A 10000x10000 PNG is within every image limit but its first frame is 400 MB: with a 256 MiB budget the
+    rebuild refuses it (and reserves only the file), where a sequential JPEG of that size decodes at 1/8."""
+    budget = 256 << 20
+    (tmp_path / "job_0.png").write_bytes(blank_png(10_000, 10_000))
+    thumbnails = Thumbnails(tmp_path / ".thumbs", DEFAULT_LIMITS, max_decode_bytes=budget)
+    assert thumbnails.rebuild_memory("job_0.png") == (tmp_path / "job_0.png").stat().st_size
+    with caplog.at_level(logging.WARNING, "materializer.thumbnails"):
+        assert not thumbnails.rebuild("job_0.png")
+    assert "its first frame needs 400,000,000 bytes decoded, more than the memory budget" in caplog.text
+    jpeg = encoded(halves((8000, 6000), RED, BLUE), "JPEG", quality=50)
+    (tmp_path / "job_1.jpg").write_bytes(jpeg)
+    assert thumbnails.rebuild_memory("job_1.jpg") == len(jpeg) + 1000 * 750 * 4
+    assert thumbnails.rebuild("job_1.jpg")
+    thumbnails.close()
+
+
+def test_a_jpeg_over_the_budget_gets_its_thumbnail_from_the_eighth_scale_decode(tmp_path: Path) -> None:
+    data = encoded(halves((4096, 2048), RED, BLUE), "JPEG", quality=50)
+    frame = FirstFrame()
+    info = validate_image(io.BytesIO(data), DEFAULT_LIMITS, frame, full_decode_limit=1 << 20)
+    assert (info.width, info.height) == (4096, 2048)
+    assert frame.small is not None and frame.small.size == (256, 128)
+    assert close_to(frame.small.getpixel((20, 64)), RED) and close_to(frame.small.getpixel((236, 64)), BLUE)
 
 
 def test_a_hook_that_meets_something_odd_records_it_instead_of_raising() -> None:
