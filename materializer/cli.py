@@ -55,14 +55,15 @@ def _run(args: argparse.Namespace) -> int:
     return run_service(settings, args.config, overrides, early_stop)
 
 
-def _replay(args: argparse.Namespace) -> int:
+def _one_shot(args: argparse.Namespace) -> tuple[Any, Any, tuple[float, float | None]] | int:
+    """What ``replay`` and ``repair`` start from: options, a token source and their ``--since``/``--until``.
+
+    An exit code instead when the configuration, a token source or a ``WHEN`` is unusable (said on stderr).
+    """
     from materializer.config import ConfigError
-    from materializer.layout import UntrustedPath
-    from materializer.ledger import LedgerOpenError
     from materializer.logs import setup_logging
     from materializer.options import DaemonOptions
-    from materializer.replay import parse_when, print_summary, replay
-    from materializer.service import ledger_trouble
+    from materializer.replay import parse_when
     from materializer.tokens import provider_for
 
     loaded = _settings(args)
@@ -73,16 +74,25 @@ def _replay(args: argparse.Namespace) -> int:
     try:
         options = DaemonOptions.from_settings(settings)
         since = parse_when(args.since)
-        until = parse_when(args.until) if args.until else None
-    except (ConfigError, ValueError) as exc:
-        print(f"materializer replay: {exc}", file=sys.stderr)
-        return exits.USAGE
-    try:
+        until = parse_when(args.until) if getattr(args, "until", None) else None
         provider = provider_for(settings.auth.token_file, settings.auth.token_argv, settings.auth.token_env,
                                 settings.auth.token_fd)
-    except ValueError as exc:
-        print(f"materializer replay: {exc}", file=sys.stderr)
+    except (ConfigError, ValueError) as exc:
+        print(f"materializer {args.command}: {exc}", file=sys.stderr)
         return exits.USAGE
+    return options, provider, (since, until)
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from materializer.layout import UntrustedPath
+    from materializer.ledger import LedgerOpenError
+    from materializer.replay import print_summary, replay
+    from materializer.service import ledger_trouble
+
+    setup = _one_shot(args)
+    if isinstance(setup, int):
+        return setup
+    options, provider, (since, until) = setup
 
     async def run() -> int:
         try:
@@ -104,26 +114,12 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _repair(args: argparse.Namespace) -> int:
-    from materializer.config import ConfigError
-    from materializer.logs import setup_logging
-    from materializer.options import DaemonOptions
     from materializer.repair import print_summary, repair
-    from materializer.replay import parse_when
-    from materializer.tokens import provider_for
 
-    loaded = _settings(args)
-    if loaded is None:
-        return exits.USAGE
-    settings, _ = loaded
-    setup_logging("warning" if args.log_level is None else settings.log.level, settings.log.format)
-    try:
-        options = DaemonOptions.from_settings(settings)
-        since = parse_when(args.since)
-        provider = provider_for(settings.auth.token_file, settings.auth.token_argv, settings.auth.token_env,
-                                settings.auth.token_fd)
-    except (ConfigError, ValueError) as exc:
-        print(f"materializer repair: {exc}", file=sys.stderr)
-        return exits.USAGE
+    setup = _one_shot(args)
+    if isinstance(setup, int):
+        return setup
+    options, provider, (since, _) = setup
 
     async def run() -> int:
         try:
