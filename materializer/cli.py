@@ -8,7 +8,6 @@ needed, 4 the ledger is damaged (``materializer repair`` is the way out).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from collections.abc import Sequence
@@ -84,6 +83,8 @@ def _one_shot(args: argparse.Namespace) -> tuple[Any, Any, tuple[float, float | 
 
 
 def _replay(args: argparse.Namespace) -> int:
+    import asyncio
+
     from materializer.layout import UntrustedPath
     from materializer.ledger import LedgerOpenError
     from materializer.replay import print_summary, replay
@@ -114,6 +115,8 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _repair(args: argparse.Namespace) -> int:
+    import asyncio
+
     from materializer.repair import print_summary, repair
 
     setup = _one_shot(args)
@@ -133,17 +136,26 @@ def _repair(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from materializer.config_sources import state_location
+    from materializer.layout import Layout, resolve_state_dir
     from materializer.status import collect_status, print_status
 
-    loaded = _settings(args)
-    if loaded is None:
-        return exits.USAGE
-    daemon = loaded[0].daemon
-    print_status(collect_status(daemon.root, daemon.layout), args.json, sys.stdout)
+    # Only where the state is matters here: read without pydantic when the layers are plain (a fast start),
+    # through the full validation otherwise (which then names what is wrong).
+    location = state_location(args.config, args.root, args.state_dir)
+    if location is None:
+        loaded = _settings(args)
+        if loaded is None:
+            return exits.USAGE
+        location = loaded[0].daemon.root, loaded[0].daemon.state_dir
+    root, state_dir = location
+    print_status(collect_status(root, Layout(resolve_state_dir(root, state_dir))), args.json, sys.stdout)
     return exits.OK
 
 
 def _watch(args: argparse.Namespace) -> int:
+    import asyncio
+
     from materializer.layout import layout_folders
     from materializer.watch import run_watch
 
@@ -162,6 +174,8 @@ def _watch(args: argparse.Namespace) -> int:
 
 
 def _query(args: argparse.Namespace) -> int:
+    import asyncio
+
     from materializer.convex.cli_query import run_query_command
     from materializer.tokens import EnvTokenProvider, FileTokenProvider, StaticTokenProvider, TokenProvider
 

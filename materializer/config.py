@@ -33,7 +33,6 @@ import logging
 import os
 import re
 import shlex
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +43,16 @@ import watchfiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
+from materializer.config_sources import (
+    DEFAULT_ROOT,
+    ENV_DELIMITER,
+    ENV_PREFIX,
+    ConfigFileError,
+    default_config_path,
+    env_name,
+    expand_path,
+    read_toml,
+)
 from materializer.layout import Layout, resolve_state_dir
 from materializer.limits import MAX_DECODED_BYTES, MAX_DOWNLOAD_BYTES, MAX_EDGE, MAX_FRAMES, MAX_PIXELS
 
@@ -68,8 +77,6 @@ __all__ = [
 
 log = logging.getLogger("materializer.config")
 
-ENV_PREFIX = "MATERIALIZER_"
-_ENV_DELIMITER = "__"
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 #: Keys whose values never appear in error messages (a command line may hold a password).
 _UNECHOED_KEYS = frozenset({"auth.token_command"})
@@ -96,13 +103,13 @@ class _Section(BaseModel):
 
 
 def _expand(path: Path | None) -> Path | None:
-    return None if path is None else path.expanduser().absolute()
+    return None if path is None else expand_path(path)
 
 
 class DaemonSettings(_Section):
     """What the daemon follows, where it writes, and how hard it tries."""
 
-    root: Path = Field(default=Path("~/.stella"), validate_default=True)
+    root: Path = Field(default=DEFAULT_ROOT, validate_default=True)
     state_dir: Path | None = None
     convex_url: str | None = None
     lookback_hours: float = Field(default=24.0, ge=0)
@@ -301,14 +308,6 @@ class ConfigError(Exception):
         super().__init__("; ".join(str(problem) for problem in self.problems))
 
 
-def default_config_path() -> Path:
-    """``$XDG_CONFIG_HOME/stella-materializer/config.toml``, with the XDG fallback ``~/.config``."""
-    base = os.environ.get("XDG_CONFIG_HOME", "")
-    # The XDG spec says a relative value is invalid and must be ignored.
-    config_home = Path(base) if base and os.path.isabs(base) else Path.home() / ".config"
-    return config_home / "stella-materializer" / "config.toml"
-
-
 class _Environment(BaseSettings):
     """The environment layer, read by pydantic-settings.
 
@@ -317,7 +316,7 @@ class _Environment(BaseSettings):
     """
 
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_nested_delimiter=_ENV_DELIMITER, case_sensitive=False, extra="ignore"
+        env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_DELIMITER, case_sensitive=False, extra="ignore"
     )
 
     daemon: dict[str, Any] = {}
@@ -325,10 +324,6 @@ class _Environment(BaseSettings):
     fetch: dict[str, Any] = {}
     images: dict[str, Any] = {}
     log: dict[str, Any] = {}
-
-
-def _env_name(key: str) -> str:
-    return ENV_PREFIX + key.upper().replace(".", _ENV_DELIMITER)
 
 
 def _read_environment() -> dict[str, Any]:
@@ -341,16 +336,9 @@ def _read_environment() -> dict[str, Any]:
 
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        with path.open("rb") as file:
-            return tomllib.load(file)
-    except FileNotFoundError:
-        raise ConfigError([ConfigProblem("", f"config file {path} does not exist")]) from None
-    except OSError as exc:
-        raise ConfigError([ConfigProblem("", f"config file {path} cannot be read: {exc.strerror}")]) from None
-    except UnicodeDecodeError:
-        raise ConfigError([ConfigProblem("", f"config file {path} is not UTF-8 text")]) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([ConfigProblem("", f"config file {path} is not valid TOML: {exc}")]) from None
+        return read_toml(path)
+    except ConfigFileError as exc:
+        raise ConfigError([ConfigProblem("", str(exc))]) from None
 
 
 def _nest(overrides: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -415,7 +403,7 @@ def _problem(error: Any, layers: list[tuple[str, Mapping[str, Any]]]) -> ConfigP
             reason += f" (got {shown if len(shown) <= 60 else shown[:57] + '...'})"
     origin = next((name for name, layer in layers if _has(layer, loc)), None)
     if origin == "environment":
-        origin = f"environment variable {_env_name(key)}"
+        origin = f"environment variable {env_name(key)}"
     return ConfigProblem(key, f"{reason}, from {origin}" if origin else reason)
 
 

@@ -59,6 +59,24 @@ def test_run_refuses_invalid_configuration_with_exit_2(tmp_path: Path) -> None:
     assert materializer("run", "--config", str(tmp_path / "nope.toml")).returncode == 2
 
 
+def test_status_finds_the_state_through_every_layer_and_names_a_bad_location(tmp_path: Path) -> None:
+    """`status` reads where the state is without the full validation when the layers are plain; an unusable
+    location still goes through it, so the error names the key and the layer (exit 2)."""
+    config = tmp_path / "config.toml"
+    config.write_text(f'[daemon]\nroot = "{tmp_path / "from-file"}"\n')
+    from_file = json.loads(materializer("status", "--json", "--config", str(config)).stdout)
+    assert from_file["root"] == str(tmp_path / "from-file")
+    assert from_file["stateDir"] == str(tmp_path / "from-file" / "state")
+    from_env = json.loads(materializer("status", "--json", "--config", str(config),
+                                       env={"MATERIALIZER_DAEMON__STATE_DIR": str(tmp_path / "s")}).stdout)
+    assert from_env["root"] == str(tmp_path / "from-file") and from_env["stateDir"] == str(tmp_path / "s")
+    empty = materializer("status", "--config", str(config), env={"MATERIALIZER_DAEMON__ROOT": ""})
+    assert empty.returncode == 2 and "daemon.root" in empty.stderr and "MATERIALIZER_DAEMON__ROOT" in empty.stderr
+    config.write_text("[daemon]\nroot = 7\n")
+    not_a_path = materializer("status", "--config", str(config))
+    assert not_a_path.returncode == 2 and "daemon.root" in not_a_path.stderr and str(config) in not_a_path.stderr
+
+
 def test_status_with_the_daemon_stopped_and_running(backend: DevBackend, tmp_path: Path) -> None:
     root = tmp_path / "root"
     never = json.loads(materializer("status", "--json", "--root", str(root)).stdout)

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from materializer.config import (
     LIVE_KEYS,
@@ -24,6 +26,7 @@ from materializer.config import (
     flatten_settings,
     load_settings,
 )
+from materializer.config_sources import state_location
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
 DEADLINE = 20.0  # seconds; a deadline against hangs, never a performance threshold
@@ -288,6 +291,78 @@ def test_a_whole_section_in_one_variable_must_be_json(monkeypatch: pytest.Monkey
     monkeypatch.setenv("MATERIALIZER_DAEMON", "gallery_size=3")
     with pytest.raises(ConfigError, match="environment: .*daemon"):
         load_settings(None, {})
+
+
+# --- the state location without pydantic (materializer status) --------------------------------
+
+PATH_TEXT = st.sampled_from(["", " ", "~/s", "rel/dir", "/abs/x", " padded ", "123", "[1]", '{"a": 1}', "null",
+                             "true", "~", "."])
+TOML_VALUE = st.one_of(PATH_TEXT, st.integers(-2, 2), st.booleans(), st.just(["x"]))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    file_root=st.none() | TOML_VALUE, file_state=st.none() | TOML_VALUE, daemon_table=st.booleans(),
+    env_root=st.none() | PATH_TEXT, env_state=st.none() | PATH_TEXT,
+    env_spelling=st.sampled_from(["MATERIALIZER_DAEMON__{}", "materializer_daemon__{}", "MATERIALIZER_DAEMON__{}__X"]),
+    whole_section=st.none() | st.sampled_from(['{"root": "/j"}', "{}", "nope"]),
+    flag_root=st.none() | st.sampled_from(["/f", "f", "~/f"]), flag_state=st.none() | st.sampled_from(["/fs", "fs"]),
+)
+def test_the_state_location_read_without_pydantic_is_what_the_full_load_gives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, file_root: Any, file_state: Any, daemon_table: bool,
+    env_root: str | None, env_state: str | None, env_spelling: str, whole_section: str | None,
+    flag_root: str | None, flag_state: str | None,
+) -> None:
+    """``status`` reads daemon.root and daemon.state_dir from the layers itself; whenever it answers,
+    its answer is the validated settings' (and it answers for every plain configuration)."""
+    for name in list(os.environ):
+        if name.upper().startswith("MATERIALIZER_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    table = {key: value for key, value in (("root", file_root), ("state_dir", file_state)) if value is not None}
+    path = tmp_path / "config.toml"
+    if daemon_table:
+        path.write_text("[daemon]\n" + "".join(f"{key} = {_toml(value)}\n" for key, value in table.items()))
+    else:  # a [daemon] that is not a table
+        path.write_text("" if file_root is None else f"daemon = {_toml(file_root)}\n")
+    for key, value in (("ROOT", env_root), ("STATE_DIR", env_state)):
+        if value is not None:
+            monkeypatch.setenv(env_spelling.format(key if env_spelling.isupper() else key.lower()), value)
+    if whole_section is not None:
+        monkeypatch.setenv("MATERIALIZER_DAEMON", whole_section)
+    flags = {"daemon.root": None if flag_root is None else Path(flag_root),
+             "daemon.state_dir": None if flag_state is None else Path(flag_state)}
+    fast = state_location(path, flags["daemon.root"], flags["daemon.state_dir"])
+    try:
+        full = load_settings(path, flags).daemon
+    except ConfigError:
+        assert fast is None, "an invalid location must go to the full load, which names the problem"
+        return
+    if fast is not None:
+        assert fast == (full.root, full.state_dir)
+    plain_env = env_spelling == "MATERIALIZER_DAEMON__{}" and whole_section is None and all(
+        value is None or value.strip() for value in (env_root, env_state))
+    plain_file = (all(isinstance(value, str) and value.strip() for value in table.values()) if daemon_table
+                  else file_root is None)
+    if plain_env and plain_file:
+        assert fast is not None, "a plain configuration is read without pydantic"
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(item) for item in value) + "]"
+    return str(value)
+
+
+def test_the_state_location_falls_back_to_the_full_load_for_a_broken_file(tmp_path: Path) -> None:
+    broken = config_file(tmp_path, "[daemon\nroot = 1")
+    assert state_location(broken, None, None) is None
+    assert state_location(tmp_path / "missing.toml", None, None) is None
+    assert state_location(None, None, None) == (Path.home() / ".stella", None)
 
 
 # --- the example file ------------------------------------------------------------------------
