@@ -425,11 +425,7 @@ def _connect(path: Path, *, create: bool, busy_timeout: float) -> sqlite3.Connec
         if not create:
             raise LedgerOpenError(f"no ledger at {path}")
         _create(path, busy_timeout)
-    try:
-        with os.fdopen(open_nofollow(path, os.O_RDONLY), "rb") as file:
-            problem = header_problem(file.read(100), os.fstat(file.fileno()).st_size)
-    except OSError as exc:
-        raise LedgerOpenError(f"cannot read ledger {path}: {exc.strerror or exc}") from exc
+    problem = _settled_header_problem(path)
     if problem is not None:
         raise LedgerDamagedError(f"{path} is damaged: {problem}")
     conn = _open_checked(path, busy_timeout)
@@ -493,6 +489,35 @@ def _create(path: Path, busy_timeout: float) -> None:
         for leftover in (temporary, Path(f"{temporary}-wal"), Path(f"{temporary}-shm")):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(leftover)
+
+
+#: How long a header that disagrees with the file's size may take to settle while a checkpoint runs.
+_CHECKPOINT_SETTLE_SECONDS = 2.0
+
+
+def _settled_header_problem(path: Path) -> str | None:
+    """:func:`header_problem` of the file, judged again while another connection may be checkpointing.
+
+    A checkpoint copies pages from the write-ahead log in page order, so page 1 (whose header gives
+    the new size) lands before the pages that make the file that long: a daemon's ledger read at
+    that moment looks truncated. With a log beside the file the judgement is taken again until it
+    is clean or the deadline passes; a file truncated for real stays so.
+    """
+    deadline = time.monotonic() + _CHECKPOINT_SETTLE_SECONDS
+    while True:
+        try:
+            with os.fdopen(open_nofollow(path, os.O_RDONLY), "rb") as file:
+                problem = header_problem(file.read(100), os.fstat(file.fileno()).st_size)
+        except OSError as exc:
+            raise LedgerOpenError(f"cannot read ledger {path}: {exc.strerror or exc}") from exc
+        if problem is None or not problem.startswith("the file is truncated") or time.monotonic() > deadline:
+            return problem
+        try:
+            if os.stat(f"{path}-wal").st_size == 0:
+                return problem  # no log to copy from: nothing is under way
+        except FileNotFoundError:
+            return problem
+        time.sleep(0.02)
 
 
 def header_problem(header: bytes, size: int) -> str | None:

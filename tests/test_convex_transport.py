@@ -555,7 +555,10 @@ async def test_an_answer_too_large_to_take_is_heard_by_every_subscription_and_as
         big = Collector(client.subscribe(LIST, {"since": 0, "limit": 6}))
         small = Collector(client.subscribe("media_jobs:listFailedSince", {"since": 0}))
         await eventually(lambda: any(isinstance(r, QueryFailure) for r in big.results), "the too-large notice")
-        [notice] = [r for r in big.results if isinstance(r, QueryFailure)]
+        # The same query set fails again on each reconnect, so a loaded machine may hear it more than once.
+        notices = [r for r in big.results if isinstance(r, QueryFailure)]
+        notice = notices[0]
+        assert all(n.too_large and n.query_id == notice.query_id for n in notices)
         assert notice.too_large and notice.args == {"since": 0, "limit": 6}
         assert "too large to take" in notice.error_message and "exceeds limit" in notice.error_message
         assert any(isinstance(r, QueryFailure) and r.too_large for r in small.results)

@@ -13,6 +13,7 @@ import re
 import shutil
 import sqlite3
 import tempfile
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from materializer.ledger import (
     Ledger,
     LedgerDamagedError,
     OutputFile,
+    _settled_header_problem,
     header_problem,
 )
 from materializer.watch import format_event
@@ -251,3 +253,47 @@ def test_the_daemon_quarantines_a_damaged_pending_job_and_goes_on(backend: DevBa
         job = ledger.job(bad)
         assert job is not None and job.last_error is not None
         assert job.last_error.startswith(f"{UNDECODABLE_DOCUMENT}: ")
+
+
+# -- a ledger read while its daemon checkpoints is not damaged ----------------------------------------------
+
+
+def test_a_ledger_opened_while_another_connection_checkpoints_is_never_taken_for_truncated(db: Path) -> None:
+    """A checkpoint writes page 1 (the header with the new size) before the pages that make the file that
+    long, so `status` or `replay` opening the ledger then once saw "truncated" and refused it. Real
+    connections: one writes big documents and checkpoints after every commit while another opens the file."""
+    with Ledger(db) as writer:
+        writer._conn.execute("PRAGMA wal_autocheckpoint = 1")  # a checkpoint after every commit
+        stop = threading.Event()
+        written = 0
+
+        def write() -> None:
+            nonlocal written
+            while not stop.is_set():
+                doc = job_doc(f"j{written}", 1000.0 + written)
+                doc["request"]["prompt"] = "p" * 30_000
+                writer.observe_jobs([doc])
+                written += 1
+
+        thread = threading.Thread(target=write)
+        thread.start()
+        try:
+            # The header as `Ledger()` judges it before it opens the file (cheap, so thousands of looks).
+            problems = [_settled_header_problem(db) for _ in range(3000)]
+        finally:
+            stop.set()
+            thread.join()
+    assert written > 0 and problems == [None] * len(problems)
+    with Ledger(db, create=False) as reader:
+        assert reader.status().counts
+
+
+def test_a_ledger_truncated_for_real_is_refused_even_with_its_log_beside_it(db: Path) -> None:
+    with Ledger(db) as ledger:
+        ledger.observe_jobs([job_doc(f"j{n}", 1000.0 + n) for n in range(200)])
+    data = db.read_bytes()
+    page = int.from_bytes(data[16:18], "big")
+    db.write_bytes(data[:-page])
+    Path(f"{db}-wal").write_bytes(b"\x00" * 32)
+    with pytest.raises(LedgerDamagedError, match="its header says"):
+        Ledger(db, create=False)
