@@ -63,7 +63,6 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from materializer.feed import next_cursor
 from materializer.finite import finite_number
 from materializer.layout import Finding, UntrustedPath, check_file, open_nofollow
 from materializer.logs import redact, redact_value
@@ -1142,6 +1141,8 @@ class Ledger:
         overlap_ms = _finite(overlap_ms, "overlap_ms")
         if overlap_ms < 0:
             raise ValueError(f"overlap_ms must not be negative, got {overlap_ms}")
+        from materializer.feed import next_cursor  # here, not at import: `status` reads the ledger and needs no feed
+
         with self._write() as conn:
             since, seen_max = _cursor_row(conn, feed)
             if since is None:
