@@ -75,10 +75,11 @@ def _plain(value: Any) -> str | None:
 def _from_environment() -> dict[str, str] | None:
     names = {env_name(f"daemon.{key}"): key for key in _LOCATION_KEYS}
     section = ENV_PREFIX + "DAEMON"
+    nested = tuple(f"{variable}{ENV_DELIMITER}" for variable in names)
     found: dict[str, str] = {}
     for name, value in os.environ.items():
         upper = name.upper()
-        if upper == section or upper.startswith(tuple(f"{variable}{ENV_DELIMITER}" for variable in names)):
+        if upper == section or upper.startswith(nested):
             return None  # a whole section as JSON, or a path given as a nested table
         if upper in names:
             if name != upper or _plain(value) is None:
