@@ -28,10 +28,12 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
+import hmac
 import json
 import logging
 import mimetypes
 import re
+import secrets
 import signal
 import sys
 import tempfile
@@ -48,7 +50,7 @@ from stella_devbackend.clock import ServerClock
 from stella_devbackend.db import JobTable
 from stella_devbackend.faults import HTTP_KINDS, Faults
 from stella_devbackend.functions import FunctionError, Functions
-from stella_devbackend.media import MAX_BODY_BYTES, BadRequest, MediaService
+from stella_devbackend.media import MAX_BODY_BYTES, SIGNATURE_PARAM, BadRequest, MediaService
 from stella_devbackend.options import BackendOptions, options_from_args
 from stella_devbackend.sync import SyncContext, SyncSession
 
@@ -103,7 +105,8 @@ class Backend:
         if options.data_uri_outputs:
             self.faults.output_mode = "data_uri"
         self._faults_changed = asyncio.Event()
-        self.media = MediaService(self.table, files_dir, self.faults, options.job_delay)
+        self.media = MediaService(self.table, files_dir, self.faults, options.job_delay,
+                                  secrets.token_bytes(32) if "signed-urls" in options.extensions else None)
         self.sync_context = SyncContext(table=self.table, functions=self.functions, authority=self.authority,
                                         faults=self.faults, options=options, faults_changed=self.faults_changed)
         self.sessions: set[SyncSession] = set()
@@ -313,6 +316,10 @@ class Backend:
         path = self.files_dir / name
         if not _FILE_NAME.match(name) or not path.is_file():
             return web.json_response({"error": "no such file"}, status=404)
+        if self.media.url_signing_key is not None and not hmac.compare_digest(
+                request.query.get(SIGNATURE_PARAM, ""), self.media.url_signature(name)):
+            # A CDN's presigned URL without its signature (or with another's) is refused, as S3 does.
+            return web.json_response({"error": "signature does not match"}, status=403)
         data = await asyncio.to_thread(path.read_bytes)
         mime = mimetypes.guess_type(name)[0] or "application/octet-stream"
         etag = f'"{hashlib.sha256(data).hexdigest()[:32]}"'

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
+import hmac
 import json
 import logging
 import secrets
@@ -25,7 +27,7 @@ from stella_devbackend.db import JobTable
 from stella_devbackend.faults import Faults
 from stella_devbackend.stored import new_job_id, sanitize_json_value, summarize_request
 
-__all__ = ["BadRequest", "MediaService", "PROFILES"]
+__all__ = ["SIGNATURE_PARAM", "BadRequest", "MediaService", "PROFILES"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,8 @@ LONG_EDGE = {
     ("realtime", "default"): 512,
 }
 MAX_BODY_BYTES = 20 * 1024 * 1024
+#: The query parameter of a signed file URL (``signed-urls``): named as S3's presigned URLs name theirs.
+SIGNATURE_PARAM = "X-Amz-Signature"
 #: A finished job's ``status`` -> the provider status stored beside it. ``unknown`` is a status the
 #: reference contract names (``listFailedSince`` returns it with ``failed``); the provider status
 #: shown for it is this backend's choice.
@@ -88,11 +92,14 @@ def _decode_data_uri(uri: str) -> bytes:
 class MediaService:
     """Validates generate requests, stores jobs, and runs them to completion."""
 
-    def __init__(self, table: JobTable, files_dir: Path, faults: Faults, job_delay: float) -> None:
+    def __init__(self, table: JobTable, files_dir: Path, faults: Faults, job_delay: float,
+                 url_signing_key: bytes | None = None) -> None:
         self.table = table
         self.files_dir = files_dir
         self.faults = faults
         self.job_delay = job_delay
+        #: With the ``signed-urls`` extension: the key of the signature each file URL carries.
+        self.url_signing_key = url_signing_key
         self.base_url = ""
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -305,6 +312,11 @@ class MediaService:
             outputs.append(self.publish(data, request.output_format, size, index))
         return outputs
 
+    def url_signature(self, name: str) -> str:
+        """The signature a file's URL carries with the ``signed-urls`` extension."""
+        assert self.url_signing_key is not None
+        return hmac.new(self.url_signing_key, name.encode("ascii"), hashlib.sha256).hexdigest()
+
     def stored_output(self, output: Any) -> Any:
         """The output as ``markGenerated`` writes it: sanitized, unless the ``data_uri`` fault bypasses that."""
         return output if self.faults.output_mode == "data_uri" else sanitize_json_value(output)
@@ -318,6 +330,8 @@ class MediaService:
         else:
             (self.files_dir / name).write_bytes(data)
             url = f"{self.base_url}/files/{name}"
+            if self.url_signing_key is not None:
+                url += f"?{SIGNATURE_PARAM}={self.url_signature(name)}"
         return {"url": url, "content_type": mime, "width": size[0], "height": size[1],
                 "file_name": f"output_{index}.{ext}", "file_size": len(data)}
 

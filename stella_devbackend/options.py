@@ -43,6 +43,8 @@ EXTENSIONS: dict[str, str] = {
     "page-query": "adds media_jobs:listSucceededPage, a gap-free page query over completedAt",
     "bearer-session": "also accepts the dev session secret as 'Authorization: Bearer' at /api/auth/convex/token "
                       "(Better Auth's bearer plugin, which the Stella backend does not enable)",
+    "signed-urls": "output file URLs carry a signature in their query (as a CDN's presigned URLs do) and /files/ "
+                   "refuses a request without it (403)",
 }
 
 
