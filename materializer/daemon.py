@@ -52,11 +52,18 @@ from materializer.feed import (
 )
 from materializer.finite import is_finite_number
 from materializer.layout import InstanceLock
-from materializer.ledger import Event, OutputFile
-from materializer.materialize import Workspace, printable
+from materializer.ledger import Event, Job, OutputFile
+from materializer.materialize import FILES_VANISHED, Workspace, printable
 from materializer.options import LIVE_OPTIONS, DaemonOptions
 from materializer.payloads import failed_payload
-from materializer.queries import FAILED_QUERY, SUCCEEDED_QUERY, PageQueryBroken, is_missing_function, succeeded_pages
+from materializer.queries import (
+    FAILED_QUERY,
+    JOB_QUERY,
+    SUCCEEDED_QUERY,
+    PageQueryBroken,
+    is_missing_function,
+    succeeded_pages,
+)
 from materializer.tokens import TokenProvider
 
 __all__ = ["AUTH_ACTION", "Materializer"]
@@ -423,7 +430,7 @@ class Materializer:
                     continue
                 if not await self.db(self.ledger.try_claim, job.job_id, self.owner, self.options.lease_seconds):
                     continue
-                task = asyncio.create_task(self._materialize_claimed(job.job_id, job.doc, job.attempts))
+                task = asyncio.create_task(self._materialize_claimed(job))
                 self._in_flight[job.job_id] = task
                 task.add_done_callback(functools.partial(self._job_done, job.job_id))
             next_due = await self.db(self.ledger.next_due_at)
@@ -441,8 +448,11 @@ class Materializer:
             # Its lease lapses and the job is tried again; say why it stopped.
             log.error("job %s stopped unexpectedly", printable(job_id), exc_info=task.exception())
 
-    async def _materialize_claimed(self, job_id: str, doc: dict[str, Any], attempts: int) -> None:
-        result = await self.work.runner.attempt(job_id, doc, attempts)
+    async def _materialize_claimed(self, job: Job) -> None:
+        doc = job.doc
+        if job.attempts == 0 and (job.last_error or "").startswith(FILES_VANISHED):
+            doc = await self._current_document(job.job_id, doc)
+        result = await self.work.runner.attempt(job.job_id, doc, job.attempts)
         if result.event is not None:
             self.materialized_count += 1
             if self.display is not None:
@@ -452,6 +462,27 @@ class Materializer:
         if result.outcome != "retry":
             self._announce.set()
         await self._advance_cursor()
+
+    async def _current_document(self, job_id: str, stored: dict[str, Any]) -> dict[str, Any]:
+        """The job's document as the backend has it now (``getByJobId``), else the stored one.
+
+        A materialized job's stored document keeps its URLs without their query (a presigned
+        URL's signature is a secret), so a job whose files vanished needs today's URLs to be
+        downloaded again. The fresh document is kept for the job's further attempts.
+        """
+        try:
+            async with ConvexHttpClient(self.options.convex_url) as http:
+                current = await http.query(JOB_QUERY, {"jobId": job_id}, await self._token())
+        except ConvexHttpError as exc:
+            log.warning("job %s: its document could not be read again (%s); trying the stored one",
+                        printable(job_id), printable(str(exc))[:300])
+            return stored
+        if not (isinstance(current, dict) and current.get("jobId") == job_id and current.get("status") == "succeeded"):
+            log.warning("job %s: the backend no longer lists it as succeeded; trying the stored document",
+                        printable(job_id))
+            return stored
+        await self.observe([current])
+        return current
 
     # -- sidebar, gallery, state -------------------------------------------------------------------
 

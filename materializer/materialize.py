@@ -56,10 +56,13 @@ from materializer.resources import DownloadSlots, MemoryBudget
 from materializer.store import FolderReplaced, OutputStore, PartialFile, StorageError
 from materializer.thumbnails import FirstFrame, Thumbnails, is_image
 
-__all__ = ["Attempt", "JobMaterializer", "JobRunner", "Materialized", "Permanent", "Retry", "RetryPolicy",
-           "Workspace", "printable"]
+__all__ = ["FILES_VANISHED", "Attempt", "JobMaterializer", "JobRunner", "Materialized", "Permanent", "Retry",
+           "RetryPolicy", "Workspace", "printable"]
 
 log = logging.getLogger("materializer.daemon")
+
+#: How the reason of a job made pending again because its files are gone begins (``Workspace.check_files``).
+FILES_VANISHED = "its files vanished"
 #: The most memory parsing JSON takes per byte of it: the decoded text, and CPython's objects (``{},`` is
 #: 3 bytes, an empty dict and its reference 72). A JSON output read whole to tell glTF is weighted so.
 _PARSED_JSON_WEIGHT = 25
@@ -443,7 +446,7 @@ class Workspace:
             return []
         for job_id, problem in problems.items():
             log.warning("job %s: %s; materializing it again", printable(job_id), problem)
-        reasons = {job_id: f"its files vanished ({problem}); materializing it again"
+        reasons = {job_id: f"{FILES_VANISHED} ({problem}); materializing it again"
                    for job_id, problem in problems.items()}
         vanished: list[str] = await self.db(self.ledger.mark_vanished, reasons)
         return vanished

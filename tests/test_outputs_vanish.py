@@ -16,6 +16,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from materializer.layout import THUMBNAILS_DIR, default_layout
@@ -164,6 +165,28 @@ def test_an_outputs_folder_removed_or_moved_while_running_gets_every_file_back(
         # No later job's thumbnail was committed into the moved folder (its commit checks the folder).
         moved_thumbnails = set(os.listdir(tmp_path / "moved-outputs" / THUMBNAILS_DIR))
         assert not moved_thumbnails & {f"{j}_0.webp" for j in later}, moved_thumbnails
+
+
+def test_vanished_files_of_jobs_behind_signed_urls_are_downloaded_again_with_todays_urls(tmp_path: Path) -> None:
+    """The ledger keeps a materialized job's URLs without their query (a presigned URL's signature is a secret),
+    so files that vanish are fetched with the document `getByJobId` gives now (the backend's `signed-urls`
+    extension refuses an unsigned /files/ URL with 403); the fresh document is used, nothing is quarantined."""
+    with DevBackend.start(tmp_path / "backend", extensions=["signed-urls"]) as backend:
+        root = tmp_path / "root"
+        folder = default_layout(root).outputs
+        with DaemonProcess(root, backend):
+            jobs = backend.create_jobs(count=3, width=32, height=32)
+            wait_until(lambda: all_materialized_under_outputs(root, jobs), what="the jobs")
+            with Ledger(default_layout(root).ledger) as ledger:
+                stored = [ledger.job(job_id) for job_id in jobs]
+            assert all(job is not None and "?" not in json.dumps(job.doc) for job in stored)  # signatures not kept
+            shutil.rmtree(folder)
+            wait_until(lambda: all_materialized_under_outputs(root, jobs), what="every file back")
+        statuses = ledger_jobs(root)
+        assert [statuses[j] for j in jobs] == ["materialized"] * 3
+        assert_whole(root, jobs)
+        unsigned = httpx.get(json.loads(json.dumps(stored[0].doc))["output"]["images"][0]["url"])  # type: ignore[union-attr]
+        assert unsigned.status_code == 403  # what the stored document alone would have met
 
 
 def test_files_changed_or_deleted_while_stopped_come_back_at_start(backend: DevBackend, tmp_path: Path) -> None:
