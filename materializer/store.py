@@ -162,10 +162,10 @@ class PartialFile(io.FileIO):
     ``path`` is its absolute path, for messages and for readers.
     """
 
-    def __init__(self, store: OutputStore, fd: int, name: str) -> None:
+    def __init__(self, store: OutputStore, fd: int, name: str, dir_fd: int) -> None:
         super().__init__(fd, "r+", closefd=True)
         self.store = store
-        self.dir_fd = store._fd()
+        self.dir_fd = dir_fd
         """The folder it was created in (the store's folder may be opened again meanwhile)."""
         self.partial_name = name
         self.path = store.path / name
@@ -272,8 +272,11 @@ class OutputStore:
         reopened = False
         for _ in range(_CREATE_ATTEMPTS):
             name = f"{PARTIAL_PREFIX}{stem}-{_random_token()}"
+            # One read of the folder's descriptor: another thread may open the folder again at any moment,
+            # and the file must be known by the folder it is in (else a commit renames in the wrong one).
+            dir_fd = self._fd()
             try:
-                fd = os.open(name, flags, _FILE_MODE, dir_fd=self._fd())
+                fd = os.open(name, flags, _FILE_MODE, dir_fd=dir_fd)
             except FileExistsError:
                 continue  # taken, perhaps by a planted symlink: never open it, pick another name
             except OSError as exc:
@@ -281,7 +284,7 @@ class OutputStore:
                     reopened = True  # the folder was removed under us: it is back, try there
                     continue
                 raise _storage_error(f"creating a temporary file for {stem}", exc) from exc
-            return PartialFile(self, fd, name)
+            return PartialFile(self, fd, name, dir_fd)
         raise StorageError(f"no free temporary file name for {stem} after {_CREATE_ATTEMPTS} tries", retryable=True)
 
     def commit(self, partial: PartialFile, final_name: str) -> Path:

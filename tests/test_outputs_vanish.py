@@ -5,6 +5,7 @@ The store on real folders; the daemon and ``replay`` as real processes against t
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -13,6 +14,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +23,7 @@ import pytest
 
 from materializer.layout import THUMBNAILS_DIR, default_layout
 from materializer.ledger import Ledger
-from materializer.store import OutputStore, StorageError, _storage_error
+from materializer.store import PARTIAL_PREFIX, OutputStore, StorageError, _storage_error
 from stella_devbackend.control import DevBackend
 from stella_devbackend.harness import clean_env
 
@@ -88,6 +90,42 @@ def test_a_commit_into_a_folder_moved_meanwhile_is_refused_as_retryable(store: O
     assert os.listdir(store.path) == []
     commit(store, "job_a_0.txt", b"a")
     assert os.listdir(store.path) == ["job_a_0.txt"]
+
+
+def test_commits_racing_a_folder_moved_again_and_again_leave_no_temporary_file_anywhere(
+        store: OutputStore, tmp_path: Path) -> None:
+    """A writer thread commits while another moves the folder away and has the store open it again (as the
+    daemon's watcher does): every temporary file is known by the folder it was made in, so each commit lands in
+    that folder or is refused and removed, never left behind in a moved folder (it once was)."""
+    stop = threading.Event()
+    moved: list[Path] = []
+
+    def mover() -> None:
+        while not stop.is_set():
+            target = tmp_path / f"moved-{len(moved)}"
+            with contextlib.suppress(FileNotFoundError):
+                store.path.rename(target)
+                moved.append(target)
+            with contextlib.suppress(StorageError):
+                store.check_folder()
+
+    thread = threading.Thread(target=mover)
+    thread.start()
+    committed = refused = 0
+    try:
+        for n in range(400):
+            try:
+                commit(store, f"job_{n}_0.txt", b"x" * 64)
+                committed += 1
+            except StorageError:
+                refused += 1
+    finally:
+        stop.set()
+        thread.join()
+    assert committed + refused == 400 and len(moved) > 1
+    left = [str(path) for folder in [*moved, store.path] if folder.exists()
+            for path in folder.iterdir() if path.name.startswith(PARTIAL_PREFIX)]
+    assert left == []
 
 
 def test_enoent_is_retryable() -> None:
@@ -165,6 +203,8 @@ def test_an_outputs_folder_removed_or_moved_while_running_gets_every_file_back(
         # No later job's thumbnail was committed into the moved folder (its commit checks the folder).
         moved_thumbnails = set(os.listdir(tmp_path / "moved-outputs" / THUMBNAILS_DIR))
         assert not moved_thumbnails & {f"{j}_0.webp" for j in later}, moved_thumbnails
+        # Nor a temporary file: one made as the move landed is removed from the folder it was made in.
+        assert not [name for name in moved_thumbnails if name.startswith(PARTIAL_PREFIX)], moved_thumbnails
 
 
 def test_vanished_files_of_jobs_behind_signed_urls_are_downloaded_again_with_todays_urls(tmp_path: Path) -> None:
