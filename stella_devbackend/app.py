@@ -318,7 +318,9 @@ class Backend:
             return web.json_response({"error": "no such file"}, status=404)
         if self.media.url_signing_key is not None and not hmac.compare_digest(
                 request.query.get(SIGNATURE_PARAM, ""), self.media.url_signature(name)):
-            # A CDN's presigned URL without its signature (or with another's) is refused, as S3 does.
+            # The `signed-urls` extension, off by default. An output URL is "usually an https URL on the
+            # provider's CDN" (the project's reference, stella-media-jobs.md); no Stella or Convex source
+            # says how that CDN guards its files, so this is the stricter case: a presigned URL, checked.
             return web.json_response({"error": "signature does not match"}, status=403)
         data = await asyncio.to_thread(path.read_bytes)
         mime = mimetypes.guess_type(name)[0] or "application/octet-stream"

@@ -210,7 +210,8 @@ def test_an_outputs_folder_removed_or_moved_while_running_gets_every_file_back(
 def test_vanished_files_of_jobs_behind_signed_urls_are_downloaded_again_with_todays_urls(tmp_path: Path) -> None:
     """The ledger keeps a materialized job's URLs without their query (a presigned URL's signature is a secret),
     so files that vanish are fetched with the document `getByJobId` gives now (the backend's `signed-urls`
-    extension refuses an unsigned /files/ URL with 403); the fresh document is used, nothing is quarantined."""
+    extension refuses an unsigned /files/ URL with 403: no real source has it, it is the stricter case of a
+    provider's CDN); the fresh document is used, nothing is quarantined."""
     with DevBackend.start(tmp_path / "backend", extensions=["signed-urls"]) as backend:
         root = tmp_path / "root"
         folder = default_layout(root).outputs
