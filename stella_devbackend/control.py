@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 
+from stella_devbackend import forkserver
 from stella_devbackend.app import ADMIN_HEADER, SESSION_COOKIE, TOKEN_PATH
 from stella_devbackend.auth import SESSION_SECRET_FILE
 from stella_devbackend.harness import clean_env
@@ -73,7 +74,7 @@ class DevBackend:
         for name in self.extensions:
             command += ["--extension", name]
         command += self.extra_args
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=clean_env())
+        self.process = forkserver.Popen(command, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=clean_env())
         assert self.process.stdout is not None
         deadline = time.monotonic() + self.startup_timeout
         line = b""

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Protocol
 
 from materializer.layout import STATE_DIR_ENV
+from stella_devbackend import forkserver
 
 __all__ = ["CALLER_SETTINGS", "CgroupUnavailable", "DaemonProcess", "Endpoint", "MemoryCgroup", "catches",
            "clean_env"]
@@ -106,7 +107,7 @@ class DaemonProcess:
                    "--convex-url", self.backend.url, "--token-file", str(self.token_file), *self.extra_args]
         env = clean_env(XDG_CONFIG_HOME=str(self.config_home), **self.env)
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env,
+            self.process = forkserver.Popen(command, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env,
                                             preexec_fn=None if self.cgroup is None else self.cgroup.join_hook())
         return self
 

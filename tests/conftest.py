@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from stella_devbackend import forkserver
 from stella_devbackend.control import DevBackend, DevBackendError
 from stella_devbackend.harness import CALLER_SETTINGS
 
@@ -41,6 +42,24 @@ def pytest_configure(config: pytest.Config) -> None:
         if spec is not None and spec.submodule_search_locations:
             for folder in spec.submodule_search_locations:
                 compileall.compile_dir(folder, quiet=1)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--no-fork-server", action="store_true",
+                     help="start every daemon, backend and command with a fresh interpreter (see "
+                          "stella_devbackend/forkserver.py), not forked from a warm one")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _fork_server(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The processes this test process starts come from a warm interpreter (``--no-fork-server``: they do not)."""
+    if request.config.getoption("--no-fork-server") or not forkserver.enable():
+        yield
+        return
+    try:
+        yield
+    finally:
+        forkserver.disable()
 
 
 def _emptied(running: DevBackend) -> DevBackend:

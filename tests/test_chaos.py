@@ -58,7 +58,6 @@ import socket
 import sqlite3
 import stat
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -96,7 +95,7 @@ from materializer.materialize import Attempt
 from materializer.options import DaemonOptions
 from materializer.store import PARTIAL_PREFIX
 from materializer.tokens import StaticTokenProvider
-from stella_devbackend import imaging
+from stella_devbackend import forkserver, imaging
 from stella_devbackend.app import ADMIN_HEADER
 from stella_devbackend.control import DevBackend
 from stella_devbackend.harness import CgroupUnavailable, MemoryCgroup, clean_env
@@ -1858,7 +1857,7 @@ def run_local_case(case: LocalCase, base: Path, backend: DevBackend | None) -> N
         outside_before = _snapshot(base / "outside")
         others_before = sorted(path.name for path in base.iterdir())
         if case.outcome == "watch refused":
-            result = subprocess.run([sys.executable, "-m", "materializer", "watch", "--root", str(root), "--since",
+            result = forkserver.run([sys.executable, "-m", "materializer", "watch", "--root", str(root), "--since",
                                      "0", "--json"], capture_output=True, text=True, timeout=60,
                                     env=clean_env(XDG_CONFIG_HOME=str(base / "watch.config")))
             recorded = result.stderr.strip()

@@ -21,6 +21,7 @@ import pytest
 
 from materializer.daemon import AUTH_ACTION
 from materializer.layout import default_layout
+from stella_devbackend import forkserver
 from stella_devbackend.control import DevBackend
 
 from helpers import DaemonProcess, gallery, ledger_events, ledger_jobs, output_files, wait_until
@@ -30,7 +31,7 @@ COMMANDS = ["run", "replay", "repair", "status", "watch", "query", "doctor", "de
 
 def materializer(*args: str, env: dict[str, str] | None = None,
                  timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "materializer", *args], capture_output=True, text=True,
+    return forkserver.run([sys.executable, "-m", "materializer", *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
 
 
@@ -171,7 +172,7 @@ class LineReader:
 def test_watch_prints_sidebar_events(backend: DevBackend, tmp_path: Path) -> None:
     root = tmp_path / "root"
     with DaemonProcess(root, backend):
-        watcher = subprocess.Popen([sys.executable, "-m", "materializer", "watch", "--json", "--since", "0",
+        watcher = forkserver.Popen([sys.executable, "-m", "materializer", "watch", "--json", "--since", "0",
                                     "--root", str(root)], stdout=subprocess.PIPE,
                                    stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         lines = LineReader(watcher.stdout.fileno())  # type: ignore[union-attr]
@@ -287,7 +288,7 @@ def test_token_command(backend: DevBackend, tmp_path: Path) -> None:
     job = backend.create_jobs(count=1, share_files=True)[0]
     command = [sys.executable, "-m", "materializer", "run", "--config", str(config), "--root", str(root),
                "--convex-url", backend.url]
-    with subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+    with forkserver.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True) as process:
         try:
             wait_until(lambda: ledger_jobs(root).get(job) == "materialized" if (root / "state").exists() else False,
@@ -314,7 +315,7 @@ def test_token_fd_rotation_keeps_the_daemon_going_across_token_lifetimes(tmp_pat
         hand_a_token()
         command = [sys.executable, "-m", "materializer", "run", "--root", str(root), "--convex-url", backend.url,
                    "--token-fd", str(read_end)]
-        with subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        with forkserver.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True, pass_fds=[read_end]) as process:
             os.close(read_end)
             # The app hands a new token every second, on its own timer, well before expiry (not
@@ -369,7 +370,7 @@ def test_demo_end_to_end_with_its_gallery(tmp_path: Path) -> None:
     """``demo --gallery``: the demo (the same run as without the flag), its page from the start, up until Ctrl-C."""
     root = tmp_path / "demo"
     command = [sys.executable, "-m", "materializer", "demo", "--gallery", "--root", str(root)]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    with forkserver.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           stdin=subprocess.DEVNULL) as process:
         try:
             assert process.stdout is not None

@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from materializer.jwt import unverified_claims
+from stella_devbackend import forkserver
 from stella_devbackend.control import DevBackend
 
 
@@ -93,7 +94,7 @@ def test_the_session_secret_is_a_private_file_that_survives_restarts(backend: De
 
 
 def test_the_ready_line_names_the_token_endpoint_and_the_secret_file(tmp_path: Path) -> None:
-    process = subprocess.Popen([sys.executable, "-m", "stella_devbackend", "--data", str(tmp_path / "d")],
+    process = forkserver.Popen([sys.executable, "-m", "stella_devbackend", "--data", str(tmp_path / "d")],
                                stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
     try:
         assert process.stdout is not None

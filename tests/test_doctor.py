@@ -52,6 +52,7 @@ from materializer.doctor import (
     token_verdict,
 )
 from materializer.tokens import StaticTokenProvider
+from stella_devbackend import forkserver
 from stella_devbackend.control import DevBackend
 from stella_devbackend.jwt import sign_hs256
 
@@ -241,7 +242,7 @@ def doctor(*args: str, env: dict[str, str] | None = None, pass_fds: tuple[int, .
     """``materializer doctor`` as a process, with no token or state folder leaking in from this environment."""
     base = {k: v for k, v in os.environ.items()
             if not k.startswith("MATERIALIZER_") and k not in ("STELLA_TOKEN", "STELLA_DATA_DIR", "SSL_CERT_FILE")}
-    return subprocess.run([sys.executable, "-m", "materializer", "doctor", *args], capture_output=True, text=True,
+    return forkserver.run([sys.executable, "-m", "materializer", "doctor", *args], capture_output=True, text=True,
                           timeout=timeout, env={**base, "XDG_CONFIG_HOME": "/nonexistent", **(env or {})},
                           stdin=subprocess.DEVNULL, pass_fds=pass_fds)
 

@@ -37,6 +37,7 @@ from materializer.daemon import AUTH_ACTION
 from materializer.demo import submit_demo_jobs
 from materializer.layout import default_layout
 from materializer.ledger import Ledger
+from stella_devbackend import forkserver
 from stella_devbackend.control import DevBackend
 from stella_devbackend.harness import clean_env
 
@@ -94,7 +95,7 @@ def site(_module_backend: DevBackend, tmp_path_factory: pytest.TempPathFactory) 
         site = Site("", "", root, backend, daemon, demo, extras)
         site.wait_materialized([*demo, *(job for kind, job in extras.items() if kind != "failed")])
         command = [sys.executable, "-m", "materializer", "gallery", "--root", str(root), "--port", "0"]
-        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        with forkserver.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               stdin=subprocess.DEVNULL, env=clean_env()) as gallery:
             try:
                 assert gallery.stdout is not None

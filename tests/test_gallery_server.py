@@ -28,6 +28,7 @@ from materializer.ledger import Event, Ledger, LedgerError
 from materializer.options import DaemonOptions
 from materializer.replay import replay
 from materializer.tokens import StaticTokenProvider
+from stella_devbackend import forkserver
 from stella_devbackend.control import DevBackend
 from stella_devbackend.harness import clean_env
 
@@ -287,7 +288,7 @@ def test_only_loopback_addresses(tmp_path: Path) -> None:
     for host in ("0.0.0.0", "192.168.1.2", "example.com", "::"):
         with pytest.raises(ValueError, match="loopback"):
             GalleryServer(default_layout(tmp_path), host=host)
-    refused = subprocess.run([sys.executable, "-m", "materializer", "gallery", "--root", str(tmp_path),
+    refused = forkserver.run([sys.executable, "-m", "materializer", "gallery", "--root", str(tmp_path),
                               "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60, env=clean_env())
     assert refused.returncode == 2 and "loopback" in refused.stderr
 
@@ -295,7 +296,7 @@ def test_only_loopback_addresses(tmp_path: Path) -> None:
 def test_the_command_prints_its_url_once_and_stops_on_sigterm(made: tuple[Path, list[str]]) -> None:
     root, jobs = made
     command = [sys.executable, "-m", "materializer", "gallery", "--root", str(root), "--port", "0"]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(),
+    with forkserver.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(),
                           stdin=subprocess.DEVNULL) as process:
         try:
             assert process.stdout is not None

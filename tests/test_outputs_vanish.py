@@ -24,6 +24,7 @@ import pytest
 from materializer.layout import THUMBNAILS_DIR, default_layout
 from materializer.ledger import Ledger
 from materializer.store import PARTIAL_PREFIX, OutputStore, StorageError, _storage_error
+from stella_devbackend import forkserver
 from stella_devbackend.control import DevBackend
 from stella_devbackend.harness import clean_env
 
@@ -256,7 +257,7 @@ def test_replay_reports_already_present_only_files_that_match_their_hash(backend
     changed, deleted = folder / f"{jobs[0]}_0.png", folder / f"{jobs[1]}_0.png"
     changed.write_bytes(changed.read_bytes()[:-1] + b"\x00")
     deleted.unlink()
-    result = subprocess.run(
+    result = forkserver.run(
         [sys.executable, "-m", "materializer", "replay", "--root", str(root), "--convex-url", backend.url,
          "--token-file", str(daemon.token_file), "--json"], capture_output=True, text=True, timeout=120,
         env=clean_env(XDG_CONFIG_HOME=str(tmp_path / "xdg")), stdin=subprocess.DEVNULL)

@@ -20,6 +20,7 @@ from materializer import exits
 from materializer.layout import default_layout
 from materializer.ledger import Ledger
 from materializer.repair import gallery_jobs, moved_aside_name, scan_outputs
+from stella_devbackend import forkserver
 from stella_devbackend.control import DevBackend
 from stella_devbackend.harness import clean_env
 
@@ -41,7 +42,7 @@ def materializer(root: Path, backend: DevBackend, *args: str) -> subprocess.Comp
     """A command as a process, against ``backend``, with a clean environment and the backend's current token."""
     token = root.parent / f"{root.name}.repair-token"
     token.write_text(backend.token)
-    return subprocess.run(
+    return forkserver.run(
         [sys.executable, "-m", "materializer", *args, "--root", str(root), "--convex-url", backend.url,
          "--token-file", str(token)], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
         env=clean_env(XDG_CONFIG_HOME=str(root.parent / "xdg")))
@@ -222,11 +223,11 @@ def test_moved_aside_names_carry_the_utc_time_and_never_collide() -> None:
 
 def test_the_help_names_exit_code_4_and_the_way_out() -> None:
     env = clean_env()
-    run = subprocess.run([sys.executable, "-m", "materializer", "run", "--help"], capture_output=True, text=True,
+    run = forkserver.run([sys.executable, "-m", "materializer", "run", "--help"], capture_output=True, text=True,
                          env=env, timeout=60)
     text = " ".join(run.stdout.split())
     assert "4 when the ledger is damaged" in text and "see materializer repair" in text
-    repair = subprocess.run([sys.executable, "-m", "materializer", "repair", "--help"], capture_output=True,
+    repair = forkserver.run([sys.executable, "-m", "materializer", "repair", "--help"], capture_output=True,
                             text=True, env=env, timeout=60)
     assert repair.returncode == 0 and "materializer.db.damaged-<UTC time>" in " ".join(repair.stdout.split())
 

@@ -26,6 +26,7 @@ from materializer import exits
 from materializer.layout import default_layout
 from materializer.ledger import Ledger, OutputFile
 from materializer.logs import REDACTED, register_secret
+from stella_devbackend import forkserver
 from stella_devbackend.control import DevBackend
 from stella_devbackend.harness import DaemonProcess, clean_env
 
@@ -81,7 +82,7 @@ class Lines:
 
 def watch_until(root: Path, wanted: Callable[[dict[str, Any]], bool]) -> list[str]:
     """``materializer watch --since 0 --json`` as a process, read until a line ``wanted`` accepts."""
-    watcher = subprocess.Popen([sys.executable, "-m", "materializer", "watch", "--json", "--since", "0", "--root",
+    watcher = forkserver.Popen([sys.executable, "-m", "materializer", "watch", "--json", "--since", "0", "--root",
                                 str(root)], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                env=clean_env(XDG_CONFIG_HOME=str(root.parent / "watch.config")))
     try:
@@ -180,7 +181,7 @@ def test_a_token_quoted_in_an_auth_error_reaches_neither_ledger_nor_sidebar(tmp_
     root = tmp_path / "root"
     with HostileConvex(script=refuse, hostile_sockets=1000) as server, DaemonProcess(root, Endpoint(server.url, token)):
         lines = watch_until(root, lambda event: event.get("payload", {}).get("state") == "auth_required")
-        status = subprocess.run([sys.executable, "-m", "materializer", "status", "--json", "--root", str(root)],
+        status = forkserver.run([sys.executable, "-m", "materializer", "status", "--json", "--root", str(root)],
                                 capture_output=True, text=True, timeout=60,
                                 env=clean_env(XDG_CONFIG_HOME="/nonexistent"))
     refused = json.loads(lines[-1])["payload"]
@@ -223,7 +224,7 @@ LIST = "media_jobs:listSucceededSince"
 
 
 def query(backend: DevBackend, *token_args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "materializer", "query", LIST, '{"since": 0}', "--url", backend.url,
+    return forkserver.run([sys.executable, "-m", "materializer", "query", LIST, '{"since": 0}', "--url", backend.url,
                            *token_args], input=stdin, capture_output=True, text=True, timeout=60,
                           env=clean_env(XDG_CONFIG_HOME="/nonexistent"))
 

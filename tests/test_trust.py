@@ -35,6 +35,7 @@ from materializer.layout import (
     secure_layout,
 )
 from materializer.ledger import Ledger
+from stella_devbackend import forkserver
 from stella_devbackend.control import DevBackend
 from stella_devbackend.harness import DaemonProcess, clean_env
 
@@ -300,7 +301,7 @@ def test_run_tightens_its_own_open_folders_and_says_so(backend: DevBackend, base
 def test_status_reports_what_run_would_refuse(base: Path) -> None:
     root = base / "root"
     planted = _plant(base, root, "ledger")
-    result = subprocess.run([sys.executable, "-m", "materializer", "status", "--root", str(root), "--json"],
+    result = forkserver.run([sys.executable, "-m", "materializer", "status", "--root", str(root), "--json"],
                             capture_output=True, text=True, timeout=60, env=clean_env(XDG_CONFIG_HOME=str(base / "c")))
     assert result.returncode == exits.OK, result.stderr
     report = json.loads(result.stdout)
@@ -315,7 +316,7 @@ def test_status_reports_what_run_would_refuse(base: Path) -> None:
 def watch(root: Path, base: Path) -> subprocess.CompletedProcess[str]:
     """``materializer watch --since 0 --json`` as a process; a trusted daemon would make it run until stopped."""
     command = [sys.executable, "-m", "materializer", "watch", "--root", str(root), "--since", "0", "--json"]
-    return subprocess.run(command, capture_output=True, text=True, timeout=60,
+    return forkserver.run(command, capture_output=True, text=True, timeout=60,
                           env=clean_env(XDG_CONFIG_HOME=str(base / "c")))
 
 
