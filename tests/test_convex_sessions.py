@@ -96,7 +96,9 @@ async def test_a_refused_upgrade_is_logged_once_per_change_kept_as_the_detail_an
     caplog.set_level(logging.ERROR, logger="materializer.convex")
     async with SyncClient(url, None, backoff=FAST) as client:
         client.subscribe(LIST, ALL)
-        await async_wait_until(lambda: len(requests) >= 4, DEADLINE, "a few refused upgrades")
+        # Between attempts (DISCONNECTED), not during the next one (CONNECTING, no detail yet).
+        await async_wait_until(lambda: len(requests) >= 4 and client.state is ConnectionState.DISCONNECTED,
+                               DEADLINE, "a few refused upgrades")
         assert client.state_detail == f"HTTP 400 ClientVersionUnsupported: {UNSUPPORTED}"
         refusals = [r.getMessage() for r in caplog.records if "refused the WebSocket upgrade" in r.getMessage()]
         assert refusals == [f"convex sync: {client.url} refused the WebSocket upgrade: "
