@@ -13,6 +13,7 @@ from __future__ import annotations
 import compileall
 import importlib.util
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,8 +35,13 @@ def pytest_configure(config: pytest.Config) -> None:
     writes bytecode, so each would compile those sources again (about 0.2 s of CPU apiece); an
     installed package has its bytecode from pip, this editable checkout gets it here. Only stale or
     missing files are written (into the packages' ``__pycache__``, which git ignores).
+
+    For the same reason every test process keeps pytest's assertion-rewritten test modules (in
+    ``tests/__pycache__``): otherwise each of the four workers rewrites and compiles all of them on every
+    run, about 5 s of CPU apiece.
     """
-    if hasattr(config, "workerinput"):  # an xdist worker: the controller did it
+    sys.dont_write_bytecode = False
+    if hasattr(config, "workerinput"):  # an xdist worker: the controller did the packages
         return
     for package in ("materializer", "stella_devbackend"):
         spec = importlib.util.find_spec(package)
