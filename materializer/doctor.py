@@ -23,7 +23,7 @@ deployment that works except for the sign-in reads as exactly that
 (exit 3), not as a broken deployment.
 
 No token ever reaches the output: every detail passes through
-:func:`materializer.logs.redact`, which knows each token the sources handed
+:func:`materializer.redaction.redact`, which knows each token the sources handed
 out (a server may echo what it was sent).
 """
 
@@ -60,8 +60,8 @@ from materializer.convex.token_timing import token_timing
 from materializer.convex.transport import ConnectionState, SyncClient
 from materializer.finite import is_finite_number
 from materializer.layout import Finding, inspect_layout
-from materializer.logs import redact
 from materializer.queries import FAILED_QUERY, JOB_QUERY, MISSING_FUNCTION, PAGE_QUERY, SUCCEEDED_QUERY
+from materializer.redaction import redact
 from materializer.store import OutputStore, StorageError
 from materializer.tokens import TokenProvider, TokenSourceError, provider_for
 

@@ -30,18 +30,22 @@ user's choice (``~/.stella`` may sit on another disk) and are not judged.
 from __future__ import annotations
 
 import fcntl
-import logging
 import os
 import stat
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 __all__ = ["STATE_DIR_ENV", "THUMBNAILS_DIR", "AlreadyRunning", "Finding", "InstanceLock", "Layout", "UntrustedPath",
            "check_file", "check_folder", "default_layout", "inspect_layout", "judge_file", "judge_folder",
            "layout_folders", "open_nofollow", "resolve_state_dir", "secure_layout"]
 
-log = logging.getLogger(__name__)
+
+def _warn(message: str, *args: object) -> None:
+    """Log a warning; :mod:`logging` (9 ms) is imported at the first one, as ``status`` never logs."""
+    import logging
+
+    logging.getLogger(__name__).warning(message, *args)
+
 
 #: The desktop app's variable for its state folder.
 STATE_DIR_ENV = "STELLA_DATA_DIR"
@@ -61,8 +65,8 @@ def resolve_state_dir(root: Path, state_dir: Path | None) -> Path:
     return root / ROOT_STATE_SUBDIR
 
 
-@dataclass(frozen=True, slots=True)
-class Layout:
+# A NamedTuple, not a dataclass, for `materializer status`'s start (see materializer.ledger's records).
+class Layout(NamedTuple):
     """The paths under one Stella state folder."""
 
     state: Path
@@ -108,8 +112,7 @@ _FOLDER_MODE = 0o700
 FileKind = Literal["file", "socket"]
 
 
-@dataclass(frozen=True, slots=True)
-class Finding:
+class Finding(NamedTuple):
     """Something about a path that another user could exploit, and how to fix it.
 
     ``tighten_to``: the folder is ours and only too open; :func:`secure_layout`
@@ -266,7 +269,7 @@ def secure_layout(layout: Layout, root: Path) -> list[Finding]:
         if finding.tighten_to is None:
             raise UntrustedPath(finding)
         os.chmod(folder, finding.tighten_to, follow_symlinks=False)
-        log.warning("tightened %s to mode %04o: it %s", folder, finding.tighten_to, finding.problem)
+        _warn("tightened %s to mode %04o: it %s", folder, finding.tighten_to, finding.problem)
         tightened.append(finding)
     return tightened
 

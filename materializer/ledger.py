@@ -33,7 +33,7 @@ Every call is short (index lookups and small writes).
 
 Secrets. Everything stored here may be read by ``status``, sent to sidebar
 clients or written to the gallery, so what comes from a server passes through
-:func:`materializer.logs.redact` on the way in: event payloads, state, reasons,
+:func:`materializer.redaction.redact` on the way in: event payloads, state, reasons,
 the prompt and other columns the gallery shows, and the documents of finished
 jobs. A finished job's document is also kept without the query strings of its
 URLs (``X-Amz-Signature``, ``X-Amz-Credential`` and the like): nothing reads
@@ -50,22 +50,19 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import re
-import secrets
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from materializer.finite import finite_number
 from materializer.layout import Finding, UntrustedPath, check_file, open_nofollow
-from materializer.logs import redact, redact_value
+from materializer.redaction import redact, redact_value
 
 __all__ = [
     "DEFAULT_CURSOR_OVERLAP_MS",
@@ -91,7 +88,13 @@ __all__ = [
     "UnknownJobError",
 ]
 
-_log = logging.getLogger(__name__)
+
+def _warn(message: str, *args: object) -> None:
+    """Log a warning; :mod:`logging` (9 ms) is imported at the first one, as ``status`` never logs."""
+    import logging
+
+    logging.getLogger(__name__).warning(message, *args)
+
 
 DEFAULT_EVENT_CAP = 100_000
 DEFAULT_CURSOR_OVERLAP_MS = 2_000.0
@@ -141,8 +144,9 @@ class UnknownJobError(LedgerError):
     """The job was never observed by this ledger."""
 
 
-@dataclass(frozen=True, slots=True)
-class Job:
+# The records are NamedTuples, not dataclasses: `materializer status` imports this module and
+# materializer.layout, and their ten dataclasses with the dataclasses module took 18 ms of its start.
+class Job(NamedTuple):
     """A succeeded job as the ledger tracks it."""
 
     job_id: str
@@ -162,11 +166,10 @@ class Job:
     doc: dict[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
-class OutputFile:
+class OutputFile(NamedTuple):
     """One committed output of a job; ``path`` is relative to the outputs folder."""
 
-    index: int
+    index: int  # type: ignore[assignment]  # a field, not tuple.index()
     path: str
     mime_type: str
     width: int | None
@@ -175,8 +178,7 @@ class OutputFile:
     sha256: str
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
+class Event(NamedTuple):
     """One entry of the sidebar event log."""
 
     seq: int
@@ -187,8 +189,7 @@ class Event:
     """Why the stored payload could not be read (then ``payload`` is empty): sent as a notice, not as the event."""
 
 
-@dataclass(frozen=True, slots=True)
-class EventPage:
+class EventPage(NamedTuple):
     """Events after ``after_seq``, with the log's bounds to detect pruned ranges."""
 
     after_seq: int
@@ -204,8 +205,7 @@ class EventPage:
         return self.first_seq is not None and self.after_seq + 1 < self.first_seq
 
 
-@dataclass(frozen=True, slots=True)
-class GalleryEntry:
+class GalleryEntry(NamedTuple):
     """A materialized job with its files, for the gallery manifest."""
 
     job_id: str
@@ -217,8 +217,7 @@ class GalleryEntry:
     files: list[OutputFile]
 
 
-@dataclass(frozen=True, slots=True)
-class FailedEntry:
+class FailedEntry(NamedTuple):
     """A job that failed upstream (``failed`` or ``unknown``), as noted with its ``media.failed`` event."""
 
     job_id: str
@@ -228,8 +227,7 @@ class FailedEntry:
     doc: dict[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
-class QuarantinedJob:
+class QuarantinedJob(NamedTuple):
     """A job given up on, with the reason."""
 
     job_id: str
@@ -238,8 +236,7 @@ class QuarantinedJob:
     completed_at_ms: float
 
 
-@dataclass(frozen=True, slots=True)
-class LedgerStatus:
+class LedgerStatus(NamedTuple):
     """What ``materializer status`` shows, read in one consistent snapshot."""
 
     counts: dict[str, int]
@@ -466,7 +463,7 @@ def _create(path: Path, busy_timeout: float) -> None:
     a ledger another process created meanwhile.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.new-{secrets.token_hex(8)}")
+    temporary = path.with_name(f".{path.name}.new-{os.urandom(8).hex()}")
     # Prompts are private. SQLite gives the -wal and -shm files the
     # database file's mode, so creating it 0600 covers all three.
     os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
@@ -781,7 +778,7 @@ class Ledger:
                         (reason, rowid),
                     ).rowcount
                     if changed:
-                        _log.warning("job %r quarantined: %s", job_id, reason)
+                        _warn("job %r quarantined: %s", job_id, reason)
                         payload = {"state": "quarantined", "jobId": job_id, "reason": reason}
                         self._append_event(conn, "materializer.state", None, _payload_json(payload))
         return jobs
@@ -1181,7 +1178,7 @@ class Ledger:
         try:
             return json.loads(row[0])
         except ValueError as exc:
-            _log.warning("ledger state %r does not decode (%s); using its default", key, exc)
+            _warn("ledger state %r does not decode (%s); using its default", key, exc)
             return default
 
     # -- reports ---------------------------------------------------------------
@@ -1316,7 +1313,7 @@ def _text(value: str) -> str:
 
 
 def _reason(value: str) -> str:
-    """Text from a server or a job, as stored: redacted (see :mod:`materializer.logs`), then storable."""
+    """Text from a server or a job, as stored: redacted (see :mod:`materializer.redaction`), then storable."""
     return _text(redact(value))
 
 

@@ -10,17 +10,9 @@ again replaces it, so a live reload can change level and format):
 - ``json``: one object per line, ``{"ts", "level", "logger", "msg", ...}``
   plus the record's ``extra`` fields and ``exc`` (the traceback).
 
-Everything written passes through :func:`redact`: anything shaped like a JWT,
-``Bearer <credential>``, and every string given to :func:`register_secret`
-(the token sources register each token they hand out) become
-``[redacted]``, in messages, arguments, extra fields and tracebacks alike.
-
-Logs are not the only sink. The same function guards everything the
-materializer keeps or sends: :func:`redact_value` applies it to every string
-of a JSON value, and the ledger passes through it what it stores (event
-payloads, which the sidebar receives, state, reasons, the gallery's
-columns, finished job documents), so a server that quotes a token in an
-error message cannot get it stored or sent either.
+Everything written passes through :func:`materializer.redaction.redact`, in
+messages, arguments, extra fields and tracebacks alike: no token is ever
+written (the same function guards what the ledger stores and sends).
 """
 
 from __future__ import annotations
@@ -29,84 +21,19 @@ import json
 import logging
 import math
 import os
-import re
 import sys
-import threading
 from datetime import UTC, datetime
 from typing import Any, Literal, TextIO
 
-__all__ = ["REDACTED", "redact", "redact_value", "register_secret", "setup_logging"]
+from materializer.redaction import redact
 
-REDACTED = "[redacted]"
-
-_JWT = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
-# `Bearer realm="..."` (a WWW-Authenticate challenge) carries no credential.
-_BEARER = re.compile(r"\b(Bearer\s+)(?!realm=)[^\s\"',;]+", re.IGNORECASE)
-#: How many registered secrets are remembered (the newest win): a rotated token can still
-#: turn up in a late error message, but the list must not grow for ever.
-_MAX_SECRETS = 32
-
-_secrets_lock = threading.Lock()
-_secrets: tuple[str, ...] = ()
-_secrets_pattern: re.Pattern[str] | None = None
+__all__ = ["setup_logging"]
 
 #: Loggers of libraries that are chatty below WARNING (every request, frame or file event).
 _QUIET_LIBRARIES = ("httpx", "httpcore", "websockets", "watchfiles")
 #: syslog priorities (as journald reads them from a ``<N>`` line prefix) from each level up.
 _JOURNAL_PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
 _RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
-
-
-#: The shortest text :func:`register_secret` takes as a secret.
-MIN_SECRET_CHARS = 8
-
-
-def register_secret(secret: str) -> None:
-    """Redact ``secret`` (exactly, wherever it appears) from every log line from now on.
-
-    Text shorter than :data:`MIN_SECRET_CHARS` is no credential (a JWT is hundreds of characters),
-    and redacting it everywhere would garble every line that happens to contain it.
-    """
-    global _secrets, _secrets_pattern
-    if len(secret.strip()) < MIN_SECRET_CHARS:
-        return
-    with _secrets_lock:
-        kept = tuple(s for s in _secrets if s != secret)[-(_MAX_SECRETS - 1):] + (secret,)
-        # Also as repr() and JSON show it (a traceback quoting an exception argument, a logged
-        # payload), where quotes, backslashes and other characters come out escaped.
-        spellings = {
-            spelling
-            for s in kept
-            for spelling in (s, repr(s)[1:-1], json.dumps(s)[1:-1], json.dumps(s, ensure_ascii=False)[1:-1])
-        }
-        # Longest first, so a secret containing another is replaced whole.
-        alternatives = sorted(spellings, key=len, reverse=True)
-        _secrets_pattern = re.compile("|".join(re.escape(s) for s in alternatives))
-        _secrets = kept
-
-
-def redact(text: str) -> str:
-    """``text`` with registered secrets, JWTs and bearer credentials replaced by ``[redacted]``."""
-    pattern = _secrets_pattern
-    if pattern is not None:
-        text = pattern.sub(REDACTED, text)
-    text = _JWT.sub(REDACTED, text)
-    return _BEARER.sub(lambda match: match.group(1) + REDACTED, text)
-
-
-def redact_value(value: Any) -> Any:
-    """A JSON value (dicts, lists, strings, numbers) with :func:`redact` applied to every string and key.
-
-    Structural, not on serialized text: a credential that ends in a JSON escape cannot take the escape
-    with it and break the document.
-    """
-    if isinstance(value, str):
-        return redact(value)
-    if isinstance(value, dict):
-        return {redact(key) if isinstance(key, str) else key: redact_value(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [redact_value(item) for item in value]
-    return value
 
 
 def _extras(record: logging.LogRecord) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from typing import Protocol, runtime_checkable
 
 import watchfiles
 
-from materializer.logs import register_secret
+from materializer.redaction import register_secret
 
 __all__ = [
     "CommandTokenProvider",

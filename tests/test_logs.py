@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from materializer.logs import REDACTED, redact, register_secret, setup_logging
+from materializer.logs import setup_logging
+from materializer.redaction import REDACTED, redact, register_secret
 from stella_devbackend.jwt import sign_hs256
 
 JWT = sign_hs256({"sub": "user_123", "exp": 4_000_000_000}, b"k" * 32)

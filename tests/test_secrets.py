@@ -25,7 +25,7 @@ from PIL import Image
 from materializer import exits
 from materializer.layout import default_layout
 from materializer.ledger import Ledger, OutputFile
-from materializer.logs import REDACTED, register_secret
+from materializer.redaction import REDACTED, register_secret
 from stella_devbackend import forkserver
 from stella_devbackend.control import DevBackend
 from stella_devbackend.harness import DaemonProcess, clean_env

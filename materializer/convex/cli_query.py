@@ -3,7 +3,7 @@
 The token comes from a file, the first line of stdin, ``$STELLA_TOKEN``, or
 ``--token`` (which warns: a command line is visible to every user of the
 machine). What the server says on stderr (errors, refusals, states) passes
-through :func:`materializer.logs.redact`: a server may quote the token back.
+through :func:`materializer.redaction.redact`: a server may quote the token back.
 
 Without ``--watch`` the query runs once over HTTP (``POST /api/query``) and
 its value is printed as one JSON line. With ``--watch`` it is subscribed over
@@ -34,7 +34,7 @@ from materializer.convex.http import ConvexAuthError, ConvexFunctionError, Conve
 from materializer.convex.protocol import QueryFailure, QueryValue
 from materializer.convex.transport import ConnectionState, StateChange, SyncClient
 from materializer.convex.values import ConvexValueError, to_convex_json
-from materializer.logs import redact
+from materializer.redaction import redact
 from materializer.tokens import TokenProvider
 
 __all__ = ["display_json", "run_query_command"]
