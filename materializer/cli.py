@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -265,7 +265,12 @@ def _common(parser: argparse.ArgumentParser, *, daemon: bool = True) -> None:
     parser.add_argument("--log-format", choices=["text", "json"], help="log line format (json for journald)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(wanted: Collection[str] | None = None) -> argparse.ArgumentParser:
+    """The command line, with the parsers of the ``wanted`` subcommands only (default: all of them).
+
+    A subcommand's parser does not depend on the others, so its usage, help
+    and errors are the same whichever others are built.
+    """
     parser = argparse.ArgumentParser(
         prog="materializer",
         description="Materialize the signed-in user's Stella media jobs onto disk. Every setting can also come "
@@ -273,7 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"materializer {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, add in COMMANDS.items():
+        if wanted is None or name in wanted:
+            add(commands)
+    return parser
 
+
+def _add_run(commands: Any) -> None:
     run = commands.add_parser("run", help="run the daemon in the foreground",
                               description="Follow the signed-in user's succeeded media jobs and materialize them. "
                               "SIGTERM/SIGINT stop it, SIGHUP reloads the configuration. Exit 1 when another "
@@ -285,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--parent-pid", type=int, metavar="PID", help="exit cleanly when process PID exits")
     run.set_defaults(handler=_run)
 
+
+def _add_replay(commands: Any) -> None:
     replay = commands.add_parser("replay", help="fetch missed jobs and materialize what is missing",
                                  description="One-shot: list jobs over HTTP and materialize whatever is missing. "
                                  "Safe while the daemon runs. Exit 0 all done, 1 some failed, 2 usage or "
@@ -298,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     replay.set_defaults(handler=_replay)
 
+
+def _add_repair(commands: Any) -> None:
     repair = commands.add_parser(
         "repair", help="move a damaged ledger aside and rebuild it from the files on disk and the backend",
         description="With no daemon running: move a damaged ledger (and its -wal, -shm) aside to "
@@ -314,11 +329,15 @@ def build_parser() -> argparse.ArgumentParser:
     repair.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     repair.set_defaults(handler=_repair)
 
+
+def _add_status(commands: Any) -> None:
     status = commands.add_parser("status", help="show the daemon's state (works when it is stopped)")
     _common(status, daemon=False)
     status.add_argument("--json", action="store_true", help="print one JSON object")
     status.set_defaults(handler=_status)
 
+
+def _add_watch(commands: Any) -> None:
     watch = commands.add_parser("watch", help="follow the sidebar socket and print its events",
                                 description="Follow the daemon's sidebar socket and print its events until Ctrl-C "
                                 "(exit 0). Exit 1 when the socket cannot be used or the daemon refuses the request, "
@@ -329,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--json", action="store_true", help="print each event as one JSON line")
     watch.set_defaults(handler=_watch)
 
+
+def _add_query(commands: Any) -> None:
     query = commands.add_parser(
         "query", help="run a Convex query once, or watch it (debugging)",
         description="Run a Convex query once over HTTP and print its value as one JSON line, or with --watch "
@@ -346,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--watch", action="store_true", help="subscribe and print every new result")
     query.set_defaults(handler=_query)
 
+
+def _add_doctor(commands: Any) -> None:
     doctor = commands.add_parser(
         "doctor", help="check the deployment, the token and the outputs folder, one line per check",
         description="Check a setup the way a person debugging it would: the deployment answers, accepts this "
@@ -357,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--json", action="store_true", help='print {"ok", "checks": [{"name", "status", "detail"}]}')
     doctor.set_defaults(handler=_doctor)
 
+
+def _add_demo(commands: Any) -> None:
     demo = commands.add_parser("demo", help="run the local backend and the materializer end to end",
                                description="Start the local backend and the materializer, submit jobs of every "
                                "capability, and show the files that land on disk.")
@@ -365,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also serve the live gallery page (its URL is printed) and keep it up until Ctrl-C")
     demo.set_defaults(handler=_demo)
 
+
+def _add_gallery(commands: Any) -> None:
     gallery = commands.add_parser(
         "gallery", help="serve a live web page of what was made (loopback only, behind a secret URL)",
         description="Serve the gallery of a root on a loopback address and print its URL once; the URL holds a "
@@ -377,9 +404,6 @@ def build_parser() -> argparse.ArgumentParser:
     gallery.add_argument("--port", type=int, default=0, help="port (default 0: any free port)")
     gallery.add_argument("--open", action="store_true", help="open the page in the default browser")
     gallery.set_defaults(handler=_gallery)
-
-    _add_dev_backend(commands)
-    return parser
 
 
 def _add_dev_backend(commands: Any) -> None:
@@ -401,8 +425,28 @@ def _add_dev_backend(commands: Any) -> None:
     backend.set_defaults(handler=_dev_backend)
 
 
+COMMANDS: dict[str, Callable[[Any], None]] = {
+    "run": _add_run,
+    "replay": _add_replay,
+    "repair": _add_repair,
+    "status": _add_status,
+    "watch": _add_watch,
+    "query": _add_query,
+    "doctor": _add_doctor,
+    "demo": _add_demo,
+    "gallery": _add_gallery,
+    "dev-backend": _add_dev_backend,
+}
+"""Each subcommand and what adds its parser, in the order ``--help`` lists them."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    # Build only the parser the first word names (a faster start: the dev backend's flags alone take
+    # 20 ms); anything else (help, a mistake) gets them all, so that the choices listed are complete.
+    first = arguments[0] if arguments else ""
+    wanted = [first] if first in COMMANDS else [] if first == "--version" else None
+    args = build_parser(wanted).parse_args(arguments)
     try:
         return int(args.handler(args))
     except KeyboardInterrupt:

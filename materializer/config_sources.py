@@ -13,7 +13,6 @@ the full settings, whose error then names the problem.
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -51,6 +50,8 @@ def expand_path(path: Path) -> Path:
 
 def read_toml(path: Path) -> dict[str, Any]:
     """The file's tables; :class:`ConfigFileError` when it is missing, unreadable or not TOML."""
+    import tomllib  # only when there is a file: 6 ms of a `status` start that most often has none
+
     try:
         with path.open("rb") as file:
             return tomllib.load(file)

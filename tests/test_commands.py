@@ -41,6 +41,42 @@ def test_every_command_has_help(command: str) -> None:
     assert result.returncode == 0 and "usage: materializer" in result.stdout
 
 
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_command_built_alone_has_the_help_errors_and_parse_of_the_whole_command_line(
+        command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``main`` builds only the parser its first word names; nothing a person sees may depend on that."""
+    from materializer.cli import COMMANDS as BUILT
+    from materializer.cli import build_parser
+
+    assert list(BUILT) == COMMANDS
+    seen: list[list[Any]] = []
+    for wanted in ([command], None):
+        outcomes: list[Any] = []
+        for argv in ([command, "--help"], [command, "--no-such-flag"], [command]):
+            try:
+                parsed = build_parser(wanted).parse_args(argv)
+            except SystemExit as exit:
+                outcomes.append(exit.code)
+            else:
+                outcomes.append(sorted((k, str(v)) for k, v in vars(parsed).items()))
+            outcomes.append(capsys.readouterr())
+        seen.append(outcomes)
+    assert seen[0] == seen[1]
+    assert seen[0][0] == 0 and f"usage: materializer {command}" in seen[0][1].out
+
+
+def test_without_a_command_word_every_command_is_listed(capsys: pytest.CaptureFixture[str]) -> None:
+    from materializer.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["no-such-command"])
+    refusal = capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = capsys.readouterr().out
+    assert all(f"'{command}'" in refusal and f"\n    {command}" in help_text for command in COMMANDS)
+
+
 def test_version() -> None:
     from materializer import __version__
 
