@@ -50,6 +50,9 @@ import idna
 
 from materializer import __version__
 from materializer.limits import MAX_DOWNLOAD_BYTES
+from materializer.sniffio_absent import note_sniffio_absent
+
+note_sniffio_absent()  # before the first request (see materializer.sniffio_absent)
 
 __all__ = [
     "Destination",

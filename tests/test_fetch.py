@@ -11,6 +11,8 @@ import asyncio
 import hashlib
 import random
 import re
+import subprocess
+import sys
 import time
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -703,3 +705,44 @@ def test_valid_punycode_hosts_pass_the_check() -> None:
     """``xn--bcher-kva`` is bücher, ``xn--nxasmq6b`` is βόλοσ: names like these are not refused."""
     for url in ("http://xn--bcher-kva.example/x.png", "https://cdn.XN--NXASMQ6B.example/", "http://bücher.example/"):
         _check_punycode(httpx.URL(url))
+
+
+def test_a_download_does_not_search_sys_path_for_sniffio_on_every_request() -> None:
+    """httpcore imports sniffio on each request; absent, every import searched sys.path (materializer.sniffio_absent).
+
+    Run in a fresh interpreter: the counted searches are those of a real download from a loopback server.
+    """
+    script = r'''
+import asyncio, importlib.machinery, tempfile, threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from materializer.fetch import Fetcher
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.send_header("Content-Length", "5"); self.end_headers(); self.wfile.write(b"hello")
+    def log_message(self, *args): pass
+
+server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+origin = f"http://127.0.0.1:{server.server_port}"
+searches = []
+find_spec = importlib.machinery.PathFinder.find_spec
+def counting(name, *args, **kwargs):
+    searches.append(name)
+    return find_spec(name, *args, **kwargs)
+importlib.machinery.PathFinder.find_spec = counting
+
+async def main():
+    fetcher = Fetcher(allowed_origins=[origin])
+    with tempfile.TemporaryDirectory() as folder:
+        for index in range(5):
+            await fetcher.fetch(f"{origin}/{index}", Path(folder) / f"{index}")
+    await fetcher.aclose()
+
+asyncio.run(main())
+print(searches.count("sniffio"))
+'''
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "0"

@@ -10,6 +10,9 @@ import httpx
 
 from materializer.convex.identity import client_headers, note_deprecation
 from materializer.convex.values import ConvexValueError, from_convex_json, to_convex_json
+from materializer.sniffio_absent import note_sniffio_absent
+
+note_sniffio_absent()  # before the first request (see materializer.sniffio_absent)
 
 __all__ = ["ConvexAuthError", "ConvexFunctionError", "ConvexHttpClient", "ConvexHttpError"]
 
