@@ -27,7 +27,9 @@ tightens a folder of ours that others may write to, and raises
 user's choice (``~/.stella`` may sit on another disk) and are not judged.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: with it, the two record NamedTuples get string annotations, and
+# typing compiles each one (a ForwardRef) when the class is made, milliseconds of every start
+# (`materializer status` imports this module).
 
 import fcntl
 import os

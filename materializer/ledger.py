@@ -46,7 +46,9 @@ Units. Times taken from job documents keep Stella's Unix milliseconds
 and materialization times) are Unix seconds from the ledger's clock.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: with it, the ten record NamedTuples get string annotations, and
+# typing compiles each one (a ForwardRef) when the class is made, milliseconds of every start
+# (`materializer status` imports this module).
 
 import contextlib
 import json
@@ -58,7 +60,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, Self
 
 from materializer.finite import finite_number
 from materializer.layout import Finding, UntrustedPath, check_file, open_nofollow
@@ -626,7 +628,7 @@ class Ledger:
         """The ledger's clock (Unix seconds): what attempt times and leases are measured against."""
         return self._clock()
 
-    def __enter__(self) -> Ledger:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

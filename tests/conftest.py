@@ -10,8 +10,6 @@ flags, a token lifetime of its own, or a backend it may break) asks for
 
 from __future__ import annotations
 
-import compileall
-import importlib.util
 import os
 import sys
 from collections.abc import Iterator
@@ -21,7 +19,7 @@ import pytest
 
 from stella_devbackend import forkserver
 from stella_devbackend.control import DevBackend, DevBackendError
-from stella_devbackend.harness import CALLER_SETTINGS
+from stella_devbackend.harness import CALLER_SETTINGS, compile_packages
 
 #: What every test backend runs with: jobs that finish in a few hundredths of a second.
 FAST_JOBS = ["--job-delay", "0.01"]
@@ -31,23 +29,15 @@ def pytest_configure(config: pytest.Config) -> None:
     """Byte-compile the project's own packages once per run, before any worker or process starts.
 
     The suite starts a few hundred Python processes (backends, daemons, commands), each importing
-    ``materializer`` or ``stella_devbackend``. Where ``PYTHONDONTWRITEBYTECODE`` is set, none of them
-    writes bytecode, so each would compile those sources again (about 0.2 s of CPU apiece); an
-    installed package has its bytecode from pip, this editable checkout gets it here. Only stale or
-    missing files are written (into the packages' ``__pycache__``, which git ignores).
+    ``materializer`` or ``stella_devbackend`` (see :func:`stella_devbackend.harness.compile_packages`).
 
     For the same reason every test process keeps pytest's assertion-rewritten test modules (in
     ``tests/__pycache__``): otherwise each of the four workers rewrites and compiles all of them on every
     run, about 5 s of CPU apiece.
     """
     sys.dont_write_bytecode = False
-    if hasattr(config, "workerinput"):  # an xdist worker: the controller did the packages
-        return
-    for package in ("materializer", "stella_devbackend"):
-        spec = importlib.util.find_spec(package)
-        if spec is not None and spec.submodule_search_locations:
-            for folder in spec.submodule_search_locations:
-                compileall.compile_dir(folder, quiet=1)
+    if not hasattr(config, "workerinput"):  # not an xdist worker: the controller does it once
+        compile_packages()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
