@@ -424,12 +424,11 @@ class Materializer:
         while True:
             self._work.clear()
             room = self.options.download_concurrency * 4 - len(self._in_flight)
-            due = await self.db(self.ledger.due_jobs, room + len(self._in_flight)) if room > 0 else []
+            # Read and leased in one ledger transaction (one commit for a burst, not one per job).
+            due = await self.db(self.ledger.claim_due, room, self.owner, self.options.lease_seconds) if room > 0 else []
             for job in due:
                 if job.job_id in self._in_flight:
-                    continue
-                if not await self.db(self.ledger.try_claim, job.job_id, self.owner, self.options.lease_seconds):
-                    continue
+                    continue  # a lease that lapsed during a long attempt, renewed by the claim
                 task = asyncio.create_task(self._materialize_claimed(job))
                 self._in_flight[job.job_id] = task
                 task.add_done_callback(functools.partial(self._job_done, job.job_id))

@@ -582,6 +582,12 @@ _JOB_COLUMNS = (
     " next_attempt_at, last_error, first_seen_at, materialized_at, lease_owner, lease_expires_at,"
     " CAST(doc AS BLOB)"
 )
+#: Pending jobs due for an attempt and not leased by anyone (or whose lease lapsed), oldest completion first.
+_DUE_JOBS = (
+    f"SELECT {_JOB_COLUMNS} FROM jobs WHERE status = 'pending' AND next_attempt_at <= :now"
+    " AND (lease_expires_at IS NULL OR lease_expires_at <= :now)"
+    " ORDER BY completed_at_ms, job_id LIMIT :limit"
+)
 _EVENT_COLUMNS = "seq, type, CAST(payload AS BLOB), created_at"
 _OUTPUT_COLUMNS = "job_id, idx, path, mime_type, width, height, size_bytes, sha256"
 
@@ -728,10 +734,14 @@ class Ledger:
 
     def job(self, job_id: str) -> Job | None:
         """The job, or None if never observed; a pending job whose document does not decode is quarantined."""
+        return self.jobs([job_id]).get(job_id)
+
+    def jobs(self, job_ids: Sequence[str]) -> dict[str, Job]:
+        """The observed jobs among ``job_ids``, by id, read in one snapshot (each as :meth:`job` reads it)."""
         with self._read() as conn:
-            rows = conn.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE job_id = ?", (job_id,)).fetchall()
-        jobs = self._decode_jobs(rows)
-        return jobs[0] if jobs else None
+            rows = [row for chunk in _chunks(list(job_ids)) for row in conn.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE job_id IN ({', '.join('?' * len(chunk))})", chunk)]
+        return {job.job_id: job for job in self._decode_jobs(rows)}
 
     def outputs(self, job_id: str) -> list[OutputFile]:
         """The committed files of a job, by index (empty unless it is materialized)."""
@@ -740,15 +750,24 @@ class Ledger:
 
     def due_jobs(self, limit: int) -> list[Job]:
         """Pending jobs due for an attempt and not leased by anyone, oldest completion first."""
-        now = self._clock()
         with self._read() as conn:
-            rows = conn.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE status = 'pending' AND next_attempt_at <= :now"
-                " AND (lease_expires_at IS NULL OR lease_expires_at <= :now)"
-                " ORDER BY completed_at_ms, job_id LIMIT :limit",
-                {"now": now, "limit": _count(limit, "limit")},
-            ).fetchall()
+            rows = conn.execute(_DUE_JOBS, {"now": self._clock(), "limit": _count(limit, "limit")}).fetchall()
         return [job for job in self._decode_jobs(rows) if job.status == "pending"]
+
+    def claim_due(self, limit: int, owner: str, lease_seconds: float) -> list[Job]:
+        """Lease up to ``limit`` of the :meth:`due_jobs` to ``owner`` for ``lease_seconds``; return them, leased.
+
+        One transaction (one fsync) for all of them: a burst of jobs is claimed by one commit, not
+        one per job, and a job is read and leased in the same step.
+        """
+        owner, lease = _lease(owner, lease_seconds)
+        with self._write() as conn:
+            now = self._clock()
+            rows = conn.execute(_DUE_JOBS, {"now": now, "limit": _count(limit, "limit")}).fetchall()
+            conn.executemany("UPDATE jobs SET lease_owner = ?, lease_expires_at = ? WHERE rowid = ?",
+                             [(owner, now + lease, row[0]) for row in rows])
+        leased = [(*row[:13], owner, now + lease, row[15]) for row in rows]
+        return [job for job in self._decode_jobs(leased) if job.status == "pending"]
 
     def _decode_jobs(self, rows: list[Any]) -> list[Job]:
         """The jobs of ``rows`` (selected as ``_JOB_COLUMNS``), each decoded on its own.
@@ -799,7 +818,11 @@ class Ledger:
         return due
 
     def try_claim(self, job_id: str, owner: str, lease_seconds: float) -> bool:
-        """Lease a pending job to ``owner`` for ``lease_seconds``; False if someone else holds it.
+        """Whether :meth:`claim` leased the job to ``owner`` (False: someone else holds it, or it is not pending)."""
+        return self.claim(job_id, owner, lease_seconds) is not None
+
+    def claim(self, job_id: str, owner: str, lease_seconds: float) -> Job | None:
+        """Lease a pending job to ``owner`` for ``lease_seconds``; the job as leased, or None if another holds it.
 
         Claiming again as the same owner renews the lease (do so well before
         it lapses during a long download). A lease whose holder died lapses at
@@ -807,20 +830,18 @@ class Ledger:
         never announce a job twice (see :meth:`mark_materialized`). Backoff
         does not block a claim, so a replay can force an attempt.
         """
-        if not owner:
-            raise ValueError("a lease owner must be a non-empty string")
-        lease = _finite(lease_seconds, "lease_seconds")
-        if lease <= 0:
-            raise ValueError(f"lease_seconds must be positive, got {lease_seconds}")
+        owner, lease = _lease(owner, lease_seconds)
         with self._write() as conn:
             now = self._clock()  # read under the write lock: waiting for it must not shorten the lease
-            claimed = conn.execute(
-                "UPDATE jobs SET lease_owner = :owner, lease_expires_at = :until"
-                " WHERE job_id = :job_id AND status = 'pending'"
+            rows = conn.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE job_id = :job_id AND status = 'pending'"
                 " AND (lease_owner IS NULL OR lease_owner = :owner OR lease_expires_at <= :now)",
-                {"owner": _text(owner), "until": now + lease, "job_id": job_id, "now": now},
-            ).rowcount
-        return claimed == 1
+                {"owner": owner, "job_id": job_id, "now": now},
+            ).fetchall()
+            conn.executemany("UPDATE jobs SET lease_owner = ?, lease_expires_at = ? WHERE rowid = ?",
+                             [(owner, now + lease, row[0]) for row in rows])
+        jobs = self._decode_jobs([(*row[:13], owner, now + lease, row[15]) for row in rows])
+        return jobs[0] if jobs and jobs[0].status == "pending" else None
 
     def release_claims_by_prefix(self, prefix: str) -> int:
         """Drop every lease whose owner starts with ``prefix``; return how many.
@@ -1347,6 +1368,16 @@ def _finite(value: Any, name: str) -> float:
     if number is None:
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     return number
+
+
+def _lease(owner: str, lease_seconds: float) -> tuple[str, float]:
+    """A claim's owner (as stored) and lease, or ValueError: an owner is never empty, a lease always positive."""
+    if not owner:
+        raise ValueError("a lease owner must be a non-empty string")
+    lease = _finite(lease_seconds, "lease_seconds")
+    if lease <= 0:
+        raise ValueError(f"lease_seconds must be positive, got {lease_seconds}")
+    return _text(owner), lease
 
 
 def _count(value: Any, name: str) -> int:

@@ -368,15 +368,22 @@ class JobRunner:
             log.info("job %s will be retried in %.1fs: %s", printable(job_id), delay, exc)
             await self.db(self.ledger.record_failure, job_id, str(exc), self.ledger.now() + delay, owner=self.owner)
             return Attempt("retry", str(exc))
-        event = await self.db(self.ledger.mark_materialized, job_id, done.files, done.payload, done.missing)
-        # The outputs folder may have been removed or moved between a commit and this record: then the
-        # files are not at their paths, and the job is done again (see Workspace.check_files).
-        problem = await asyncio.to_thread(self.materializer.files_problem, done.files, hashes=False)
+        event, problem = await self.db(self._record, job_id, done)
         if problem is not None:  # pending again and due now, in the folder as it is: not the job's failure
             reason = f"its files vanished right after they were committed ({problem})"
             await self.db(self.ledger.mark_vanished, {job_id: reason})
             return Attempt("retry", reason, event=event)
         return Attempt("materialized", event=event)
+
+    def _record(self, job_id: str, done: Materialized) -> tuple[Event | None, str | None]:
+        """Record a materialized job; then why its files are not where they were committed, or None.
+
+        The outputs folder may have been removed or moved between a commit and this record: then the
+        files are not at their paths, and the job is done again (see Workspace.check_files). Both
+        steps in one trip to the ledger's thread (the check is a few stat calls).
+        """
+        event = self.ledger.mark_materialized(job_id, done.files, done.payload, done.missing)
+        return event, self.materializer.files_problem(done.files, hashes=False)
 
     async def _give_up(self, job_id: str, reason: str) -> Attempt:
         log.warning("job %s given up: %s", printable(job_id), reason)

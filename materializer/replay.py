@@ -167,8 +167,9 @@ async def replay(options: DaemonOptions, tokens: TokenProvider, *, since: float,
         await worker.observe(docs)
         ids = [d["jobId"] for d in docs if isinstance(d, dict) and isinstance(d.get("jobId"), str)]
         todo = []
+        known = await worker.db(worker.ledger.jobs, ids)
         for job_id in ids:
-            job = await worker.db(worker.ledger.job, job_id)
+            job = known.get(job_id)
             if job is None:
                 summary.failed.append((job_id, "the ledger could not keep this job document"))
             elif job.status == "materialized" and (problem := await _files_problem(worker, job_id)) is None:
@@ -213,7 +214,7 @@ async def _replay_one(worker: Workspace, job_id: str, doc: dict[str, Any], summa
                       progress: _Progress) -> None:
     ledger = worker.ledger
     deadline = time.monotonic() + worker.options.lease_seconds
-    while not await worker.db(ledger.try_claim, job_id, worker.runner.owner, worker.options.lease_seconds):
+    while (claimed := await worker.db(ledger.claim, job_id, worker.runner.owner, worker.options.lease_seconds)) is None:
         job = await worker.db(ledger.job, job_id)
         if job is not None and job.status != "pending":
             break  # the daemon finished it meanwhile
@@ -223,8 +224,7 @@ async def _replay_one(worker: Workspace, job_id: str, doc: dict[str, Any], summa
             return
         await asyncio.sleep(0.1)
     else:
-        attempts = (await worker.db(ledger.job, job_id)).attempts  # type: ignore[union-attr]
-        result = await worker.runner.attempt(job_id, doc, attempts)
+        result = await worker.runner.attempt(job_id, doc, claimed.attempts)
         if result.outcome != "materialized":
             summary.failed.append((job_id, result.reason or result.outcome))
         else:

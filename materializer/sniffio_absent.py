@@ -18,4 +18,4 @@ __all__ = ["note_sniffio_absent"]
 def note_sniffio_absent() -> None:
     """Record ``sniffio`` as absent in :data:`sys.modules` when it cannot be found (nothing when it can)."""
     if "sniffio" not in sys.modules and importlib.util.find_spec("sniffio") is None:
-        sys.modules["sniffio"] = None
+        sys.modules["sniffio"] = None  # type: ignore[assignment]  # typeshed omits the None of an absent module

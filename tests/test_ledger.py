@@ -313,6 +313,45 @@ def test_claims_are_exclusive_renewable_and_lapse(ledger: Ledger, clock: Clock) 
         ledger.try_claim("job_a", "daemon", lease_seconds=0)
 
 
+def test_claim_due_leases_the_due_jobs_in_one_step_and_returns_them_leased(ledger: Ledger, clock: Clock) -> None:
+    ledger.observe_jobs([job_doc(f"job_{n}", 1_000 * n) for n in range(1, 6)])
+    assert ledger.try_claim("job_1", "replay", lease_seconds=30)  # leased by another: not due
+    ledger.record_failure("job_2", "HTTP 503", retry_at=T0 + 60, owner="nobody")  # backing off: not due
+    claimed = ledger.claim_due(2, "daemon", lease_seconds=30)
+    assert [(job.job_id, job.lease_owner, job.lease_expires_at) for job in claimed] == [
+        ("job_3", "daemon", T0 + 30), ("job_4", "daemon", T0 + 30)]
+    assert claimed == [ledger.job("job_3"), ledger.job("job_4")]  # as stored, lease and all
+    assert [job.job_id for job in ledger.due_jobs(10)] == ["job_5"]
+    assert not ledger.try_claim("job_3", "replay", lease_seconds=30)
+    assert [job.job_id for job in ledger.claim_due(10, "daemon", lease_seconds=30)] == ["job_5"]
+    assert ledger.claim_due(10, "daemon", lease_seconds=30) == []
+    clock.now = T0 + 30  # every daemon lease lapsed; job_1's too
+    assert [job.job_id for job in ledger.claim_due(10, "other", lease_seconds=5)] == ["job_1", "job_3", "job_4",
+                                                                                      "job_5"]
+    with pytest.raises(ValueError, match="lease_seconds must be positive"):
+        ledger.claim_due(1, "daemon", lease_seconds=0)
+    with pytest.raises(ValueError, match="lease owner"):
+        ledger.claim_due(1, "", lease_seconds=5)
+
+
+def test_claim_returns_the_job_as_leased_with_its_attempts(ledger: Ledger, clock: Clock) -> None:
+    ledger.observe_jobs([job_doc("job_a", 1_000)])
+    ledger.record_failure("job_a", "HTTP 503", retry_at=T0 + 600, owner="daemon")
+    job = ledger.claim("job_a", "replay", lease_seconds=30)  # backoff does not block a claim
+    assert job is not None and (job.attempts, job.lease_owner, job.lease_expires_at) == (1, "replay", T0 + 30)
+    assert job == ledger.job("job_a")
+    assert ledger.claim("job_a", "daemon", lease_seconds=30) is None
+    assert ledger.claim("job_unknown", "daemon", lease_seconds=30) is None
+
+
+def test_jobs_reads_many_jobs_at_once_as_job_reads_each(ledger: Ledger) -> None:
+    ids = [f"job_{n}" for n in range(1200)]  # more than one chunk of SQL variables
+    ledger.observe_jobs([job_doc(job_id, 1_000 + n) for n, job_id in enumerate(ids)])
+    found = ledger.jobs([*ids, "job_unknown", "job_7"])
+    assert sorted(found) == sorted(ids) and all(found[job_id] == ledger.job(job_id) for job_id in ("job_0", "job_1199"))
+    assert ledger.jobs([]) == {}
+
+
 def test_quarantine_records_the_reason_and_requeue_brings_it_back(ledger: Ledger) -> None:
     ledger.observe_jobs([job_doc("job_a", 1_000), job_doc("job_b", 2_000)])
     ledger.record_failure("job_a", "HTTP 500", retry_at=T0, owner="daemon")
@@ -446,6 +485,44 @@ def test_processes_racing_for_a_job_claim_it_once_and_announce_it_once(db: Path)
         page = ledger.events_after(0, 100)
         assert [(event.type, event.seq) for event in page.events] == [("media.materialized", 1)]
         assert check_integrity(ledger) == []
+
+
+DUE_RACER = """
+import json, sys
+from materializer.ledger import Ledger
+db, owner = sys.argv[1], sys.argv[2]
+ledger = Ledger(db)
+print("ready", flush=True)
+sys.stdin.readline()  # the starting gun
+claimed = []
+while batch := ledger.claim_due(3, owner, lease_seconds=600):
+    claimed += [job.job_id for job in batch]
+print(json.dumps(claimed), flush=True)
+"""
+
+
+def test_processes_claiming_due_jobs_at_once_each_get_a_job_once(db: Path) -> None:
+    ids = [f"job_{n:03}" for n in range(60)]
+    with Ledger(db) as ledger:
+        ledger.observe_jobs([job_doc(job_id, 1_000 + n) for n, job_id in enumerate(ids)])
+    racers = [subprocess.Popen([sys.executable, "-c", DUE_RACER, str(db), f"racer-{n}"], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True) for n in range(4)]
+    try:
+        for racer in racers:
+            assert racer.stdout is not None and racer.stdout.readline() == "ready\n"
+        for racer in racers:
+            assert racer.stdin is not None
+            racer.stdin.write("go\n")
+            racer.stdin.flush()
+        claimed = [json.loads(racer.communicate(timeout=60)[0]) for racer in racers]
+    finally:
+        for racer in racers:
+            racer.kill()
+            racer.wait()
+    assert sorted(job_id for batch in claimed for job_id in batch) == ids
+    with Ledger(db) as ledger:
+        owners = {job_id: job.lease_owner for job_id, job in ledger.jobs(ids).items()}
+    assert all(owners[job_id] == f"racer-{n}" for n, batch in enumerate(claimed) for job_id in batch)
 
 
 # -- a holder killed with SIGKILL ------------------------------------------------------------
