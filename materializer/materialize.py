@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -224,10 +225,10 @@ class JobMaterializer:
                 raise Retry(f"{ref.where}: {exc}") from None
 
     async def _output(self, ref: OutputRef) -> OutputFile:
-        existing = await asyncio.to_thread(self._existing, ref)
+        # A few stat calls, on the loop like the temporary file's creation below (a thread trip costs more).
+        existing = self._existing(ref)
         if existing is not None:
-            async with self.memory.reserve(await asyncio.to_thread(self._memory_needed, existing, ref)):
-                committed = await asyncio.to_thread(self._committed, ref, existing)
+            committed = await self._within_budget(existing, ref, functools.partial(self._committed, ref, existing))
             if committed is not None:
                 return committed
         with self.store.temp_file(ref.stem) as partial:
@@ -237,9 +238,27 @@ class JobMaterializer:
             else:
                 assert ref.url is not None
                 fetched_sha = (await self.fetcher.fetch(ref.url, partial)).sha256
-            # Files wait for their share of the memory budget on disk, not in memory.
-            async with self.memory.reserve(await asyncio.to_thread(self._memory_needed, partial, ref)):
-                return await asyncio.to_thread(self._validate_and_commit, partial, ref, fetched_sha)
+            return await self._within_budget(partial, ref,
+                                             functools.partial(self._validate_and_commit, partial, ref, fetched_sha))
+
+    async def _within_budget(self, source: PartialFile | Path, ref: OutputRef, check: Callable[[], T]) -> T:
+        """Run ``check`` of a file on a worker thread while holding the file's share of the memory budget.
+
+        In one trip to the thread when the budget grants the share at once (the usual case); else
+        the file waits for its share on disk, not in memory, and is checked in a second trip.
+        """
+        loop = asyncio.get_running_loop()
+
+        def at_once() -> tuple[int, list[T]]:
+            needed = self._memory_needed(source, ref)
+            with self.memory.hold_now(needed, loop) as held:
+                return needed, [check()] if held else []
+
+        needed, done = await asyncio.to_thread(at_once)
+        if done:
+            return done[0]
+        async with self.memory.reserve(needed):
+            return await asyncio.to_thread(check)
 
     def _memory_needed(self, source: PartialFile | Path, ref: OutputRef) -> int:
         """What checking this file holds in memory (:meth:`_validate_and_commit`, :meth:`_committed`; in a thread).

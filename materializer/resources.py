@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections import deque
-from collections.abc import AsyncIterator, Hashable, Iterable
+from collections.abc import AsyncIterator, Hashable, Iterable, Iterator
 from typing import Generic, TypeVar
 
 __all__ = ["Budget", "DownloadSlots", "MemoryBudget", "SlotShare"]
@@ -62,6 +63,15 @@ class Budget(Generic[W]):
             return True
         self._queue.append((waiter, amount))
         return False
+
+    def take(self, amount: int) -> bool:
+        """Take ``amount`` bytes if :meth:`request` would grant them now; never queue (False: nothing changed)."""
+        if amount < 0:
+            raise ValueError(f"cannot take a negative amount ({amount})")
+        if self._queue or not self._fits(amount):
+            return False
+        self.held += amount
+        return True
 
     def release(self, amount: int) -> list[W]:
         """Give back ``amount`` bytes a granted request held; return the waiters granted now."""
@@ -168,10 +178,17 @@ def _wake(futures: Iterable[asyncio.Future[None]]) -> None:
 
 
 class MemoryBudget:
-    """:class:`Budget` for asyncio: ``async with budget.reserve(n):`` holds ``n`` bytes of it."""
+    """:class:`Budget` for asyncio: ``async with budget.reserve(n):`` holds ``n`` bytes of it.
+
+    A worker thread may also take its share at once with ``with budget.hold_now(n, loop) as held:``
+    (when ``held`` is False it holds nothing and should wait with :meth:`reserve`): a file that fits
+    is checked in the same trip to the thread as its size was read, not in a second one.
+    """
 
     def __init__(self, capacity: int) -> None:
         self._budget: Budget[asyncio.Future[None]] = Budget(capacity)
+        #: Guards the budget: the loop requests and releases, worker threads take and release.
+        self._lock = threading.Lock()
 
     @property
     def capacity(self) -> int:
@@ -184,17 +201,39 @@ class MemoryBudget:
     @contextlib.asynccontextmanager
     async def reserve(self, amount: int) -> AsyncIterator[None]:
         future = asyncio.get_running_loop().create_future()
-        if not self._budget.request(future, amount):
+        with self._lock:
+            granted = self._budget.request(future, amount)
+        if not granted:
             try:
                 await future
             except asyncio.CancelledError:
-                _wake(self._budget.withdraw(future, amount))
+                with self._lock:
+                    woken = self._budget.withdraw(future, amount)
+                _wake(woken)
                 raise
         try:
             yield
         finally:
-            _wake(self._budget.release(amount))
+            with self._lock:
+                woken = self._budget.release(amount)
+            _wake(woken)
 
+    @contextlib.contextmanager
+    def hold_now(self, amount: int, loop: asyncio.AbstractEventLoop) -> Iterator[bool]:
+        """From a worker thread: hold ``amount`` bytes for the block if they are granted at once (never queued).
+
+        Waiters the release grants are woken on ``loop``, their futures' own thread.
+        """
+        with self._lock:
+            held = self._budget.take(amount)
+        try:
+            yield held
+        finally:
+            if held:
+                with self._lock:
+                    woken = self._budget.release(amount)
+                if woken:
+                    loop.call_soon_threadsafe(_wake, woken)
 
 class DownloadSlots:
     """:class:`SlotShare` for asyncio: ``async with slots.slot(job_id):`` holds one of the job's slots."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -76,6 +77,18 @@ def test_withdrawing_a_granted_request_releases_it() -> None:
     assert not budget.request("b", 50)
     assert budget.withdraw("a", 80) == ["b"]
     assert budget.held == 50
+
+
+def test_take_grants_only_what_request_would_grant_now_and_never_queues() -> None:
+    budget: Budget[str] = Budget(100)
+    assert budget.take(60) and budget.held == 60
+    assert not budget.take(50) and budget.held == 60 and budget.waiting == 0  # does not fit: nothing changed
+    assert not budget.request("waiter", 50)
+    assert not budget.take(10)  # fits, but someone is in line: it must not overtake
+    assert budget.release(60) == ["waiter"]
+    assert budget.take(50) and budget.held == 100
+    with pytest.raises(ValueError, match="negative"):
+        budget.take(-1)
 
 
 def test_budget_refuses_nonsense() -> None:
@@ -235,3 +248,35 @@ async def test_download_slots_serve_the_normal_job_before_the_rest_of_a_big_one(
     # big0 held one slot and big may hold only one (2 - 1): the normal job took the other at once.
     assert done[0] == "normal0"
     assert sorted(done) == sorted([*(f"big{n}" for n in range(50)), "normal0"])
+
+
+async def test_a_thread_holds_its_share_at_once_or_not_at_all_and_its_release_wakes_the_loops_waiters() -> None:
+    budget = MemoryBudget(100)
+    loop = asyncio.get_running_loop()
+    entered = threading.Event()
+    leave = threading.Event()
+
+    def worker() -> bool:
+        with budget.hold_now(80, loop) as held:
+            entered.set()
+            leave.wait(timeout=30)
+        return held
+
+    thread = asyncio.create_task(asyncio.to_thread(worker))
+    await asyncio.to_thread(entered.wait, 30)
+    assert budget.held == 80
+    with budget.hold_now(30, loop) as held:  # does not fit beside the thread's: refused, nothing held
+        assert not held and budget.held == 80
+    waiter_in = asyncio.Event()
+
+    async def waiter() -> None:
+        async with budget.reserve(50):
+            waiter_in.set()
+
+    waiting = asyncio.create_task(waiter())
+    await asyncio.sleep(0)
+    assert not waiter_in.is_set()
+    leave.set()
+    assert await thread
+    await asyncio.wait_for(waiting, 30)  # woken on the loop by the thread's release
+    assert budget.held == 0
