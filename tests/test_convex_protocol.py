@@ -506,3 +506,61 @@ def test_no_frame_sequence_raises(frames: list[str]) -> None:
         event = core.receive(frame)
         assert event is None or isinstance(event, (TransitionApplied, AuthRefused, ServerFatal, PingReceived,
                                                    ProtocolError))
+
+
+# -- plain frames (no tagged value) are parsed in one pass -------------------------------------------------------------
+
+_KEYS = st.text(max_size=6).filter(lambda key: not key.startswith("$"))
+_CONVEX_VALUES = st.recursive(
+    st.none() | st.booleans() | st.floats(allow_nan=False, allow_infinity=False) | st.integers(-2**60, 2**60)
+    | st.builds(Int64, st.integers(-2**63, 2**63 - 1)) | st.text(max_size=8) | st.binary(max_size=6),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_KEYS, inner, max_size=4),
+    max_leaves=20,
+)
+
+
+def _strictly_equal(a: Any, b: Any) -> bool:
+    """Equal values of the very same types all the way down (Int64 is not float, True is not 1.0)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, list):
+        return len(a) == len(b) and all(map(_strictly_equal, a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_strictly_equal(a[key], b[key]) for key in a)
+    return bool(a == b)
+
+
+def _as_javascript_writes(wire: Any) -> Any:
+    """Convex JSON as the server writes it: a whole number without a fraction (``JSON.stringify(5)`` is ``5``)."""
+    if isinstance(wire, float) and wire.is_integer():
+        return int(wire)
+    if isinstance(wire, list):
+        return [_as_javascript_writes(item) for item in wire]
+    if isinstance(wire, dict):
+        return {key: _as_javascript_writes(item) for key, item in wire.items()}
+    return wire
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=_CONVEX_VALUES, as_error_data=st.booleans())
+def test_a_frame_decodes_to_the_same_values_whether_or_not_it_takes_the_one_pass_path(
+        value: Any, as_error_data: bool) -> None:
+    """Frames without a ``$`` skip from_convex_json (numbers become floats as they are parsed); nothing else changes."""
+    from materializer.convex.values import from_convex_json, to_convex_json
+
+    wire = _as_javascript_writes(to_convex_json(value))
+    core, [query] = connected()
+    modification = failed(query, "boom", errorData=wire) if as_error_data else updated(query, wire)
+    frame = transition((0, 0, 0), (1, 1, 7), modification, serverTs=7)
+    [result] = applied(core.receive(frame)).results
+    decoded = result.error_data if isinstance(result, QueryFailure) else result.value
+    assert _strictly_equal(decoded, from_convex_json(json.loads(json.dumps(wire))))
+    assert core.server_version == Version(1, 1, 7)
+
+
+def test_an_escaped_dollar_takes_the_full_decoding() -> None:
+    """``\\u0024integer`` is ``$integer`` once parsed: a frame that spells it so is not plain."""
+    core, [query] = connected()
+    frame = transition((0, 0, 0), (1, 1, 7), updated(query, {"$integer": "BwAAAAAAAAA="})).replace("$", "\\u0024")
+    [result] = applied(core.receive(frame)).results
+    assert isinstance(result, QueryValue) and result.value == Int64(7) and type(result.value) is Int64
