@@ -49,10 +49,8 @@ import httpx
 import idna
 
 from materializer import __version__
+from materializer.httpx_shared import tls_context
 from materializer.limits import MAX_DOWNLOAD_BYTES
-from materializer.sniffio_absent import note_sniffio_absent
-
-note_sniffio_absent()  # before the first request (see materializer.sniffio_absent)
 
 __all__ = [
     "Destination",
@@ -210,10 +208,11 @@ class _GuardedTransport(httpx.AsyncHTTPTransport):
     """httpx's transport over a connection pool that uses :class:`_GuardedBackend`."""
 
     def __init__(self, limits: httpx.Limits) -> None:
-        super().__init__(trust_env=False, limits=limits)
+        tls = tls_context(trust_env=False)
+        super().__init__(verify=tls, trust_env=False, limits=limits)
         # httpx has no public hook for the network backend; its transport keeps the pool here.
         self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=httpx.create_ssl_context(trust_env=False),
+            ssl_context=tls,
             max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections,
             keepalive_expiry=limits.keepalive_expiry,

@@ -708,7 +708,7 @@ def test_valid_punycode_hosts_pass_the_check() -> None:
 
 
 def test_a_download_does_not_search_sys_path_for_sniffio_on_every_request() -> None:
-    """httpcore imports sniffio on each request; absent, every import searched sys.path (materializer.sniffio_absent).
+    """httpcore imports sniffio on each request; absent, every import searched sys.path (materializer.httpx_shared).
 
     Run in a fresh interpreter: the counted searches are those of a real download from a loopback server.
     """
@@ -746,3 +746,29 @@ print(searches.count("sniffio"))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "0"
+
+
+def test_fetchers_and_convex_clients_load_the_ca_bundle_once_per_kind_not_once_each() -> None:
+    """Loading the CA bundle into a TLS context costs about 20 ms and 1 MB (materializer.httpx_shared)."""
+    script = r'''
+import asyncio, ssl
+loads = []
+real = ssl.SSLContext.load_verify_locations
+def counting(self, *args, **kwargs):
+    loads.append(1)
+    return real(self, *args, **kwargs)
+ssl.SSLContext.load_verify_locations = counting
+from materializer.convex.http import ConvexHttpClient
+from materializer.fetch import Fetcher
+
+async def main():
+    for _ in range(3):
+        await Fetcher(allowed_origins=["https://cdn.example"]).aclose()
+        await ConvexHttpClient("https://deployment.example").aclose()
+
+asyncio.run(main())
+print(len(loads))
+'''
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "2"  # one context for the downloads, one for the deployment's clients

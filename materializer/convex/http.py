@@ -10,9 +10,7 @@ import httpx
 
 from materializer.convex.identity import client_headers, note_deprecation
 from materializer.convex.values import ConvexValueError, from_convex_json, to_convex_json
-from materializer.sniffio_absent import note_sniffio_absent
-
-note_sniffio_absent()  # before the first request (see materializer.sniffio_absent)
+from materializer.httpx_shared import tls_context
 
 __all__ = ["ConvexAuthError", "ConvexFunctionError", "ConvexHttpClient", "ConvexHttpError"]
 
@@ -55,7 +53,7 @@ class ConvexHttpClient:
             raise ValueError(f"deployment URL must be http:// or https://, got {url!r}")
         self.url = str(parsed).rstrip("/")
         self._client = httpx.AsyncClient(
-            timeout=timeout, transport=transport, headers=client_headers()
+            timeout=timeout, transport=transport, headers=client_headers(), verify=tls_context(trust_env=True)
         )
 
     def __repr__(self) -> str:
