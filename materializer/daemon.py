@@ -340,9 +340,13 @@ class Materializer:
                 self._announce.set()
 
     async def observe(self, docs: list[Any]) -> list[str]:
-        """Record jobs from a query answer in the ledger; wake the workers for new ones."""
-        new = await self.work.observe(docs)
-        if new:
+        """Record jobs from a query answer in the ledger and start what is due, leased in the same commit."""
+        room = self._room()
+        new, leased = await self.work.observe(docs, claim=room)
+        self._start(leased)
+        if new and (not leased or len(leased) >= room):
+            # Nothing was leased (no room, or the documents were taken one by one), or as much as there was
+            # room for and more may be due: the scheduler takes them as room frees.
             self._work.set()
         return new
 
@@ -423,15 +427,10 @@ class Materializer:
         """Start every due job (bounded by the download slots); sleep until more work or a retry is due."""
         while True:
             self._work.clear()
-            room = self.options.download_concurrency * 4 - len(self._in_flight)
+            room = self._room()
             # Read and leased in one ledger transaction (one commit for a burst, not one per job).
-            due = await self.db(self.ledger.claim_due, room, self.owner, self.options.lease_seconds) if room > 0 else []
-            for job in due:
-                if job.job_id in self._in_flight:
-                    continue  # a lease that lapsed during a long attempt, renewed by the claim
-                task = asyncio.create_task(self._materialize_claimed(job))
-                self._in_flight[job.job_id] = task
-                task.add_done_callback(functools.partial(self._job_done, job.job_id))
+            if room > 0:
+                self._start(await self.db(self.ledger.claim_due, room, self.owner, self.options.lease_seconds))
             next_due = await self.db(self.ledger.next_due_at)
             timeout = None if next_due is None else max(0.05, next_due - time.time())
             # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation that lands as the
@@ -439,6 +438,19 @@ class Materializer:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._work.wait()
+
+    def _room(self) -> int:
+        """How many more jobs may be under way: four per download slot (their downloads wait for a slot)."""
+        return max(0, self.options.download_concurrency * 4 - len(self._in_flight))
+
+    def _start(self, leased: list[Job]) -> None:
+        """Start an attempt at each job leased to this daemon that is not under way already."""
+        for job in leased:
+            if job.job_id in self._in_flight:
+                continue  # a lease that lapsed during a long attempt, renewed by the claim
+            task = asyncio.create_task(self._materialize_claimed(job))
+            self._in_flight[job.job_id] = task
+            task.add_done_callback(functools.partial(self._job_done, job.job_id))
 
     def _job_done(self, job_id: str, task: asyncio.Task[None]) -> None:
         self._in_flight.pop(job_id, None)

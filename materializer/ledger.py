@@ -698,38 +698,53 @@ class Ledger:
         usable ``jobId`` or ``completedAt`` (or that is not plain JSON) before
         writing anything.
         """
-        rows: dict[str, dict[str, Any]] = {}
-        for doc in docs:
-            row = _job_fields(doc)
-            rows[row["job_id"]] = row
+        rows = _observed_rows(docs)
         if not rows:
             return []
-        now = self._clock()
         with self._write() as conn:
-            known = _known_job_ids(conn, list(rows))
-            new = [job_id for job_id in rows if job_id not in known]
-            conn.executemany(
-                "INSERT INTO jobs (job_id, completed_at_ms, capability, profile, prompt, created_at_ms,"
-                " first_seen_at, doc) VALUES (:job_id, :completed_at_ms, :capability, :profile, :prompt,"
-                " :created_at_ms, :now, :doc)",
-                [{**rows[job_id], "now": now} for job_id in new],
-            )
-            conn.executemany(
-                "UPDATE jobs SET completed_at_ms = :completed_at_ms, capability = :capability,"
-                " profile = :profile, prompt = :prompt, created_at_ms = :created_at_ms, doc = :doc"
-                " WHERE job_id = :job_id AND status = 'pending' AND doc != :doc",
-                [rows[job_id] for job_id in known],
-            )
-            # A job quarantined because its stored document stopped decoding heals with a fresh one.
-            conn.executemany(
-                "UPDATE jobs SET completed_at_ms = :completed_at_ms, capability = :capability,"
-                " profile = :profile, prompt = :prompt, created_at_ms = :created_at_ms, doc = :doc,"
-                " status = 'pending', attempts = 0, next_attempt_at = 0, last_error = NULL"
-                " WHERE job_id = :job_id AND status = 'quarantined' AND substr(last_error, 1, :n) = :undecodable",
-                [{**rows[job_id], "n": len(UNDECODABLE_DOCUMENT), "undecodable": UNDECODABLE_DOCUMENT}
-                 for job_id in known],
-            )
-            _note_seen(conn, "succeeded", max(row["completed_at_ms"] for row in rows.values()))
+            return self._observe(conn, rows, self._clock())
+
+    def observe_and_claim(self, docs: Iterable[Mapping[str, Any]], limit: int, owner: str,
+                          lease_seconds: float) -> tuple[list[str], list[Job]]:
+        """:meth:`observe_jobs`, then :meth:`claim_due`, in one transaction: the new ids and the jobs leased.
+
+        What the daemon does with a query answer while it has room for more work: a new job is
+        recorded and leased by one commit (one fsync), and its attempt starts without a second
+        trip to the ledger.
+        """
+        rows = _observed_rows(docs)
+        owner, lease = _lease(owner, lease_seconds)
+        with self._write() as conn:
+            now = self._clock()
+            new = self._observe(conn, rows, now) if rows else []
+            leased = _claim_due(conn, now, _count(limit, "limit"), owner, lease)
+        return new, [job for job in self._decode_jobs(leased) if job.status == "pending"]
+
+    def _observe(self, conn: sqlite3.Connection, rows: dict[str, dict[str, Any]], now: float) -> list[str]:
+        known = _known_job_ids(conn, list(rows))
+        new = [job_id for job_id in rows if job_id not in known]
+        conn.executemany(
+            "INSERT INTO jobs (job_id, completed_at_ms, capability, profile, prompt, created_at_ms,"
+            " first_seen_at, doc) VALUES (:job_id, :completed_at_ms, :capability, :profile, :prompt,"
+            " :created_at_ms, :now, :doc)",
+            [{**rows[job_id], "now": now} for job_id in new],
+        )
+        conn.executemany(
+            "UPDATE jobs SET completed_at_ms = :completed_at_ms, capability = :capability,"
+            " profile = :profile, prompt = :prompt, created_at_ms = :created_at_ms, doc = :doc"
+            " WHERE job_id = :job_id AND status = 'pending' AND doc != :doc",
+            [rows[job_id] for job_id in known],
+        )
+        # A job quarantined because its stored document stopped decoding heals with a fresh one.
+        conn.executemany(
+            "UPDATE jobs SET completed_at_ms = :completed_at_ms, capability = :capability,"
+            " profile = :profile, prompt = :prompt, created_at_ms = :created_at_ms, doc = :doc,"
+            " status = 'pending', attempts = 0, next_attempt_at = 0, last_error = NULL"
+            " WHERE job_id = :job_id AND status = 'quarantined' AND substr(last_error, 1, :n) = :undecodable",
+            [{**rows[job_id], "n": len(UNDECODABLE_DOCUMENT), "undecodable": UNDECODABLE_DOCUMENT}
+             for job_id in known],
+        )
+        _note_seen(conn, "succeeded", max(row["completed_at_ms"] for row in rows.values()))
         return new
 
     def job(self, job_id: str) -> Job | None:
@@ -762,11 +777,7 @@ class Ledger:
         """
         owner, lease = _lease(owner, lease_seconds)
         with self._write() as conn:
-            now = self._clock()
-            rows = conn.execute(_DUE_JOBS, {"now": now, "limit": _count(limit, "limit")}).fetchall()
-            conn.executemany("UPDATE jobs SET lease_owner = ?, lease_expires_at = ? WHERE rowid = ?",
-                             [(owner, now + lease, row[0]) for row in rows])
-        leased = [(*row[:13], owner, now + lease, row[15]) for row in rows]
+            leased = _claim_due(conn, self._clock(), _count(limit, "limit"), owner, lease)
         return [job for job in self._decode_jobs(leased) if job.status == "pending"]
 
     def _decode_jobs(self, rows: list[Any]) -> list[Job]:
@@ -1309,6 +1320,24 @@ def _require_job(conn: sqlite3.Connection, job_id: str) -> None:
 def _chunks(items: list[str]) -> Iterator[list[str]]:
     for start in range(0, len(items), _CHUNK):
         yield items[start : start + _CHUNK]
+
+
+def _observed_rows(docs: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The jobs table's columns of each document, by job id (a later document of a job wins); ValueError
+    naming the first unusable one."""
+    rows: dict[str, dict[str, Any]] = {}
+    for doc in docs:
+        row = _job_fields(doc)
+        rows[row["job_id"]] = row
+    return rows
+
+
+def _claim_due(conn: sqlite3.Connection, now: float, limit: int, owner: str, lease: float) -> list[Any]:
+    """Lease up to ``limit`` due jobs (``_DUE_JOBS``) in this transaction; their rows, as leased."""
+    rows = conn.execute(_DUE_JOBS, {"now": now, "limit": limit}).fetchall()
+    conn.executemany("UPDATE jobs SET lease_owner = ?, lease_expires_at = ? WHERE rowid = ?",
+                     [(owner, now + lease, row[0]) for row in rows])
+    return [(*row[:13], owner, now + lease, row[15]) for row in rows]
 
 
 def _known_job_ids(conn: sqlite3.Connection, job_ids: list[str]) -> set[str]:

@@ -40,6 +40,7 @@ from materializer.images import IMAGE_EXTENSIONS, ImageInfo, ImageLimits, ImageR
 from materializer.jobs import Job, JobRejected, OutputRef, choose_asset, extract_outputs
 from materializer.layout import secure_layout
 from materializer.ledger import Event, GalleryEntry, Ledger, OutputFile
+from materializer.ledger import Job as LedgerJob
 from materializer.limits import MAX_JOB_DOCUMENT_BYTES
 from materializer.media_files import (
     BINARY,
@@ -442,13 +443,18 @@ class Workspace:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.ledger_executor, lambda: function(*args, **kwargs))
 
-    async def observe(self, docs: list[Any]) -> list[str]:
-        """Record jobs from a query answer in the ledger; return the ids of those it did not have."""
+    async def observe(self, docs: list[Any], *, claim: int = 0) -> tuple[list[str], list[LedgerJob]]:
+        """Record jobs from a query answer in the ledger; return the ids of those it did not have, and the
+        jobs leased to this process for an attempt: up to ``claim`` due ones, in the same transaction."""
         usable = [d for d in docs if isinstance(d, dict) and d.get("status", "succeeded") == "succeeded"]
         if len(usable) < len(docs):
             log.warning("ignoring %d item(s) that are not job documents of succeeded jobs", len(docs) - len(usable))
         usable = [d for d in usable if not await self._quarantined_for_size(d)]
         try:
+            if claim > 0:
+                observed: tuple[list[str], list[LedgerJob]] = await self.db(
+                    self.ledger.observe_and_claim, usable, claim, self.runner.owner, self.options.lease_seconds)
+                return observed
             new: list[str] = await self.db(self.ledger.observe_jobs, usable)
         except ValueError:
             # One unusable document must not hide the others: observe them one by one.
@@ -458,7 +464,7 @@ class Workspace:
                     new += await self.db(self.ledger.observe_jobs, [doc])
                 except ValueError as exc:
                     log.warning("ignoring a job document the ledger cannot keep: %s", exc)
-        return new
+        return new, []
 
     async def check_files(self, jobs: list[tuple[str, list[OutputFile]]], *, hashes: bool) -> list[str]:
         """Make the materialized ``jobs`` whose files are not in the outputs folder as recorded pending again.

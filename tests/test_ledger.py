@@ -334,6 +334,20 @@ def test_claim_due_leases_the_due_jobs_in_one_step_and_returns_them_leased(ledge
         ledger.claim_due(1, "", lease_seconds=5)
 
 
+def test_observe_and_claim_records_then_leases_what_is_due_in_one_transaction(ledger: Ledger) -> None:
+    ledger.observe_jobs([job_doc("job_old", 500)])  # pending from before, due
+    new, leased = ledger.observe_and_claim([job_doc("job_b", 2_000), job_doc("job_a", 1_000)], 2, "daemon", 30)
+    assert new == ["job_b", "job_a"]  # in the answer's order
+    assert [(job.job_id, job.lease_owner) for job in leased] == [("job_old", "daemon"), ("job_a", "daemon")]
+    assert [job.job_id for job in ledger.due_jobs(10)] == ["job_b"]  # no room was left for it
+    new, leased = ledger.observe_and_claim([job_doc("job_a", 1_000)], 5, "daemon", 30)
+    assert new == [] and [job.job_id for job in leased] == ["job_b"]
+    with pytest.raises(ValueError, match="jobId"):
+        ledger.observe_and_claim([job_doc("job_c", 3_000), {"completedAt": 1.0}], 5, "daemon", 30)
+    assert ledger.job("job_c") is None  # nothing written by a refused answer, nothing leased
+    assert ledger.observe_and_claim([], 5, "daemon", 30) == ([], [])
+
+
 def test_claim_returns_the_job_as_leased_with_its_attempts(ledger: Ledger, clock: Clock) -> None:
     ledger.observe_jobs([job_doc("job_a", 1_000)])
     ledger.record_failure("job_a", "HTTP 503", retry_at=T0 + 600, owner="daemon")
