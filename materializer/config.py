@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-import watchfiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
@@ -53,6 +52,7 @@ from materializer.config_sources import (
     expand_path,
     read_toml,
 )
+from materializer.folder_watch import watch_folder
 from materializer.layout import Layout, resolve_state_dir
 from materializer.limits import MAX_DECODED_BYTES, MAX_DOWNLOAD_BYTES, MAX_EDGE, MAX_FRAMES, MAX_PIXELS
 
@@ -516,9 +516,7 @@ class ConfigReloader:
         # callback queued now runs after that, so no change can fall in between.
         catch_up = asyncio.get_running_loop().call_soon(self.reload)
         try:
-            async for _changes in watchfiles.awatch(
-                folder, recursive=False, watch_filter=lambda _change, path: os.path.basename(path) == name
-            ):
+            async for _changes in watch_folder(folder, watch_filter=lambda _, path: os.path.basename(path) == name):
                 self.reload()
         finally:
             catch_up.cancel()

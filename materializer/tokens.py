@@ -24,8 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-import watchfiles
-
+from materializer.folder_watch import watch_folder
 from materializer.redaction import register_secret
 
 __all__ = [
@@ -200,9 +199,7 @@ class FileTokenProvider:
 
     async def _watch(self) -> None:
         try:
-            async for _changes in watchfiles.awatch(
-                self.path.parent, watch_filter=None, recursive=False, stop_event=self._stop
-            ):
+            async for _changes in watch_folder(self.path.parent, stop_event=self._stop):
                 changed, self._changed = self._changed, asyncio.Event()
                 changed.set()
         except OSError as exc:
