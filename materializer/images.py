@@ -4,8 +4,10 @@
 The bytes alone decide: the URL and the declared content type are never
 consulted. In order, it
 
-1. reads the file into memory (at most ``max_file_bytes``), so the bytes
-   checked, decoded and hashed are one and the same;
+1. maps the file (at most ``max_file_bytes``) to sniff, walk and hash it, and
+   has Pillow decode it from the file a block at a time afterwards, so its
+   bytes and its pixels are never held at once (the file is the process's
+   own: the bytes checked and hashed are the bytes decoded);
 2. sniffs the real format from magic bytes (PNG, JPEG, WebP, GIF; anything
    else is refused saying what it is, e.g. "bytes are HTML, not a PNG, JPEG,
    WebP or GIF image");
@@ -67,6 +69,7 @@ import mmap
 import os
 import re
 import struct
+import traceback
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -261,11 +264,13 @@ def validate_image(source: str | os.PathLike[str] | BinaryIO, limits: ImageLimit
                    full_decode_limit: int | None = None) -> ImageInfo:
     """Validate an image file (a path, or a binary file open for reading); raise :class:`ImageRejected`.
 
-    A file object is read from its start and left open. Reads the whole file
-    into memory (at most ``limits.max_file_bytes``) so that the bytes
-    hashed, checked and decoded are the same bytes. An image whose full
-    decode would need more than ``full_decode_limit`` bytes is decoded in
-    bounded memory where its format allows (see the module docstring).
+    A file object is read from its start and left open. The file is mapped, not read, to be
+    sniffed, walked and hashed (at most ``limits.max_file_bytes``), and Pillow decodes it from the
+    file, a block at a time: its bytes and its pixels are never held at once (a large PNG is
+    mostly its pixels' size again). The file is this process's own (a download's temporary file,
+    or one it committed), so the bytes hashed and checked are the bytes decoded. An image whose
+    full decode would need more than ``full_decode_limit`` bytes is decoded in bounded memory
+    where its format allows (see the module docstring).
 
     ``on_first_frame`` is handed the first frame once Pillow has decoded it (to make a thumbnail
     from pixels already decoded, not decode them twice); a JPEG decoded in bounded memory hands
@@ -275,26 +280,29 @@ def validate_image(source: str | os.PathLike[str] | BinaryIO, limits: ImageLimit
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         # Process-wide Pillow setting that makes it accept truncated images; someone turned it on.
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is on in this process; refusing to validate images")
-    data = _read_all(source, limits.max_file_bytes)
-    image_format = _sniff(data)
-    header = _PROBES[image_format](data)
-    _check_limits(header.width, header.height, header.frames, limits)
-    summary = ImageHeader(image_format, header.width, header.height, header.frames, header.boundable)
-    if summary.decode_bytes(full_decode_limit) < summary.decoded_bytes:
-        width, height, frames = _decode_bounded(data, summary, limits, on_first_frame)
-    else:
-        width, height, frames = _decode(data, image_format, limits, on_first_frame)
+    with contextlib.ExitStack() as stack:
+        file = stack.enter_context(open(source, "rb")) if isinstance(source, (str, os.PathLike)) else source
+        with _mapped(file, limits.max_file_bytes) as data:
+            image_format = _sniff(data[:_DESCRIBED_BYTES])
+            header = _PROBES[image_format](data)
+            _check_limits(header.width, header.height, header.frames, limits)
+            summary = ImageHeader(image_format, header.width, header.height, header.frames, header.boundable)
+            size, sha256 = len(data), hashlib.sha256(data).hexdigest()
+            bounded = summary.decode_bytes(full_decode_limit) < summary.decoded_bytes
+            if bounded:
+                width, height, frames = _decode_bounded(data, summary, limits, on_first_frame)
+            elif isinstance(data, bytes):  # a file object without a descriptor, read into memory
+                width, height, frames = _decode(io.BytesIO(data), image_format, limits, on_first_frame)
+        if not bounded and not isinstance(data, bytes):
+            with open(file.fileno(), "rb", buffering=_DECODE_BUFFER, closefd=False) as reader:
+                width, height, frames = _decode(reader, image_format, limits, on_first_frame)
     _, ext, mime = _FORMATS[image_format]
-    return ImageInfo(
-        format=image_format,
-        ext=ext,
-        mime=mime,
-        width=width,
-        height=height,
-        frames=frames,
-        bytes=len(data),
-        sha256=hashlib.sha256(data).hexdigest(),
-    )
+    return ImageInfo(format=image_format, ext=ext, mime=mime, width=width, height=height, frames=frames,
+                     bytes=size, sha256=sha256)
+
+
+#: The reads Pillow's decode makes of a file (its own blocks are 64 KiB; PNG chunk headers are 8 bytes).
+_DECODE_BUFFER = 1 << 16
 
 
 def _read_all(source: str | os.PathLike[str] | BinaryIO, max_bytes: int) -> bytes:
@@ -339,7 +347,13 @@ def _mapped(source: str | os.PathLike[str] | BinaryIO, max_bytes: int) -> Iterat
             yield b""
             return
         mapped = stack.enter_context(mmap.mmap(fd, size, access=mmap.ACCESS_READ))
-        yield mapped  # type: ignore[misc]
+        try:
+            yield mapped  # type: ignore[misc]
+        except BaseException as exc:
+            # The frames a refusal was raised from may still hold views of the mapping (a piece of a
+            # PNG's image data), and a mapping cannot close while a view of it lives: let them go.
+            traceback.clear_frames(exc.__traceback__)
+            raise
 
 
 def _size_of(source: BinaryIO) -> int:
@@ -640,11 +654,12 @@ def _check_limits(width: int, height: int, frames: int, limits: ImageLimits) -> 
         )
 
 
-def _decode(data: bytes, image_format: ImageFormat, limits: ImageLimits,
+def _decode(file: BinaryIO, image_format: ImageFormat, limits: ImageLimits,
             on_first_frame: Callable[[Image.Image], None] | None = None) -> tuple[int, int, int]:
-    """Decode every frame with Pillow; return ``(width, height, frames)`` as Pillow saw them."""
+    """Decode every frame of ``file`` (read from its start) with Pillow; return ``(width, height, frames)``."""
     pil_format = _FORMATS[image_format][0]
-    with _pillow_errors(image_format), Image.open(io.BytesIO(data), formats=[pil_format]) as image:
+    file.seek(0)
+    with _pillow_errors(image_format), Image.open(file, formats=[pil_format]) as image:
         if image.format != pil_format:
             raise ImageRejected(f"Pillow reads the {image_format.upper()} bytes as {image.format}")
         frames = getattr(image, "n_frames", 1)
