@@ -31,9 +31,10 @@ from typing import Any
 
 from PIL import Image
 
-from materializer.layout import default_layout
+from materializer.layout import THUMBNAILS_DIR, default_layout
 from materializer.ledger import Ledger
 from materializer.options import DaemonOptions
+from materializer.thumbnails import THUMBNAIL_METHOD, THUMBNAIL_QUALITY, shrink, thumbnail_name
 
 from benchkit import BenchResult, Metric, Sidebar, cpu_seconds, daemon_process, scratch_backend
 
@@ -108,8 +109,9 @@ def prefill(root: Path, count: int) -> int:
     :meth:`Ledger.mark_materialized` writes them (one per job would take an fsync each). The
     cursors are set to now, so the daemon's subscription starts after them, and after the jobs
     earlier measurements stored on the same backend. The newest ``gallery_size`` jobs get their
-    file on disk, as recorded: the daemon checks those against their SHA-256 at start and would
-    materialize again any that is missing (the older ones it checks only if the folder is replaced).
+    file on disk, as recorded, and its thumbnail: the daemon checks those against their SHA-256 at
+    start and would materialize again any that is missing (the older ones it checks only if the
+    folder is replaced), and would make every missing thumbnail again.
     """
     now = time.time()
     path = default_layout(root).ledger
@@ -122,11 +124,18 @@ def prefill(root: Path, count: int) -> int:
             ledger.ensure_cursor(now * 1000, feed)  # type: ignore[arg-type]
     outputs = default_layout(root).outputs
     outputs.mkdir(mode=0o700, exist_ok=True)
-    image = io.BytesIO()
-    Image.new("RGB", (256, 256), (40, 90, 160)).save(image, "PNG")
+    picture = Image.new("RGB", (256, 256), (40, 90, 160))
+    image, thumbnail = io.BytesIO(), io.BytesIO()
+    picture.save(image, "PNG")
+    shrink(picture).save(thumbnail, "WEBP", quality=THUMBNAIL_QUALITY, method=THUMBNAIL_METHOD)
+    thumbnails = outputs / THUMBNAILS_DIR
+    thumbnails.mkdir(mode=0o700, exist_ok=True)
     on_disk = {doc["jobId"] for doc in docs[-DaemonOptions.gallery_size:]}
     for job_id in on_disk:
         (outputs / f"{job_id}_0.png").write_bytes(image.getvalue())
+        # Its thumbnail too, as the daemon leaves it: else the measured bursts would share the
+        # machine with a one-time rebuild of a thousand thumbnails at start.
+        (thumbnails / thumbnail_name(f"{job_id}_0.png")).write_bytes(thumbnail.getvalue())
     size, digest = len(image.getvalue()), hashlib.sha256(image.getvalue()).hexdigest()
     base = outputs.resolve()
     conn = sqlite3.connect(path, isolation_level=None)

@@ -110,6 +110,8 @@ class Materializer:
         self._display_factory = display_factory
         self.display: Any = None
         self._in_flight: dict[str, asyncio.Task[None]] = {}
+        self._no_jobs = asyncio.Event()  # set while no attempt is under way: derived work waits for it
+        self._no_jobs.set()
         self._work = asyncio.Event()
         self._announce = asyncio.Event()
         self._feeds_changed = asyncio.Event()  # the feed timer looks again at when to tick
@@ -450,10 +452,13 @@ class Materializer:
                 continue  # a lease that lapsed during a long attempt, renewed by the claim
             task = asyncio.create_task(self._materialize_claimed(job))
             self._in_flight[job.job_id] = task
+            self._no_jobs.clear()
             task.add_done_callback(functools.partial(self._job_done, job.job_id))
 
     def _job_done(self, job_id: str, task: asyncio.Task[None]) -> None:
         self._in_flight.pop(job_id, None)
+        if not self._in_flight:
+            self._no_jobs.set()
         self._work.set()
         if not task.cancelled() and task.exception() is not None:
             # Its lease lapses and the job is tried again; say why it stopped.
@@ -569,11 +574,12 @@ class Materializer:
         await self._state_event({"state": "files_missing", "jobs": count, "detail": detail})
     async def _keep_thumbnails(self) -> None:
         """Rebuild missing or broken thumbnails, off the jobs' path: every image of the gallery's jobs at
-        start-up, then those a gallery write finds missing; the gallery is rewritten to list them."""
+        start-up, then those a gallery write finds missing; the gallery is rewritten to list them. Each
+        rebuild waits until no job is under way: a new job is never slowed by an old one's thumbnail."""
         entries = await self.db(self.ledger.gallery_entries, self.options.gallery_size)
         files: list[OutputFile] | None = [f for entry in entries for f in entry.files]
         while True:
-            if await self.work.repair_thumbnails(files):
+            if await self.work.repair_thumbnails(files, before_each=self._no_jobs.wait):
                 self._gallery_dirty.set()
             files = None
             await self._thumbnails_wanted.wait()

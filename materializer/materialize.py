@@ -531,12 +531,15 @@ class Workspace:
         self._thumbnails_missing = missing
         self.store.atomic_write_bytes(MANIFEST_NAME, render_manifest(entries, generated_at_ms, thumbnails))
 
-    async def repair_thumbnails(self, files: list[OutputFile] | None = None) -> int:
+    async def repair_thumbnails(self, files: list[OutputFile] | None = None, *,
+                                before_each: Callable[[], Awaitable[object]] | None = None) -> int:
         """Rebuild missing or broken thumbnails, off the jobs' path; return how many were made.
 
         ``files`` are checked (the gallery's jobs at start-up, the jobs a replay covered); by default,
         the images the last gallery write found without one. Each file is tried once per process, so
-        a file that cannot be thumbnailed does not make every gallery write try again.
+        a file that cannot be thumbnailed does not make every gallery write try again. Each rebuild
+        first awaits ``before_each`` (the daemon's: until no job is under way, so that a thousand
+        rebuilds after an upgrade do not slow the jobs arriving meanwhile).
         """
         if self.thumbnails is None:
             return 0
@@ -547,6 +550,8 @@ class Workspace:
         thumbnails, memory = self.thumbnails, self.materializer.memory
         made = 0
         for file in await asyncio.to_thread(thumbnails.needing_repair, todo) if todo else []:
+            if before_each is not None:
+                await before_each()
             # Each rebuild decodes a first frame: it takes its share of the memory budget like a download.
             async with memory.reserve(await asyncio.to_thread(thumbnails.rebuild_memory, file.path)):
                 made += await asyncio.to_thread(thumbnails.rebuild, file.path)

@@ -6,6 +6,7 @@ Real images drawn with Pillow, real files, the daemon and ``replay`` against the
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import os
@@ -18,6 +19,7 @@ from test_daemon_pipeline import FAST, wait_materialized
 from materializer.images import ImageLimits, ImageRejected, open_first_frame, validate_image
 from materializer.layout import default_layout
 from materializer.ledger import OutputFile
+from materializer.materialize import Workspace
 from materializer.options import DaemonOptions
 from materializer.replay import replay
 from materializer.thumbnails import FirstFrame, Thumbnails, fit, shrink, thumbnail_name
@@ -268,6 +270,33 @@ async def test_the_daemon_rebuilds_thumbnails_that_went_missing_or_broke(backend
 
         await async_wait_until(all_sound_and_listed, what="the thumbnails rebuilt and listed")
     assert len(ledger_events(root, "media.materialized")) == 3  # nothing announced again
+
+
+async def test_each_rebuild_waits_for_its_turn_so_a_backfill_yields_to_live_jobs(tmp_path: Path) -> None:
+    """``before_each`` is awaited before every rebuild (the daemon's waits until no job is under way)."""
+    root = tmp_path / "root"
+    work = Workspace(DaemonOptions(root=root, convex_url="http://127.0.0.1:9"), owner="test")
+    try:
+        names = ["a_0.png", "b_0.png", "c_0.png"]
+        for name in names:
+            (work.store.path / name).write_bytes(encoded(halves((600, 300), RED, BLUE), "PNG"))
+        folder = default_layout(root).thumbnails
+        made_before_each_turn: list[int] = []
+        turn = asyncio.Event()
+
+        async def wait_for_turn() -> None:
+            made_before_each_turn.append(len(list(folder.glob("*.webp"))) if folder.exists() else 0)
+            await turn.wait()
+
+        repairing = asyncio.create_task(work.repair_thumbnails([image_file(name) for name in names],
+                                                               before_each=wait_for_turn))
+        await async_wait_until(lambda: made_before_each_turn, what="the first turn asked for")
+        assert not folder.exists() or not list(folder.glob("*.webp"))  # nothing made while the turn is withheld
+        turn.set()
+        assert await repairing == 3
+        assert made_before_each_turn == [0, 1, 2]
+    finally:
+        await work.aclose()
 
 
 async def test_without_thumbnails_the_setting_makes_none(backend: DevBackend, tmp_path: Path) -> None:
