@@ -454,6 +454,27 @@ def test_an_output_path_cannot_belong_to_two_jobs(ledger: Ledger) -> None:
     assert ledger.last_seq() == 1
 
 
+def race(script: str, db: Path, racers: int) -> list[Any]:
+    """Run ``script`` in ``racers`` processes (argv: the ledger, ``racer-<n>``), started together once each is
+    ready; the JSON line each printed, in racer order (each must exit 0)."""
+    processes = [subprocess.Popen([sys.executable, "-c", script, str(db), f"racer-{n}"], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True) for n in range(racers)]
+    try:
+        for process in processes:
+            assert process.stdout is not None and process.stdout.readline() == "ready\n"
+        for process in processes:
+            assert process.stdin is not None
+            process.stdin.write("go\n")
+            process.stdin.flush()
+        results = [json.loads(process.communicate(timeout=60)[0]) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+    assert [process.returncode for process in processes] == [0] * racers
+    return results
+
+
 RACER = """
 import hashlib, json, sys
 from materializer.ledger import Ledger, OutputFile
@@ -471,28 +492,7 @@ with Ledger(db) as ledger:
 def test_processes_racing_for_a_job_claim_it_once_and_announce_it_once(db: Path) -> None:
     with Ledger(db) as ledger:
         ledger.observe_jobs([job_doc("job_claimed", 1_000), job_doc("job_raced", 2_000)])
-    racers = [
-        subprocess.Popen(
-            [sys.executable, "-c", RACER, str(db), f"racer-{n}"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for n in range(4)
-    ]
-    try:
-        for racer in racers:
-            assert racer.stdout is not None and racer.stdout.readline() == "ready\n"
-        for racer in racers:
-            assert racer.stdin is not None
-            racer.stdin.write("go\n")
-            racer.stdin.flush()
-        results = [json.loads(racer.communicate(timeout=60)[0]) for racer in racers]
-    finally:
-        for racer in racers:
-            racer.kill()
-            racer.wait()
-    assert [racer.returncode for racer in racers] == [0, 0, 0, 0]
+    results = race(RACER, db, 4)
     assert sum(result["claimed"] for result in results) == 1
     assert sum(result["announced"] for result in results) == 1
     with Ledger(db) as ledger:
@@ -519,20 +519,7 @@ def test_processes_claiming_due_jobs_at_once_each_get_a_job_once(db: Path) -> No
     ids = [f"job_{n:03}" for n in range(60)]
     with Ledger(db) as ledger:
         ledger.observe_jobs([job_doc(job_id, 1_000 + n) for n, job_id in enumerate(ids)])
-    racers = [subprocess.Popen([sys.executable, "-c", DUE_RACER, str(db), f"racer-{n}"], stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, text=True) for n in range(4)]
-    try:
-        for racer in racers:
-            assert racer.stdout is not None and racer.stdout.readline() == "ready\n"
-        for racer in racers:
-            assert racer.stdin is not None
-            racer.stdin.write("go\n")
-            racer.stdin.flush()
-        claimed = [json.loads(racer.communicate(timeout=60)[0]) for racer in racers]
-    finally:
-        for racer in racers:
-            racer.kill()
-            racer.wait()
+    claimed = race(DUE_RACER, db, 4)
     assert sorted(job_id for batch in claimed for job_id in batch) == ids
     with Ledger(db) as ledger:
         owners = {job_id: job.lease_owner for job_id, job in ledger.jobs(ids).items()}
