@@ -545,7 +545,10 @@ def _as_javascript_writes(wire: Any) -> Any:
 @given(value=_CONVEX_VALUES, as_error_data=st.booleans())
 def test_a_frame_decodes_to_the_same_values_whether_or_not_it_takes_the_one_pass_path(
         value: Any, as_error_data: bool) -> None:
-    """Frames without a ``$`` skip from_convex_json (numbers become floats as they are parsed); nothing else changes."""
+    """Frames without a ``$`` skip from_convex_json (numbers become floats as they are parsed); nothing else changes.
+
+    Convex JSON tags only objects with a ``$`` key (get-convex/convex-js ``src/values/value.ts``, ``jsonToConvex``).
+    """
     from materializer.convex.values import from_convex_json, to_convex_json
 
     wire = _as_javascript_writes(to_convex_json(value))

@@ -522,7 +522,9 @@ def _loads(text: str) -> tuple[Any, bool]:
     """A server frame parsed, and whether it is *plain*: its Convex values need no :func:`from_convex_json`.
 
     A frame with no ``$`` in it, written or escaped (``\\u0024``), can hold no tagged value
-    (``$integer``, ``$float``, ``$bytes``) and no reserved key, so the only conversion left, every
+    (``$integer``, ``$float``, ``$bytes``) and no reserved key (in Convex JSON only an object with
+    a ``$`` key is tagged, every other value is itself: get-convex/convex-js ``src/values/value.ts``,
+    ``jsonToConvex``; :mod:`materializer.convex.values`), so the only conversion left, every
     number to a float, is done while parsing; the envelope's integers come out as whole floats,
     which every field read takes (:func:`_field`). Parsing a window of 200 jobs so takes a third of
     the time of parsing, then walking it in Python.
