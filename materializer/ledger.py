@@ -844,14 +844,12 @@ class Ledger:
         owner, lease = _lease(owner, lease_seconds)
         with self._write() as conn:
             now = self._clock()  # read under the write lock: waiting for it must not shorten the lease
-            rows = conn.execute(
+            leased = _lease_rows(conn, conn.execute(
                 f"SELECT {_JOB_COLUMNS} FROM jobs WHERE job_id = :job_id AND status = 'pending'"
                 " AND (lease_owner IS NULL OR lease_owner = :owner OR lease_expires_at <= :now)",
                 {"owner": owner, "job_id": job_id, "now": now},
-            ).fetchall()
-            conn.executemany("UPDATE jobs SET lease_owner = ?, lease_expires_at = ? WHERE rowid = ?",
-                             [(owner, now + lease, row[0]) for row in rows])
-        jobs = self._decode_jobs([(*row[:13], owner, now + lease, row[15]) for row in rows])
+            ).fetchall(), owner, now + lease)
+        jobs = self._decode_jobs(leased)
         return jobs[0] if jobs and jobs[0].status == "pending" else None
 
     def release_claims_by_prefix(self, prefix: str) -> int:
@@ -1334,10 +1332,18 @@ def _observed_rows(docs: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any
 
 def _claim_due(conn: sqlite3.Connection, now: float, limit: int, owner: str, lease: float) -> list[Any]:
     """Lease up to ``limit`` due jobs (``_DUE_JOBS``) in this transaction; their rows, as leased."""
-    rows = conn.execute(_DUE_JOBS, {"now": now, "limit": limit}).fetchall()
+    return _lease_rows(conn, conn.execute(_DUE_JOBS, {"now": now, "limit": limit}).fetchall(), owner, now + lease)
+
+
+#: Where ``_JOB_COLUMNS`` puts the lease's owner and expiry (after the rowid).
+_LEASE_OWNER_COLUMN, _LEASE_EXPIRY_COLUMN = 13, 14
+
+
+def _lease_rows(conn: sqlite3.Connection, rows: list[Any], owner: str, until: float) -> list[Any]:
+    """Lease the jobs of ``rows`` (selected as ``_JOB_COLUMNS``) to ``owner`` until ``until``; the rows as leased."""
     conn.executemany("UPDATE jobs SET lease_owner = ?, lease_expires_at = ? WHERE rowid = ?",
-                     [(owner, now + lease, row[0]) for row in rows])
-    return [(*row[:13], owner, now + lease, row[15]) for row in rows]
+                     [(owner, until, row[0]) for row in rows])
+    return [(*row[:_LEASE_OWNER_COLUMN], owner, until, *row[_LEASE_EXPIRY_COLUMN + 1:]) for row in rows]
 
 
 def _known_job_ids(conn: sqlite3.Connection, job_ids: list[str]) -> set[str]:
