@@ -287,12 +287,16 @@ class OutputStore:
             return PartialFile(self, fd, name, dir_fd)
         raise StorageError(f"no free temporary file name for {stem} after {_CREATE_ATTEMPTS} tries", retryable=True)
 
-    def commit(self, partial: PartialFile, final_name: str) -> Path:
-        """Make ``partial`` durable under ``final_name``, replacing whatever entry had that name.
+    def commit(self, partial: PartialFile, final_name: str, *, durable: bool = True) -> Path:
+        """Put ``partial`` in place under ``final_name``, replacing whatever entry had that name.
 
         fsync the file, rename it into place, fsync the folder. On any
         failure the temporary file is gone and nothing new is left under
         ``final_name``; on success ``partial`` is closed.
+
+        ``durable=False`` skips both fsyncs, for derived data that is checked when read and made
+        again when broken (thumbnails): readers still see the whole file or none while the machine
+        runs, but after a power loss the file may be missing, empty or short.
         """
         _check_name(final_name)
         if partial.store is not self:
@@ -308,7 +312,8 @@ class OutputStore:
         dir_fd = self._fd()
         action = f"flushing {partial.partial_name} to disk"
         try:
-            os.fsync(partial.fileno())
+            if durable:
+                os.fsync(partial.fileno())
             action = f"renaming {partial.partial_name} to {final_name}"
             if not self._is_same(partial.partial_name, partial.identity):
                 partial.discard()  # leaves whatever took the name alone
@@ -326,7 +331,8 @@ class OutputStore:
                 # Swapped for a symlink between the check and the rename. (Another regular file
                 # here is a concurrent commit of the same name, as whole as ours.)
                 raise StorageError(f"{partial.partial_name} was replaced while being committed", retryable=True)
-            os.fsync(dir_fd)
+            if durable:
+                os.fsync(dir_fd)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 self._unlink_if_same(final_name, partial.identity)

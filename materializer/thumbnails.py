@@ -24,8 +24,12 @@ They are derived data, so nothing here may hold a job back or fail it:
   memory budget: a first frame that would take more is not decoded, and gets no thumbnail (the
   daemon reserves :meth:`Thumbnails.rebuild_memory` of its budget before each rebuild);
 - they are committed like every other file (:class:`materializer.store.OutputStore`:
-  temporary file, fsync, rename, folder fsync; a symlink at ``.thumbs`` is refused), and
-  count against nothing the user configured.
+  temporary file, rename; a symlink at ``.thumbs`` is refused) but without its two fsyncs:
+  a reader sees a whole thumbnail or none, and one that a power loss left missing, empty
+  or short is what :meth:`Thumbnails.is_sound` finds broken when the daemon starts (the
+  gallery's jobs: the newest, so the ones written just before the loss) and rebuilds. The
+  fsyncs cost more than the encode and would wait on the journal beside the image's own;
+- they count against nothing the user configured.
 
 Methods block (decoding, encoding, fsync): call them in a worker thread. Safe from
 several threads at once.
@@ -216,7 +220,7 @@ class Thumbnails:
             store = self._open_store()
             with store.temp_file(name) as partial:
                 partial.write(data)
-                store.commit(partial, name)
+                store.commit(partial, name, durable=False)  # derived: checked at start, made again
         except (StorageError, OSError, ValueError) as exc:
             self._note_failure(file_name, str(exc))
             return False

@@ -185,6 +185,25 @@ def test_commit_fsyncs_the_file_then_the_folder_after_the_rename(
     assert calls == [("file", False), ("folder", True)]
 
 
+def test_a_commit_that_need_not_be_durable_renames_without_fsyncs(
+    store: OutputStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        calls.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    with store.temp_file("job_1_0") as partial:
+        partial.write(b"thumbnail bytes")
+        store.commit(partial, "job_1_0.webp", durable=False)
+    assert calls == []
+    assert listing(store) == ["job_1_0.webp"]
+    assert (store.path / "job_1_0.webp").read_bytes() == b"thumbnail bytes"
+
+
 def test_a_symlink_planted_at_the_final_name_is_replaced_not_written_through(
     store: OutputStore, victim: Path
 ) -> None:

@@ -201,20 +201,23 @@ def image_file(name: str) -> OutputFile:
 
 
 def test_missing_and_broken_thumbnails_are_rebuilt_and_sound_ones_are_left_alone(tmp_path: Path) -> None:
-    names = ["a_0.png", "b_0.png", "c_0.png", "d_0.png"]
+    names = ["a_0.png", "b_0.png", "c_0.png", "d_0.png", "e_0.png", "f_0.png"]
     for name in names:
         (tmp_path / name).write_bytes(encoded(halves((600, 300), RED, BLUE), "PNG"))
     thumbnails = Thumbnails(tmp_path / ".thumbs", ImageLimits())
-    assert thumbnails.repair(image_file(name) for name in names) == 4
+    assert thumbnails.repair(image_file(name) for name in names) == 6
     folder = tmp_path / ".thumbs"
     sound = (folder / "a_0.webp").stat().st_ino
     (folder / "b_0.webp").unlink()                                       # missing
     whole = (folder / "c_0.webp").read_bytes()
     (folder / "c_0.webp").write_bytes(whole[: len(whole) // 2])         # cut off
     (folder / "d_0.webp").write_bytes(b"<html>not a picture</html>")    # something else
-    assert [thumbnails.is_sound(name) for name in names] == [True, False, False, False]
+    # What a power loss can leave of a thumbnail committed without fsyncs (Thumbnails._commit):
+    (folder / "e_0.webp").write_bytes(b"")                               # the rename without the data
+    (folder / "f_0.webp").write_bytes(bytes(len(whole)))                 # the size without the data
+    assert [thumbnails.is_sound(name) for name in names] == [True, False, False, False, False, False]
     assert thumbnails.repair([*(image_file(name) for name in names),
-                              OutputFile(1, "e_1.mp4", "video/mp4", None, None, 9, "0" * 64)]) == 3
+                              OutputFile(1, "e_1.mp4", "video/mp4", None, None, 9, "0" * 64)]) == 5
     assert all(thumbnails.is_sound(name) for name in names)
     assert (folder / "a_0.webp").stat().st_ino == sound
     for name in names:
