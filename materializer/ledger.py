@@ -26,9 +26,10 @@ the job is already materialized; a unique index backs this up. Leases
 job at once; a lease held by a killed process simply expires.
 
 Threads. A :class:`Ledger` owns one connection and serialises calls on a lock,
-so any thread may use it. The daemon should make its ledger calls from one
-dedicated worker thread (a single-thread executor): calls then run in order
-and a slow fsync never ties up the event loop or the default thread pool.
+so any thread may use it. The daemon and ``replay`` make their ledger calls from one
+dedicated thread (:class:`materializer.ledger_thread.LedgerThread`): calls then run in
+order, a slow fsync never ties up the event loop or the default thread pool, and calls
+that queue up meanwhile commit together (:meth:`Ledger.group`: one fsync for all).
 Every call is short (index lookups and small writes).
 
 Secrets. Everything stored here may be read by ``status``, sent to sidebar
@@ -623,6 +624,7 @@ class Ledger:
         self._event_cap = event_cap
         self._clock = clock
         self._lock = threading.Lock()
+        self._group_thread: int | None = None  # the thread inside group(), whose calls are its savepoints
         self._conn = (_connect_read_only(self.path, busy_timeout) if read_only
                       else _connect(self.path, create=create, busy_timeout=busy_timeout))
 
@@ -643,7 +645,37 @@ class Ledger:
     # -- plumbing --------------------------------------------------------------
 
     @contextmanager
+    def group(self) -> Iterator[None]:
+        """One transaction around the calls this thread makes inside: one commit, one WAL fsync, for all.
+
+        Group commit (see :class:`materializer.ledger_thread.LedgerThread`): each call runs in a
+        savepoint of its own, so one that raises takes back its own writes and leaves the others';
+        nothing a call wrote is committed (and so nothing may be acted on) before the group's commit,
+        which raises if it fails: then none of the calls' writes are in the ledger. A call made after
+        SQLite rolled the whole transaction back (a full disk, an I/O error) raises too.
+        """
+        with self._lock, self._sqlite_errors():
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            self._group_thread = threading.get_ident()
+            try:
+                yield
+                if not conn.in_transaction:
+                    raise LedgerError(f"ledger {self.path}: an error rolled back a group of calls")
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            finally:
+                self._group_thread = None
+
+    @contextmanager
     def _transaction(self, begin: str) -> Iterator[sqlite3.Connection]:
+        if self._group_thread == threading.get_ident():
+            with self._savepoint() as conn:
+                yield conn
+            return
         with self._lock, self._sqlite_errors():
             conn = self._conn
             conn.execute(begin)
@@ -654,6 +686,23 @@ class Ledger:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+
+    @contextmanager
+    def _savepoint(self) -> Iterator[sqlite3.Connection]:
+        """A call inside :meth:`group`: its writes kept or taken back as one, committed with the group's."""
+        with self._sqlite_errors():
+            conn = self._conn
+            if not conn.in_transaction:  # else each statement would commit on its own, outside the group
+                raise LedgerError(f"ledger {self.path}: an error rolled back a group of calls")
+            conn.execute("SAVEPOINT call")
+            try:
+                yield conn
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK TO call")
+                    conn.execute("RELEASE call")
+                raise
+            conn.execute("RELEASE call")
 
     def _write(self) -> AbstractContextManager[sqlite3.Connection]:
         """A read-modify-write transaction holding the write lock from its start."""

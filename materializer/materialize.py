@@ -26,7 +26,6 @@ import os
 import random
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -41,6 +40,7 @@ from materializer.jobs import Job, JobRejected, OutputRef, choose_asset, extract
 from materializer.layout import secure_layout
 from materializer.ledger import Event, GalleryEntry, Ledger, OutputFile
 from materializer.ledger import Job as LedgerJob
+from materializer.ledger_thread import LedgerThread
 from materializer.limits import MAX_JOB_DOCUMENT_BYTES
 from materializer.media_files import (
     BINARY,
@@ -429,8 +429,9 @@ class Workspace:
                            if options.thumbnails else None)
         self._thumbnails_missing: list[OutputFile] = []
         self._thumbnails_tried: set[str] = set()
-        #: The ledger's own thread: every ledger call, in order (the sidebar server reads through it too).
-        self.ledger_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
+        #: The ledger's own thread: every ledger call, in order, those that queue up committed together
+        #: (the sidebar server reads through it too).
+        self.ledger_executor = LedgerThread(self.ledger)
         self._retired_fetchers: list[Fetcher] = []
         self.materializer = JobMaterializer(self.store, _fetcher(options), options.image_limits,
                                             options.fetch_max_bytes, options.download_concurrency, self.thumbnails,
