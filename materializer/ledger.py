@@ -744,14 +744,18 @@ class Ledger:
         Idempotent: a known job keeps its status, attempts and files; a job still
         pending takes the newer document (its output URLs may have been
         refreshed). Raises ``ValueError`` naming the first document without a
-        usable ``jobId`` or ``completedAt`` (or that is not plain JSON) before
-        writing anything.
+        usable ``jobId`` or ``completedAt`` (or, unless its job is materialized
+        already, that is not plain JSON) before writing anything.
+
+        The document of a job already materialized is not read past those two
+        fields: nothing in it can change the job, and a query answer lists the same
+        jobs again and again (the daemon's window holds tens of them).
         """
-        rows = _observed_rows(docs)
-        if not rows:
+        observed = _observed(docs)
+        if not observed:
             return []
         with self._write() as conn:
-            return self._observe(conn, rows, self._clock())
+            return self._observe(conn, observed, self._clock())
 
     def observe_and_claim(self, docs: Iterable[Mapping[str, Any]], limit: int, owner: str,
                           lease_seconds: float) -> tuple[list[str], list[Job]]:
@@ -761,17 +765,22 @@ class Ledger:
         recorded and leased by one commit (one fsync), and its attempt starts without a second
         trip to the ledger.
         """
-        rows = _observed_rows(docs)
+        observed = _observed(docs)
         owner, lease = _lease(owner, lease_seconds)
         with self._write() as conn:
             now = self._clock()
-            new = self._observe(conn, rows, now) if rows else []
+            new = self._observe(conn, observed, now) if observed else []
             leased = _claim_due(conn, now, _count(limit, "limit"), owner, lease)
         return new, [job for job in self._decode_jobs(leased) if job.status == "pending"]
 
-    def _observe(self, conn: sqlite3.Connection, rows: dict[str, dict[str, Any]], now: float) -> list[str]:
-        known = _known_job_ids(conn, list(rows))
-        new = [job_id for job_id in rows if job_id not in known]
+    def _observe(self, conn: sqlite3.Connection, observed: dict[str, tuple[Mapping[str, Any], float]],
+                 now: float) -> list[str]:
+        statuses = _statuses(conn, list(observed))
+        # Raises ValueError (the transaction then writes nothing) for a document that is not plain JSON.
+        rows = {job_id: _job_fields(job_id, doc, completed_at) for job_id, (doc, completed_at) in observed.items()
+                if statuses.get(job_id) != "materialized"}
+        known = [job_id for job_id in rows if job_id in statuses]
+        new = [job_id for job_id in rows if job_id not in statuses]
         conn.executemany(
             "INSERT INTO jobs (job_id, completed_at_ms, capability, profile, prompt, created_at_ms,"
             " first_seen_at, doc) VALUES (:job_id, :completed_at_ms, :capability, :profile, :prompt,"
@@ -793,7 +802,7 @@ class Ledger:
             [{**rows[job_id], "n": len(UNDECODABLE_DOCUMENT), "undecodable": UNDECODABLE_DOCUMENT}
              for job_id in known],
         )
-        _note_seen(conn, "succeeded", max(row["completed_at_ms"] for row in rows.values()))
+        _note_seen(conn, "succeeded", max(completed_at for _, completed_at in observed.values()))
         return new
 
     def job(self, job_id: str) -> Job | None:
@@ -1369,14 +1378,20 @@ def _chunks(items: list[str]) -> Iterator[list[str]]:
         yield items[start : start + _CHUNK]
 
 
-def _observed_rows(docs: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The jobs table's columns of each document, by job id (a later document of a job wins); ValueError
-    naming the first unusable one."""
-    rows: dict[str, dict[str, Any]] = {}
+def _observed(docs: Iterable[Mapping[str, Any]]) -> dict[str, tuple[Mapping[str, Any], float]]:
+    """Each document by job id (a later document of a job wins) with its ``completedAt``; ValueError naming the
+    first without a usable ``jobId`` or ``completedAt``."""
+    observed: dict[str, tuple[Mapping[str, Any], float]] = {}
     for doc in docs:
-        row = _job_fields(doc)
-        rows[row["job_id"]] = row
-    return rows
+        if not isinstance(doc, Mapping):
+            raise ValueError(f"a job document must be an object, got {type(doc).__name__}")
+        job_id = _job_id(doc)
+        completed_at = finite_number(doc.get("completedAt"))
+        if completed_at is None:
+            got = type(doc.get("completedAt")).__name__
+            raise ValueError(f"job {job_id!r}: completedAt must be a finite number, got {got}")
+        observed[job_id] = (doc, completed_at)
+    return observed
 
 
 def _claim_due(conn: sqlite3.Connection, now: float, limit: int, owner: str, lease: float) -> list[Any]:
@@ -1395,11 +1410,12 @@ def _lease_rows(conn: sqlite3.Connection, rows: list[Any], owner: str, until: fl
     return [(*row[:_LEASE_OWNER_COLUMN], owner, until, *row[_LEASE_EXPIRY_COLUMN + 1:]) for row in rows]
 
 
-def _known_job_ids(conn: sqlite3.Connection, job_ids: list[str]) -> set[str]:
-    found: set[str] = set()
+def _statuses(conn: sqlite3.Connection, job_ids: list[str]) -> dict[str, str]:
+    """The status of each of ``job_ids`` the ledger knows."""
+    found: dict[str, str] = {}
     for chunk in _chunks(job_ids):
         marks = ", ".join("?" * len(chunk))
-        found.update(row[0] for row in conn.execute(f"SELECT job_id FROM jobs WHERE job_id IN ({marks})", chunk))
+        found.update(conn.execute(f"SELECT job_id, status FROM jobs WHERE job_id IN ({marks})", chunk).fetchall())
     return found
 
 
@@ -1494,15 +1510,8 @@ def _job_id(doc: Mapping[str, Any]) -> str:
     return job_id
 
 
-def _job_fields(doc: Any) -> dict[str, Any]:
-    """The columns of a succeeded job document, or ValueError saying what is unusable."""
-    if not isinstance(doc, Mapping):
-        raise ValueError(f"a job document must be an object, got {type(doc).__name__}")
-    job_id = _job_id(doc)
-    completed_at = finite_number(doc.get("completedAt"))
-    if completed_at is None:
-        got = type(doc.get("completedAt")).__name__
-        raise ValueError(f"job {job_id!r}: completedAt must be a finite number, got {got}")
+def _job_fields(job_id: str, doc: Mapping[str, Any], completed_at: float) -> dict[str, Any]:
+    """The columns of a succeeded job document (checked by :func:`_observed`); ValueError if it is not plain JSON."""
     request = doc.get("request")
     prompt = request.get("prompt") if isinstance(request, Mapping) else None
     capability, profile = doc.get("capability"), doc.get("profile")

@@ -199,6 +199,25 @@ def test_observe_is_idempotent_and_never_resets_finished_jobs(ledger: Ledger) ->
     assert len(ledger.outputs("job_a")) == 1
 
 
+def test_observe_reads_no_further_than_id_and_completion_of_a_materialized_job(ledger: Ledger, db: Path) -> None:
+    """A window lists the same finished jobs on every answer: their documents are not even serialised."""
+    ledger.ensure_cursor(0)
+    ledger.observe_jobs([job_doc("job_a", 1_000), job_doc("job_b", 2_000)])
+    materialize(ledger, "job_a")
+    statements: list[str] = []
+    ledger._conn.set_trace_callback(statements.append)
+    not_json = job_doc("job_a", 5_000, output={1, 2})  # would be refused for a job still to do
+    assert ledger.observe_jobs([not_json, job_doc("job_b", 2_000)]) == []
+    ledger._conn.set_trace_callback(None)
+    job_a = ledger.job("job_a")
+    assert job_a is not None and job_a.doc == job_doc("job_a", 1_000) and job_a.status == "materialized"
+    assert not any("job_a" in statement for statement in statements if statement.startswith("UPDATE jobs"))
+    with sqlite3.connect(db) as raw:  # its completion still counts toward the feed's high-water mark
+        assert raw.execute("SELECT seen_max_ms FROM cursors WHERE feed = 'succeeded'").fetchone() == (5_000,)
+    with pytest.raises(ValueError, match="'job_b' is not plain JSON"):
+        ledger.observe_jobs([job_doc("job_b", 2_000, output={1, 2})])
+
+
 def test_observe_refreshes_the_document_of_a_pending_job(ledger: Ledger) -> None:
     ledger.observe_jobs([job_doc("job_a", 1_000)])
     refreshed = job_doc("job_a", 1_000, output={"images": [{"url": "https://cdn.example/fresh.png"}]})
