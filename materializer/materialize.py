@@ -428,6 +428,7 @@ class Workspace:
                                       max_decode_bytes=options.memory_budget_bytes)
                            if options.thumbnails else None)
         self._thumbnails_missing: list[OutputFile] = []
+        self._sized: dict[Any, dict[str, Any]] = {}  # the documents of the last answer, by job id, within the size
         self._thumbnails_tried: set[str] = set()
         #: The ledger's own thread: every ledger call, in order, those that queue up committed together
         #: (the sidebar server reads through it too).
@@ -450,7 +451,16 @@ class Workspace:
         usable = [d for d in docs if isinstance(d, dict) and d.get("status", "succeeded") == "succeeded"]
         if len(usable) < len(docs):
             log.warning("ignoring %d item(s) that are not job documents of succeeded jobs", len(docs) - len(usable))
-        usable = [d for d in usable if not await self._quarantined_for_size(d)]
+        # The documents of the last answer were sized already: a window lists the same jobs on every
+        # answer, and serialising each to learn its size is most of an answer's cost on the event loop.
+        sized, self._sized = self._sized, {}
+        kept = []
+        for doc in usable:
+            if sized.get(doc.get("jobId")) != doc and await self._quarantined_for_size(doc):
+                continue
+            kept.append(doc)
+            self._sized[doc.get("jobId")] = doc
+        usable = kept
         try:
             if claim > 0:
                 observed: tuple[list[str], list[LedgerJob]] = await self.db(

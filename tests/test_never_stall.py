@@ -20,6 +20,8 @@ from typing import Any
 from PIL import Image
 
 from materializer.layout import default_layout
+from materializer.materialize import Workspace
+from materializer.options import DaemonOptions
 from stella_devbackend.control import DevBackend
 
 from helpers import DaemonProcess, ledger_events, ledger_jobs, wait_until
@@ -248,3 +250,22 @@ def _png() -> bytes:
 def _doc(job_id: str, completed_at: float, image: dict[str, Any], prompt: str = "p") -> dict[str, Any]:
     return {"jobId": job_id, "status": "succeeded", "completedAt": completed_at, "capability": "text_to_image",
             "request": {"prompt": prompt}, "output": {"images": [dict(image)]}}
+
+
+async def test_a_document_that_grows_past_the_ledger_limit_between_answers_is_still_quarantined(
+        tmp_path: Path) -> None:
+    """The documents of the last answer are not sized again (Workspace.observe); a changed one is."""
+    work = Workspace(DaemonOptions(root=tmp_path / "root", convex_url="http://127.0.0.1:9"), owner="test")
+    try:
+        image = {"url": "http://127.0.0.1:9/files/a.png"}
+        small, other = _doc("job_grows", 1_000.0, image), _doc("job_other", 2_000.0, image)
+        assert (await work.observe([small, other]))[0] == ["job_grows", "job_other"]
+        assert (await work.observe([small, other]))[0] == []  # the same answer again: nothing new
+        await work.observe([_doc("job_grows", 1_000.0, image, prompt="p" * 17_000_000), other])
+        grown = work.ledger.job("job_grows")
+        assert grown is not None and grown.status == "quarantined"
+        assert grown.last_error is not None and "over the 16,777,216 the ledger keeps" in grown.last_error
+        kept = work.ledger.job("job_other")
+        assert kept is not None and kept.status == "pending"
+    finally:
+        await work.aclose()
