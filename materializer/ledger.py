@@ -52,6 +52,7 @@ and materialization times) are Unix seconds from the ledger's clock.
 # (`materializer status` imports this module).
 
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -417,6 +418,8 @@ def _connect(path: Path, *, create: bool, busy_timeout: float) -> sqlite3.Connec
     :class:`LedgerDamagedError` before anything is written to it.
     """
     _refuse_untrusted(path)
+    if create:
+        _remove_abandoned_temporaries(path)
     if not path.exists():
         if os.path.lexists(f"{path}-wal"):
             # Its write-ahead log would be replayed into a new file at the path: that is no fresh start.
@@ -466,10 +469,11 @@ def _create(path: Path, busy_timeout: float) -> None:
     a ledger another process created meanwhile.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.new-{os.urandom(8).hex()}")
+    temporary = path.with_name(f"{_temporary_prefix(path)}{os.urandom(8).hex()}")
     # Prompts are private. SQLite gives the -wal and -shm files the
     # database file's mode, so creating it 0600 covers all three.
-    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+    building = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    fcntl.flock(building, fcntl.LOCK_EX)  # while it is built (see _remove_abandoned_temporaries)
     try:
         conn = sqlite3.connect(temporary, timeout=busy_timeout, isolation_level=None)
         try:
@@ -488,6 +492,43 @@ def _create(path: Path, busy_timeout: float) -> None:
         for leftover in (temporary, Path(f"{temporary}-wal"), Path(f"{temporary}-shm")):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(leftover)
+        os.close(building)
+
+
+def _temporary_prefix(path: Path) -> str:
+    return f".{path.name}.new-"
+
+
+def _remove_abandoned_temporaries(path: Path) -> None:
+    """Remove what a process killed inside :func:`_create` left: temporaries no process is building.
+
+    A builder holds an exclusive ``flock`` on its temporary until it is gone; one that can be
+    locked has no builder left. Its ``-wal`` and ``-shm`` go with it.
+    """
+    prefix = _temporary_prefix(path)
+    try:
+        names = [entry.name for entry in os.scandir(path.parent) if entry.name.startswith(prefix)]
+    except FileNotFoundError:
+        return
+    for name in names:
+        if name.endswith(("-wal", "-shm")):
+            if not os.path.lexists(path.parent / name[:-4]):  # its temporary is gone: no one builds it
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path.parent / name)
+            continue
+        try:
+            fd = os.open(path.parent / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            continue  # gone meanwhile, or not a file of ours to open
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # being built right now
+        finally:
+            os.close(fd)
+        for leftover in (name, f"{name}-wal", f"{name}-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path.parent / leftover)
 
 
 #: How long a header that disagrees with the file's size may take to settle while a checkpoint runs.

@@ -130,6 +130,44 @@ def test_reopening_keeps_data_and_does_not_migrate_again(db: Path, clock: Clock)
         assert ledger.status().schema_version == SCHEMA_VERSION
 
 
+#: A process that stops inside the ledger's creation, after writing to its temporary (as SIGKILL finds it).
+STUCK_CREATING = """
+import sys, threading
+import materializer.ledger as ledger
+
+def stuck(conn, path):
+    conn.execute("CREATE TABLE half_made (x)")
+    print("building", flush=True)
+    threading.Event().wait()
+
+ledger._migrate = stuck
+ledger.Ledger(sys.argv[1])
+"""
+
+
+def test_what_a_process_killed_while_creating_the_ledger_left_goes_at_the_next_open(db: Path) -> None:
+    def temporaries() -> list[str]:
+        return sorted(path.name for path in db.parent.glob(".materializer.db.new-*"))
+
+    child = subprocess.Popen([sys.executable, "-c", STUCK_CREATING, str(db)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "building"
+        building = temporaries()
+        assert len(building) >= 2  # the temporary and its -wal
+        with Ledger(db):  # another process opens meanwhile: what is being built is not touched
+            pass
+        assert temporaries() == building
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        assert child.stdout is not None
+        child.stdout.close()
+    assert temporaries() == building  # the killed process left them
+    with Ledger(db) as ledger:
+        assert ledger.status().schema_version == SCHEMA_VERSION
+    assert temporaries() == []
+
+
 def test_missing_ledger_is_not_created_when_told_not_to(db: Path) -> None:
     with pytest.raises(LedgerOpenError, match="no ledger at"):
         Ledger(db, create=False)
