@@ -204,12 +204,24 @@ def decodes(path: Path) -> bool:
         return False
 
 
+#: The hidden temporary a ledger is built under (materializer/ledger.py, _create) and its -wal/-shm.
+LEDGER_TEMPORARY = ".materializer.db.new-"
+
+
+def ledger_temporaries(root: Path) -> list[str]:
+    """What an interrupted creation of the ledger left; the next process that opens it removes them."""
+    folder = default_layout(root).ledger.parent
+    return sorted(p.name for p in folder.glob(f"{LEDGER_TEMPORARY}*")) if folder.exists() else []
+
+
 def stray_paths(base: Path, allowed_top: set[str]) -> list[str]:
     """Paths under ``base`` that no daemon should have written.
 
     Allowed: the top-level names given (backend data, token file, log, config),
-    the root's ``state/media`` folder with the ledger files, and plain files
-    directly inside ``outputs`` or its ``.thumbs`` folder (no other folders, no symlinks).
+    the root's ``state/media`` folder with the ledger files (and the hidden temporaries of a
+    ledger's creation that a kill interrupted: :func:`ledger_temporaries`, gone by the next
+    open), and plain files directly inside ``outputs`` or its ``.thumbs`` folder (no other
+    folders, no symlinks).
     """
     root = base / "root"
     media = root / "state" / "media"
@@ -224,7 +236,7 @@ def stray_paths(base: Path, allowed_top: set[str]) -> list[str]:
     for path in root.rglob("*"):
         if path in (root / "state", media, outputs) or (path == thumbnails and not path.is_symlink()):
             continue
-        if path.parent == media and path.name in STATE_FILES:
+        if path.parent == media and (path.name in STATE_FILES or path.name.startswith(LEDGER_TEMPORARY)):
             continue
         if path.parent in (outputs, thumbnails) and not path.is_symlink() and path.is_file():
             continue
@@ -366,7 +378,8 @@ class KillRun:
     sources: dict[str, list[str]] = field(default_factory=dict)  # job id -> SHA-256 per output
     verified: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # file name -> (inode, size, mtime)
     counts: Counter[str] = field(default_factory=Counter)
-    info: dict[str, Any] = field(default_factory=lambda: {"jobs": 0, "kills": 0, "kills_with_downloads_in_flight": 0})
+    info: dict[str, Any] = field(default_factory=lambda: {
+        "jobs": 0, "kills": 0, "kills_with_downloads_in_flight": 0, "kills_while_creating_the_ledger": 0})
 
     def __post_init__(self) -> None:
         self.root = self.base / "root"
@@ -405,8 +418,9 @@ class KillRun:
         folder = default_layout(self.root).outputs
         partials = partial_files(self.root)
         self.info["kills_with_downloads_in_flight"] += bool(partials) and not final
+        self.info["kills_while_creating_the_ledger"] += bool(ledger_temporaries(self.root)) and not final
         if final:
-            self.counts["partial_files"] += len(partials)
+            self.counts["partial_files"] += len(partials) + len(ledger_temporaries(self.root))
         for path in folder.iterdir() if folder.exists() else []:
             if path.name in ("gallery.json", THUMBNAILS_DIR) or path.name.startswith(PARTIAL_PREFIX):
                 continue
