@@ -12,7 +12,7 @@ They are derived data, so nothing here may hold a job back or fail it:
   (:class:`FirstFrame`, the ``on_first_frame`` hook of
   :func:`materializer.images.validate_image`): no second decode, only a box-filter
   reduction and a fast WebP encode, on a thread of its own while the image's file
-  commits (:meth:`Thumbnails.save_soon`: both overlap the commit's fsyncs), and
+  commits (:meth:`Thumbnails.save_soon`: the encode overlaps the commit's fsyncs), and
   the job is announced once both are in place (``bench/thumbnails.py`` measures the
   cost per job);
 - a thumbnail that cannot be made is logged and left out (the sidebar payload and
@@ -53,8 +53,7 @@ from materializer.layout import THUMBNAILS_DIR
 from materializer.ledger import OutputFile
 from materializer.store import OutputStore, StorageError
 
-__all__ = ["KEPT_FRAME_BYTES", "THUMBNAIL_EDGE", "FirstFrame", "Thumbnails", "fit", "is_image", "shrink",
-           "thumbnail_name"]
+__all__ = ["THUMBNAIL_EDGE", "FirstFrame", "Thumbnails", "fit", "is_image", "shrink", "thumbnail_name"]
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +63,6 @@ THUMBNAIL_EDGE = 256
 #: size, for files a few hundred bytes larger).
 THUMBNAIL_QUALITY = 80
 THUMBNAIL_METHOD = 0
-#: The largest first frame (decoded bytes) whose reduction waits for the thumbnail's thread (FirstFrame):
-#: 1024 x 1024 RGBA, the size of a generated image.
-KEPT_FRAME_BYTES = 4 << 20
 #: A thumbnail file is a few KB; anything much larger is not one of ours.
 _MAX_THUMBNAIL_BYTES = 1 << 20
 #: Modes Pillow's ``reduce`` takes.
@@ -127,38 +123,20 @@ def _encode(small: Image.Image) -> bytes:
 
 
 class FirstFrame:
-    """The ``on_first_frame`` hook of ``validate_image``: keeps the first frame for its thumbnail, or why there is none.
+    """The ``on_first_frame`` hook of ``validate_image``: keeps the shrunk first frame, or why there is none.
 
-    A frame of at most :data:`KEPT_FRAME_BYTES` is kept as a copy (a memory copy is a fifth of the
-    reduction's time) and shrunk by :meth:`small` on the thumbnail's own thread, while the image's
-    file commits: the reduction leaves the job's path. A larger frame is shrunk at once, so that
-    no more than a small frame is ever held twice. Never raises (an exception would make
-    validation refuse a good image).
+    Never raises (an exception would make validation refuse a good image).
     """
 
     def __init__(self) -> None:
+        self.small: Image.Image | None = None
         self.error: str | None = None
-        self._small: Image.Image | None = None
-        self._kept: Image.Image | None = None
 
     def __call__(self, image: Image.Image) -> None:
         try:
-            if image.width * image.height * len(image.getbands()) <= KEPT_FRAME_BYTES:
-                self._kept = image.copy()
-            else:
-                self._small = shrink(image)
+            self.small = shrink(image)
         except Exception as exc:  # a thumbnail problem is never the image's problem
             self.error = f"{type(exc).__name__}: {exc}"
-
-    def small(self) -> Image.Image | None:
-        """The thumbnail's pixels (:func:`shrink` of the frame), or None (see :attr:`error`)."""
-        if self._kept is not None:
-            kept, self._kept = self._kept, None
-            try:
-                self._small = shrink(kept)
-            except Exception as exc:
-                self.error = f"{type(exc).__name__}: {exc}"
-        return self._small
 
 
 class Thumbnails:
@@ -192,11 +170,10 @@ class Thumbnails:
 
     def save(self, file_name: str, frame: FirstFrame) -> bool:
         """Commit the thumbnail of ``file_name`` from the frame validation handed over; False (logged) if not made."""
-        small = frame.small()
-        if small is None:
+        if frame.small is None:
             self._note_failure(file_name, frame.error or "no frame was decoded")
             return False
-        return self._commit(file_name, small)
+        return self._commit(file_name, frame.small)
 
     def save_soon(self, file_name: str, frame: FirstFrame) -> Future[bool]:
         """:meth:`save` on a thread of this object's own (a caller may wait for it from any thread)."""

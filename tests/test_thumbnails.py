@@ -22,7 +22,7 @@ from materializer.ledger import OutputFile
 from materializer.materialize import Workspace
 from materializer.options import DaemonOptions
 from materializer.replay import replay
-from materializer.thumbnails import KEPT_FRAME_BYTES, FirstFrame, Thumbnails, fit, shrink, thumbnail_name
+from materializer.thumbnails import FirstFrame, Thumbnails, fit, shrink, thumbnail_name
 from materializer.tokens import StaticTokenProvider
 from stella_devbackend.control import DevBackend
 
@@ -183,28 +183,14 @@ def test_a_jpeg_over_the_budget_gets_its_thumbnail_from_the_eighth_scale_decode(
     frame = FirstFrame()
     info = validate_image(io.BytesIO(data), DEFAULT_LIMITS, frame, full_decode_limit=1 << 20)
     assert (info.width, info.height) == (4096, 2048)
-    small = frame.small()
-    assert small is not None and small.size == (256, 128)
-    assert close_to(small.getpixel((20, 64)), RED) and close_to(small.getpixel((236, 64)), BLUE)
-
-
-@pytest.mark.parametrize("size", [(1024, 512), (4096, 2048)], ids=["kept-and-shrunk-later", "shrunk-at-once"])
-def test_the_first_frame_outlives_its_decode_whatever_its_size(size: tuple[int, int]) -> None:
-    """A small frame is copied and shrunk later (on the thumbnail's thread), a large one shrunk in the hook:
-    either way the thumbnail is the frame's, after validation has closed the decoded image."""
-    assert (size[0] * size[1] * 3 <= KEPT_FRAME_BYTES) == (size == (1024, 512))
-    frame = FirstFrame()
-    validate_image(io.BytesIO(encoded(halves(size, RED, BLUE), "PNG")), DEFAULT_LIMITS, frame)
-    small = frame.small()
-    assert small is not None and small.size == (256, 128) and frame.error is None
-    assert close_to(small.getpixel((20, 64)), RED) and close_to(small.getpixel((236, 64)), BLUE)
-    assert frame.small() is small  # made once
+    assert frame.small is not None and frame.small.size == (256, 128)
+    assert close_to(frame.small.getpixel((20, 64)), RED) and close_to(frame.small.getpixel((236, 64)), BLUE)
 
 
 def test_a_hook_that_meets_something_odd_records_it_instead_of_raising() -> None:
     frame = FirstFrame()
     frame(Image.new("RGB", (0, 0)))  # nothing Pillow can reduce or encode
-    assert frame.small() is None and frame.error
+    assert frame.small is None and frame.error
 
 
 # -- derived data: rebuilt, never fatal --------------------------------------------------------------------------
