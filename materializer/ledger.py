@@ -71,6 +71,7 @@ from materializer.redaction import redact, redact_value
 __all__ = [
     "DEFAULT_CURSOR_OVERLAP_MS",
     "DEFAULT_EVENT_CAP",
+    "FALLBACK_CHECKPOINT_PAGES",
     "EVENT_TYPES",
     "SCHEMA_VERSION",
     "Event",
@@ -101,6 +102,9 @@ def _warn(message: str, *args: object) -> None:
 
 
 DEFAULT_EVENT_CAP = 100_000
+#: With background checkpoints, the write-ahead log's length (pages) at which a commit checkpoints it
+#: itself all the same (SQLite's default is 1,000): only if the background thread falls far behind.
+FALLBACK_CHECKPOINT_PAGES = 20_000
 DEFAULT_CURSOR_OVERLAP_MS = 2_000.0
 EVENT_TYPES = frozenset({"media.materialized", "media.failed", "materializer.state"})
 
@@ -410,6 +414,27 @@ def _open_checked(path: Path, busy_timeout: float) -> sqlite3.Connection:
         os.close(held)
 
 
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+def _second_connection(path: Path, identity: tuple[int, int], busy_timeout: float) -> sqlite3.Connection:
+    """Another connection to a ledger this process has open, to the same file (``identity``).
+
+    No descriptor of the file is opened and closed here, unlike :func:`_open_checked`: closing
+    one drops every POSIX lock this process holds on the file, the locks of SQLite's connections
+    included, and another process could then take the ledger for unused (and checkpoint away the
+    log under them). SQLite's own connections close their descriptors safely.
+    """
+    conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
+    if _identity(os.lstat(path)) != identity:
+        conn.close()
+        raise UntrustedPath(Finding(path, "was replaced while the ledger was open",
+                                    "make sure no other program writes in this folder"))
+    conn.execute("PRAGMA synchronous = FULL")
+    return conn
+
+
 def _connect(path: Path, *, create: bool, busy_timeout: float) -> sqlite3.Connection:
     """Open the ledger at ``path``, creating it first when it is absent (and ``create`` allows).
 
@@ -427,7 +452,7 @@ def _connect(path: Path, *, create: bool, busy_timeout: float) -> sqlite3.Connec
         if not create:
             raise LedgerOpenError(f"no ledger at {path}")
         _create(path, busy_timeout)
-    problem = _settled_header_problem(path)
+    problem = _ledger_header_problem(path)
     if problem is not None:
         raise LedgerDamagedError(f"{path} is damaged: {problem}")
     conn = _open_checked(path, busy_timeout)
@@ -531,33 +556,41 @@ def _remove_abandoned_temporaries(path: Path) -> None:
                 os.unlink(path.parent / leftover)
 
 
-#: How long a header that disagrees with the file's size may take to settle while a checkpoint runs.
-_CHECKPOINT_SETTLE_SECONDS = 2.0
+#: A write-ahead log's first four bytes (https://www.sqlite.org/fileformat.html, "WAL File Format"),
+#: its header's length, and each frame's header's length.
+_WAL_MAGIC = (0x377F0682, 0x377F0683)
+_WAL_HEADER_BYTES, _WAL_FRAME_HEADER_BYTES = 32, 24
 
 
-def _settled_header_problem(path: Path) -> str | None:
-    """:func:`header_problem` of the file, judged again while another connection may be checkpointing.
+def _ledger_header_problem(path: Path) -> str | None:
+    """:func:`header_problem` of the file, unless a write-ahead log beside it holds what its header promises.
 
-    A checkpoint copies pages from the write-ahead log in page order, so page 1 (whose header gives
-    the new size) lands before the pages that make the file that long: a daemon's ledger read at
-    that moment looks truncated. With a log beside the file the judgement is taken again until it
-    is clean or the deadline passes; a file truncated for real stays so.
+    A checkpoint copies pages from the log in page order, page 1 (whose header gives the new
+    size) first: a ledger opened while another process checkpoints it, or after a checkpoint was
+    cut short (a daemon killed during one), has a header that promises more pages than the file
+    has. SQLite reads those pages from the log, and ``quick_check`` then judges what it reads; a
+    log without a frame cannot stand in for them, so a file truncated for real is still refused.
     """
-    deadline = time.monotonic() + _CHECKPOINT_SETTLE_SECONDS
-    while True:
-        try:
-            with os.fdopen(open_nofollow(path, os.O_RDONLY), "rb") as file:
-                problem = header_problem(file.read(100), os.fstat(file.fileno()).st_size)
-        except OSError as exc:
-            raise LedgerOpenError(f"cannot read ledger {path}: {exc.strerror or exc}") from exc
-        if problem is None or not problem.startswith("the file is truncated") or time.monotonic() > deadline:
-            return problem
-        try:
-            if os.stat(f"{path}-wal").st_size == 0:
-                return problem  # no log to copy from: nothing is under way
-        except FileNotFoundError:
-            return problem
-        time.sleep(0.02)
+    try:
+        with os.fdopen(open_nofollow(path, os.O_RDONLY), "rb") as file:
+            header = file.read(100)
+            problem = header_problem(header, os.fstat(file.fileno()).st_size)
+    except OSError as exc:
+        raise LedgerOpenError(f"cannot read ledger {path}: {exc.strerror or exc}") from exc
+    if problem is None or not problem.startswith("the file is truncated: its header says"):
+        return problem
+    page_size = int.from_bytes(header[16:18], "big")
+    return None if _log_has_a_frame(Path(f"{path}-wal"), 65536 if page_size == 1 else page_size) else problem
+
+
+def _log_has_a_frame(wal: Path, page_size: int) -> bool:
+    try:
+        with os.fdopen(open_nofollow(wal, os.O_RDONLY), "rb") as file:
+            magic = int.from_bytes(file.read(4), "big")
+            size = os.fstat(file.fileno()).st_size
+    except OSError:
+        return False
+    return magic in _WAL_MAGIC and size >= _WAL_HEADER_BYTES + _WAL_FRAME_HEADER_BYTES + page_size
 
 
 def header_problem(header: bytes, size: int) -> str | None:
@@ -658,6 +691,7 @@ class Ledger:
         event_cap: int = DEFAULT_EVENT_CAP,
         clock: Callable[[], float] = time.time,
         read_only: bool = False,
+        background_checkpoints: bool = False,
     ) -> None:
         if event_cap < 1:
             raise ValueError(f"event_cap must be at least 1, got {event_cap}")
@@ -668,10 +702,38 @@ class Ledger:
         self._group_thread: int | None = None  # the thread inside group(), whose calls are its savepoints
         self._conn = (_connect_read_only(self.path, busy_timeout) if read_only
                       else _connect(self.path, create=create, busy_timeout=busy_timeout))
+        self._busy_timeout = busy_timeout
+        self._identity = _identity(os.lstat(self.path))  # the file just opened (checked by _open_checked)
+        self._checkpoint_conn: sqlite3.Connection | None = None
+        self._commits = 0  # writes committed on this connection: checkpoint() knows when there is nothing new
+        self._checkpointed = 0
+        if background_checkpoints and not read_only:
+            # SQLite's own checkpoint runs inside the commit that crosses the threshold, on the ledger's
+            # thread: the checkpoint() of a background thread does it instead, and this is only a fallback.
+            self._conn.execute(f"PRAGMA wal_autocheckpoint = {FALLBACK_CHECKPOINT_PAGES}")
 
     def close(self) -> None:
         with self._lock:
+            if self._checkpoint_conn is not None:
+                self._checkpoint_conn.close()
             self._conn.close()
+
+    def checkpoint(self) -> bool:
+        """Copy what was committed since the last call from the write-ahead log into the database file.
+
+        SQLite's PASSIVE checkpoint, on a connection of its own: the ledger's calls never wait for it
+        (nor it for them; it copies what no reader still needs). For a background thread (see
+        ``background_checkpoints``); whether there was anything new to copy.
+        """
+        commits = self._commits
+        if commits == self._checkpointed:
+            return False
+        if self._checkpoint_conn is None:
+            self._checkpoint_conn = _second_connection(self.path, self._identity, self._busy_timeout)
+        with self._sqlite_errors():
+            self._checkpoint_conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        self._checkpointed = commits
+        return True
 
     def now(self) -> float:
         """The ledger's clock (Unix seconds): what attempt times and leases are measured against."""
@@ -704,6 +766,7 @@ class Ledger:
                 if not conn.in_transaction:
                     raise LedgerError(f"ledger {self.path}: an error rolled back a group of calls")
                 conn.execute("COMMIT")
+                self._commits += 1
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
@@ -723,6 +786,8 @@ class Ledger:
             try:
                 yield conn
                 conn.execute("COMMIT")
+                if begin != "BEGIN":  # a write
+                    self._commits += 1
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")

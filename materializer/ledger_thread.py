@@ -1,4 +1,4 @@
-"""The ledger's own thread: every ledger call of a process, in order, with group commit.
+"""The ledger's own threads: every ledger call of a process, in order, with group commit; and checkpoints.
 
 Why: each ledger commit waits for an fsync of the write-ahead log (``synchronous=FULL``,
 see :mod:`materializer.ledger`), and several jobs finishing at once (a burst, a replay)
@@ -14,19 +14,26 @@ takes it, as it took the single-thread pool it replaces.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from typing import Any, NamedTuple, ParamSpec, TypeVar
 
-from materializer.ledger import Ledger
+from materializer.ledger import Ledger, LedgerError
 
-__all__ = ["MAX_GROUP", "LedgerThread"]
+__all__ = ["CHECKPOINT_INTERVAL", "MAX_GROUP", "Checkpointer", "LedgerThread"]
+
+log = logging.getLogger(__name__)
 
 #: The most calls committed together: a group holds the write lock for its whole length, and
 #: another process (``replay`` beside the daemon) waits that long for it.
 MAX_GROUP = 64
+
+#: How often the checkpointer copies what was committed from the write-ahead log into the database file
+#: (seconds). A few hundred pages a second at most, copied off the ledger's thread.
+CHECKPOINT_INTERVAL = 1.0
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -130,3 +137,32 @@ def _run_alone(call: _Call) -> None:
         call.future.set_exception(exc)
     else:
         call.future.set_result(result)
+
+
+class Checkpointer:
+    """Checkpoints the write-ahead log of a ``Ledger(background_checkpoints=True)`` from a thread of its own.
+
+    Why: SQLite checkpoints in the commit that takes the log past its threshold, a few times a
+    minute under load and tens of milliseconds each (copying pages, an fsync of the database
+    file): on the ledger's thread, the job behind that commit waited for it. Here every
+    ``interval`` seconds, when something was committed, on a connection of its own.
+    """
+
+    def __init__(self, ledger: Ledger, interval: float = CHECKPOINT_INTERVAL) -> None:
+        self._ledger = ledger
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ledger-checkpoints", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop (a checkpoint under way finishes first); the ledger may be closed after this."""
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self._ledger.checkpoint()
+            except LedgerError as exc:  # busy or failing: SQLite's own fallback threshold still holds
+                log.debug("checkpoint not done: %s", exc)

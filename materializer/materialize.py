@@ -40,7 +40,7 @@ from materializer.jobs import Job, JobRejected, OutputRef, choose_asset, extract
 from materializer.layout import secure_layout
 from materializer.ledger import Event, GalleryEntry, Ledger, OutputFile
 from materializer.ledger import Job as LedgerJob
-from materializer.ledger_thread import LedgerThread
+from materializer.ledger_thread import Checkpointer, LedgerThread
 from materializer.limits import MAX_JOB_DOCUMENT_BYTES
 from materializer.media_files import (
     BINARY,
@@ -422,7 +422,7 @@ class Workspace:
         layout = options.layout
         secure_layout(layout, options.root)  # UntrustedPath: refused before anything is opened in it
         # Attempt times and leases on a clock that wall-clock steps do not move (see materializer.clock).
-        self.ledger = Ledger(layout.ledger, clock=SteadyClock())
+        self.ledger = Ledger(layout.ledger, clock=SteadyClock(), background_checkpoints=True)
         self.store = OutputStore(layout.outputs)
         self.thumbnails = (Thumbnails(layout.thumbnails, options.image_limits, options.download_concurrency,
                                       max_decode_bytes=options.memory_budget_bytes)
@@ -433,6 +433,7 @@ class Workspace:
         #: The ledger's own thread: every ledger call, in order, those that queue up committed together
         #: (the sidebar server reads through it too).
         self.ledger_executor = LedgerThread(self.ledger)
+        self._checkpointer = Checkpointer(self.ledger)
         self._retired_fetchers: list[Fetcher] = []
         self.materializer = JobMaterializer(self.store, _fetcher(options), options.image_limits,
                                             options.fetch_max_bytes, options.download_concurrency, self.thumbnails,
@@ -586,6 +587,7 @@ class Workspace:
         for fetcher in (self.materializer.fetcher, *self._retired_fetchers):
             await fetcher.aclose()
         self.ledger_executor.shutdown(wait=True)
+        self._checkpointer.close()
         if self.thumbnails is not None:
             self.thumbnails.close()
         self.store.close()

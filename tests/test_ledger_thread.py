@@ -11,7 +11,10 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import CancelledError, Future
 from pathlib import Path
@@ -20,7 +23,7 @@ from typing import Any
 import pytest
 
 from materializer.ledger import Ledger, LedgerBusyError, LedgerError
-from materializer.ledger_thread import MAX_GROUP, LedgerThread
+from materializer.ledger_thread import MAX_GROUP, Checkpointer, LedgerThread
 
 
 @pytest.fixture
@@ -212,3 +215,65 @@ def test_run_in_executor_takes_it(ledger: Ledger, thread: LedgerThread) -> None:
         return [event.seq for event in events]
 
     assert asyncio.run(main()) == [1, 2, 3, 4, 5]
+
+
+# -- checkpoints, off the ledger's thread ------------------------------------------------------------
+
+
+def fill_the_log(ledger: Ledger, pages: int) -> None:
+    """Commit about ``pages`` pages of events, one commit each."""
+    for n in range(pages // 2):
+        ledger.append_event("materializer.state", {"state": "connected", "n": n, "pad": "x" * 6000})
+
+
+def test_commits_leave_checkpoints_to_the_background_and_checkpoint_copies_what_is_new(tmp_path: Path) -> None:
+    path = tmp_path / "materializer.db"
+    with Ledger(path, background_checkpoints=True) as ledger:
+        fill_the_log(ledger, 1500)  # past SQLite's own threshold of 1,000 pages
+        before = path.stat().st_size
+        assert Path(f"{path}-wal").stat().st_size > 1000 * 4096  # no commit checkpointed on its own
+        assert ledger.checkpoint() is True
+        assert path.stat().st_size > before + 1000 * 4096  # the pages are in the database file now
+        assert ledger.checkpoint() is False  # nothing committed since
+        ledger.events_after(0, 10)  # a read commits nothing
+        assert ledger.checkpoint() is False
+        ledger.append_event("materializer.state", state(1))
+        assert ledger.checkpoint() is True
+
+
+def test_without_background_checkpoints_sqlite_checkpoints_in_the_commit(tmp_path: Path) -> None:
+    path = tmp_path / "materializer.db"
+    with Ledger(path) as ledger:
+        fill_the_log(ledger, 1500)
+        assert path.stat().st_size > 1000 * 4096  # SQLite's automatic checkpoint ran in a commit
+
+
+def test_the_checkpointer_checkpoints_from_its_own_thread(tmp_path: Path) -> None:
+    path = tmp_path / "materializer.db"
+    with Ledger(path, background_checkpoints=True) as ledger:
+        checkpointer = Checkpointer(ledger, interval=0.01)
+        try:
+            before = path.stat().st_size
+            fill_the_log(ledger, 200)
+            deadline = time.monotonic() + 10
+            while path.stat().st_size < before + 100 * 4096:
+                assert time.monotonic() < deadline, "the checkpointer never copied the log"
+                time.sleep(0.01)
+        finally:
+            checkpointer.close()
+
+
+def test_opening_the_checkpoint_connection_keeps_the_ledgers_locks(tmp_path: Path) -> None:
+    """Closing any descriptor of the file drops every POSIX lock the process holds on it, SQLite's too:
+    another process would then take the ledger for unused and, closing its connection, checkpoint the log
+    and delete it under the daemon. The checkpoint connection is opened without such a descriptor."""
+    path = tmp_path / "materializer.db"
+    with Ledger(path, background_checkpoints=True) as ledger:
+        ledger.append_event("materializer.state", state(1))
+        assert ledger.checkpoint() is True  # opens the checkpoint connection
+        ledger.append_event("materializer.state", state(2))
+        reads_then_closes = ("import sqlite3, sys; c = sqlite3.connect(sys.argv[1]);"
+                             " c.execute('SELECT count(*) FROM events').fetchone(); c.close()")
+        subprocess.run([sys.executable, "-c", reads_then_closes, str(path)], check=True)
+        assert Path(f"{path}-wal").exists()  # the other process knew it was not the last connection
+        assert committed_events(path) == [1, 2]
