@@ -29,7 +29,9 @@ Threads. A :class:`Ledger` owns one connection and serialises calls on a lock,
 so any thread may use it. The daemon and ``replay`` make their ledger calls from one
 dedicated thread (:class:`materializer.ledger_thread.LedgerThread`): calls then run in
 order, a slow fsync never ties up the event loop or the default thread pool, and calls
-that queue up meanwhile commit together (:meth:`Ledger.group`: one fsync for all).
+that queue up meanwhile commit together (:meth:`Ledger.group`: one fsync for all),
+and the write-ahead log is checkpointed from another thread, on a connection of its
+own (``background_checkpoints``, :class:`materializer.ledger_thread.Checkpointer`).
 Every call is short (index lookups and small writes).
 
 Secrets. Everything stored here may be read by ``status``, sent to sidebar
