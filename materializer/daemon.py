@@ -448,12 +448,20 @@ class Materializer:
     def _start(self, leased: list[Job]) -> None:
         """Start an attempt at each job leased to this daemon that is not under way already."""
         for job in leased:
-            if job.job_id in self._in_flight:
-                continue  # a lease that lapsed during a long attempt, renewed by the claim
+            if (running := self._in_flight.get(job.job_id)) is not None:
+                # Leased again while its attempt is finishing (its files vanished right after their commit
+                # and it is due again, or its lease lapsed during a long attempt): the lease is ours, so
+                # nobody else tries it before it lapses; try it again once that attempt is over.
+                running.add_done_callback(functools.partial(self._start_after, job))
+                continue
             task = asyncio.create_task(self._materialize_claimed(job))
             self._in_flight[job.job_id] = task
             self._no_jobs.clear()
             task.add_done_callback(functools.partial(self._job_done, job.job_id))
+
+    def _start_after(self, job: Job, _previous: asyncio.Task[None]) -> None:
+        if not self._stopping.is_set():
+            self._start([job])
 
     def _job_done(self, job_id: str, task: asyncio.Task[None]) -> None:
         self._in_flight.pop(job_id, None)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
 import io
 import logging
@@ -612,3 +613,27 @@ async def test_a_far_future_completed_at_does_not_stall_the_feed(backend: DevBac
     assert {e.payload["jobId"] for e in ledger_events(root, "media.failed")} == {future_failure, now_failure}
     for job_id in (future, now):
         assert_materialized(root, backend_doc(backend, job_id), "png", 1)
+
+
+async def test_a_job_leased_again_while_its_attempt_finishes_is_tried_once_that_attempt_ends(
+        backend: DevBackend, tmp_path: Path) -> None:
+    """Files that vanish right after their commit make the job due again while its attempt is still ending;
+    a claim then leases it to this daemon, which must not leave it leased and idle until the lease lapses
+    (found by the chaos case outputs-churned-during-a-burst: three jobs idle for the 120 s of a lease)."""
+    root = tmp_path / "root"
+    [job_id] = backend.create_jobs(count=1)
+    async with running_daemon(root, backend, **FAST) as daemon:
+        await wait_materialized(daemon, [job_id])
+        finishing = asyncio.Event()
+        attempt = asyncio.create_task(finishing.wait())  # its attempt, not over yet, as Materializer._start keeps it
+        daemon._in_flight[job_id] = attempt  # type: ignore[assignment]
+        attempt.add_done_callback(functools.partial(daemon._job_done, job_id))
+        (default_layout(root).outputs / f"{job_id}_0.png").unlink()
+        assert await daemon.work.check_files([(job_id, daemon.ledger.outputs(job_id))], hashes=False) == [job_id]
+        daemon._work.set()  # the scheduler leases the job, due again, while its attempt is in flight
+        await async_wait_until(lambda: (job := daemon.ledger.job(job_id)) is not None
+                               and job.lease_owner == daemon.owner, what="the job leased again")
+        finishing.set()  # that attempt ends: the job is tried again, at once
+        await wait_materialized(daemon, [job_id], timeout=10.0)
+    assert (default_layout(root).outputs / f"{job_id}_0.png").is_file()
+    assert len(ledger_events(root, "media.materialized")) == 1  # materialized again, announced once
