@@ -446,12 +446,12 @@ class Materializer:
         return max(0, self.options.download_concurrency * 4 - len(self._in_flight))
 
     def _start(self, leased: list[Job]) -> None:
-        """Start an attempt at each job leased to this daemon that is not under way already."""
+        """Start an attempt at each job leased to this daemon; one still under way is tried again once its
+        attempt is over (the new lease is ours: nobody else would try it before the lease lapses)."""
         for job in leased:
             if (running := self._in_flight.get(job.job_id)) is not None:
-                # Leased again while its attempt is finishing (its files vanished right after their commit
-                # and it is due again, or its lease lapsed during a long attempt): the lease is ours, so
-                # nobody else tries it before it lapses; try it again once that attempt is over.
+                # Leased again while its attempt is finishing: its files vanished right after their commit
+                # and it is due again, or its lease lapsed during a long attempt.
                 running.add_done_callback(functools.partial(self._start_after, job))
                 continue
             task = asyncio.create_task(self._materialize_claimed(job))
