@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Literal, NamedTuple
 
 __all__ = ["STATE_DIR_ENV", "THUMBNAILS_DIR", "AlreadyRunning", "Finding", "InstanceLock", "Layout", "UntrustedPath",
-           "check_file", "check_folder", "default_layout", "inspect_layout", "judge_file", "judge_folder",
+           "check_file", "check_folder", "default_layout", "file_identity", "inspect_layout", "judge_file",
+           "judge_folder",
            "layout_folders", "open_nofollow", "resolve_state_dir", "secure_layout"]
 
 
@@ -282,6 +283,11 @@ def _refuse_file(path: Path, fd: int, kind: FileKind = "file") -> None:
     if finding is not None:
         os.close(fd)
         raise UntrustedPath(finding)
+
+
+def file_identity(st: os.stat_result) -> tuple[int, int]:
+    """What tells one file from another: its device and inode (a replaced or moved file has others)."""
+    return st.st_dev, st.st_ino
 
 
 def open_nofollow(path: Path, flags: int, mode: int = 0o600) -> int:

@@ -67,7 +67,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Literal, NamedTuple, Self
 
 from materializer.finite import finite_number
-from materializer.layout import Finding, UntrustedPath, check_file, open_nofollow
+from materializer.layout import Finding, UntrustedPath, check_file, file_identity, open_nofollow
 from materializer.redaction import redact, redact_value
 
 __all__ = [
@@ -407,17 +407,13 @@ def _open_checked(path: Path, busy_timeout: float) -> sqlite3.Connection:
         except sqlite3.Error as exc:
             raise LedgerOpenError(f"cannot open ledger {path}: {exc}") from exc
         checked, now = os.fstat(held), os.lstat(path)
-        if (checked.st_dev, checked.st_ino) != (now.st_dev, now.st_ino):
+        if file_identity(checked) != file_identity(now):
             conn.close()
             raise UntrustedPath(Finding(path, "was replaced while it was being opened",
                                         "make sure no other program writes in this folder"))
         return conn
     finally:
         os.close(held)
-
-
-def _identity(st: os.stat_result) -> tuple[int, int]:
-    return st.st_dev, st.st_ino
 
 
 def _second_connection(path: Path, identity: tuple[int, int], busy_timeout: float) -> sqlite3.Connection:
@@ -429,7 +425,7 @@ def _second_connection(path: Path, identity: tuple[int, int], busy_timeout: floa
     log under them). SQLite's own connections close their descriptors safely.
     """
     conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
-    if _identity(os.lstat(path)) != identity:
+    if file_identity(os.lstat(path)) != identity:
         conn.close()
         raise UntrustedPath(Finding(path, "was replaced while the ledger was open",
                                     "make sure no other program writes in this folder"))
@@ -705,7 +701,7 @@ class Ledger:
         self._conn = (_connect_read_only(self.path, busy_timeout) if read_only
                       else _connect(self.path, create=create, busy_timeout=busy_timeout))
         self._busy_timeout = busy_timeout
-        self._identity = _identity(os.lstat(self.path))  # the file just opened (checked by _open_checked)
+        self._identity = file_identity(os.lstat(self.path))  # the file just opened (checked by _open_checked)
         self._checkpoint_conn: sqlite3.Connection | None = None
         self._commits = 0  # writes committed on this connection: checkpoint() knows when there is nothing new
         self._checkpointed = 0

@@ -62,6 +62,7 @@ from pathlib import Path
 from types import TracebackType
 
 from materializer.images import IMAGE_EXTENSIONS
+from materializer.layout import file_identity
 
 __all__ = ["PARTIAL_PREFIX", "FolderReplaced", "OutputStore", "PartialFile", "StorageError"]
 
@@ -122,10 +123,6 @@ def _check_name(name: str, *, room: int = 0) -> None:
         raise ValueError(f"file name {name[:60]!r} is too long")
 
 
-def _identity(st: os.stat_result) -> tuple[int, int]:
-    return st.st_dev, st.st_ino
-
-
 def _open_folder(path: Path) -> int:
     """A descriptor of the outputs folder at ``path`` (created 0700 if missing); a symlink or another's is refused."""
     try:
@@ -169,7 +166,7 @@ class PartialFile(io.FileIO):
         """The folder it was created in (the store's folder may be opened again meanwhile)."""
         self.partial_name = name
         self.path = store.path / name
-        self.identity = _identity(os.fstat(fd))
+        self.identity = file_identity(os.fstat(fd))
         self._finished = False
 
     def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
@@ -236,7 +233,7 @@ class OutputStore:
                 current: os.stat_result | None = os.lstat(self.path)
             except FileNotFoundError:
                 current = None
-            if current is not None and held.st_nlink > 0 and _identity(current) == _identity(held):
+            if current is not None and held.st_nlink > 0 and file_identity(current) == file_identity(held):
                 return False
             fd = _open_folder(self.path)
             self._retired_fds.append(self._fd())
@@ -438,7 +435,7 @@ class OutputStore:
             st = os.stat(name, dir_fd=self._fd() if dir_fd is None else dir_fd, follow_symlinks=False)
         except FileNotFoundError:
             return False
-        return stat.S_ISREG(st.st_mode) and _identity(st) == identity
+        return stat.S_ISREG(st.st_mode) and file_identity(st) == identity
 
     def _unlink_if_same(self, name: str, identity: tuple[int, int], dir_fd: int | None = None) -> None:
         if self._is_same(name, identity, dir_fd):
