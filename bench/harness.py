@@ -1,8 +1,9 @@
 """Floor processes, each a bare Python process doing only what the floor names (self-contained: no bench imports).
 
     python bench/harness.py memory URL [URL ...]
-        Import the daemon's runtime libraries (httpx, websockets, Pillow, sqlite3,
-        pydantic-settings, watchfiles), print ``{"idle_kib": VmRSS}``, then download
+        Import the daemon process's runtime libraries (httpx, websockets, Pillow,
+        sqlite3, watchfiles; not pydantic: its helper process validates the
+        configuration), print ``{"idle_kib": VmRSS}``, then download
         every URL and decode them all at once in as many threads, holding every body
         and every decoded image, and print ``{"peak_kib": VmHWM}``.
 
@@ -44,7 +45,6 @@ def memory(urls: list[str]) -> None:
     import sqlite3  # noqa: F401
 
     import httpx
-    import pydantic_settings  # noqa: F401
     import watchfiles  # noqa: F401
     import websockets  # noqa: F401
     from PIL import Image

@@ -20,11 +20,9 @@ __all__ = ["main"]
 
 
 
-def _settings(args: argparse.Namespace) -> tuple[Any, dict[str, Any]] | None:
-    """Load the configuration with this command's flags on top; print the error and return None if invalid."""
-    from materializer.config import ConfigError, load_settings
-
-    overrides = {
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The configuration keys this command's flags set (None: the flag was not given)."""
+    return {
         "daemon.root": getattr(args, "root", None),
         "daemon.state_dir": getattr(args, "state_dir", None),
         "daemon.convex_url": getattr(args, "convex_url", None),
@@ -34,8 +32,14 @@ def _settings(args: argparse.Namespace) -> tuple[Any, dict[str, Any]] | None:
         "log.level": getattr(args, "log_level", None),
         "log.format": getattr(args, "log_format", None),
     }
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    """Load the configuration with this command's flags on top; print the error and return None if invalid."""
+    from materializer.config import ConfigError, load_settings
+
     try:
-        return load_settings(args.config, overrides), overrides
+        return load_settings(args.config, _overrides(args))
     except ConfigError as exc:
         print(f"materializer {args.command}: {exc}", file=sys.stderr)
         return None
@@ -45,13 +49,17 @@ def _run(args: argparse.Namespace) -> int:
     from materializer.early_stop import EarlyStop
 
     early_stop = EarlyStop.install()  # before the heavy imports below
+    from materializer.config_reload import resolve
+    from materializer.config_values import ConfigError
     from materializer.service import run_service
 
-    loaded = _settings(args)
-    if loaded is None:
+    overrides = _overrides(args)
+    try:
+        values = resolve(args.config, overrides)  # validated in a helper process: see config_reload
+    except ConfigError as exc:
+        print(f"materializer run: {exc}", file=sys.stderr)
         return exits.USAGE
-    settings, overrides = loaded
-    return run_service(settings, args.config, overrides, early_stop)
+    return run_service(values, args.config, overrides, early_stop)
 
 
 def _one_shot(args: argparse.Namespace) -> tuple[Any, Any, tuple[float, float | None]] | int:
@@ -59,23 +67,22 @@ def _one_shot(args: argparse.Namespace) -> tuple[Any, Any, tuple[float, float | 
 
     An exit code instead when the configuration, a token source or a ``WHEN`` is unusable (said on stderr).
     """
-    from materializer.config import ConfigError
+    from materializer.config import ConfigError, settings_values
     from materializer.logs import setup_logging
     from materializer.options import DaemonOptions
     from materializer.replay import parse_when
-    from materializer.tokens import provider_for
+    from materializer.tokens import provider_from_values
 
-    loaded = _settings(args)
-    if loaded is None:
+    settings = _settings(args)
+    if settings is None:
         return exits.USAGE
-    settings, _ = loaded
-    setup_logging("warning" if args.log_level is None else settings.log.level, settings.log.format)
+    values = settings_values(settings)
+    setup_logging("warning" if args.log_level is None else values["log.level"], values["log.format"])
     try:
-        options = DaemonOptions.from_settings(settings)
+        options = DaemonOptions.from_values(values)
         since = parse_when(args.since)
         until = parse_when(args.until) if getattr(args, "until", None) else None
-        provider = provider_for(settings.auth.token_file, settings.auth.token_argv, settings.auth.token_env,
-                                settings.auth.token_fd)
+        provider = provider_from_values(values)
     except (ConfigError, ValueError) as exc:
         print(f"materializer {args.command}: {exc}", file=sys.stderr)
         return exits.USAGE
@@ -144,10 +151,10 @@ def _status(args: argparse.Namespace) -> int:
     # through the full validation otherwise (which then names what is wrong).
     location = state_location(args.config, args.root, args.state_dir)
     if location is None:
-        loaded = _settings(args)
-        if loaded is None:
+        settings = _settings(args)
+        if settings is None:
             return exits.USAGE
-        location = loaded[0].daemon.root, loaded[0].daemon.state_dir
+        location = settings.daemon.root, settings.daemon.state_dir
     root, state_dir = location
     print_status(collect_status(root, Layout(resolve_state_dir(root, state_dir))), args.json, sys.stdout)
     return exits.OK
@@ -159,13 +166,13 @@ def _watch(args: argparse.Namespace) -> int:
     from materializer.layout import layout_folders
     from materializer.watch import run_watch
 
-    loaded = _settings(args)
-    if loaded is None:
+    settings = _settings(args)
+    if settings is None:
         return exits.USAGE
     if args.since is not None and args.since < 0:
         print("materializer watch: --since must not be negative", file=sys.stderr)
         return exits.USAGE
-    daemon = loaded[0].daemon
+    daemon = settings.daemon
     folders = layout_folders(daemon.layout, daemon.root)[:-1]  # down to the socket's folder (not outputs)
     try:
         return asyncio.run(run_watch(daemon.layout.display_socket, args.since, args.json, sys.stdout, folders=folders))
@@ -213,10 +220,9 @@ def _doctor(args: argparse.Namespace) -> int:
     from materializer.doctor import run_doctor
     from materializer.logs import setup_logging
 
-    loaded = _settings(args)
-    if loaded is None:
+    settings = _settings(args)
+    if settings is None:
         return exits.USAGE
-    settings = loaded[0]
     # The checks report what goes wrong; the clients' own log lines would only repeat it.
     setup_logging("critical" if args.log_level is None else settings.log.level, settings.log.format)
     return run_doctor(settings, as_json=args.json)
@@ -235,10 +241,10 @@ def _dev_backend(args: argparse.Namespace) -> int:
 def _gallery(args: argparse.Namespace) -> int:
     from materializer.gallery_server import run_gallery
 
-    loaded = _settings(args)
-    if loaded is None:
+    settings = _settings(args)
+    if settings is None:
         return exits.USAGE
-    daemon = loaded[0].daemon
+    daemon = settings.daemon
     return run_gallery(daemon.layout, host=args.host, port=args.port, open_browser=args.open,
                        gallery_size=daemon.gallery_size)
 

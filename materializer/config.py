@@ -19,22 +19,20 @@ the reason, and the layer the bad value came from. Unknown keys and sections
 are mistakes too: a typo never silently falls back to a default. Relative
 paths are taken from the working directory; ``~`` is expanded.
 
-Live reload (file change or SIGHUP) goes through :class:`ConfigReloader`:
-keys in :data:`LIVE_KEYS` take effect at once, every other key
-(:data:`RESTART_KEYS`) keeps its running value and is logged as needing a
-restart. A bad edit is logged and the running settings stay.
+The daemon does not import this module (pydantic costs it about 10 MB of
+memory): ``python -m materializer.config`` validates for it in a short-lived
+process and answers with the plain values of :mod:`materializer.config_values`,
+at start and at each live reload (:mod:`materializer.config_reload`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import difflib
-import logging
-import os
+import json
 import re
 import shlex
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -43,7 +41,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from materializer.config_sources import (
-    DEFAULT_ROOT,
     ENV_DELIMITER,
     ENV_PREFIX,
     ConfigFileError,
@@ -52,30 +49,23 @@ from materializer.config_sources import (
     expand_path,
     read_toml,
 )
-from materializer.folder_watch import watch_folder
+from materializer.config_values import DEFAULTS, ConfigError, ConfigProblem, Values
 from materializer.layout import Layout, resolve_state_dir
-from materializer.limits import MAX_DECODED_BYTES, MAX_DOWNLOAD_BYTES, MAX_EDGE, MAX_FRAMES, MAX_PIXELS
 
 __all__ = [
     "ENV_PREFIX",
-    "LIVE_KEYS",
-    "RESTART_KEYS",
     "AuthSettings",
     "ConfigError",
     "ConfigProblem",
-    "ConfigReloader",
     "DaemonSettings",
     "FetchSettings",
     "ImagesSettings",
     "LogSettings",
     "Settings",
     "default_config_path",
-    "diff_settings",
-    "flatten_settings",
     "load_settings",
+    "settings_values",
 ]
-
-log = logging.getLogger("materializer.config")
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 #: Keys whose values never appear in error messages (a command line may hold a password).
@@ -109,24 +99,24 @@ def _expand(path: Path | None) -> Path | None:
 class DaemonSettings(_Section):
     """What the daemon follows, where it writes, and how hard it tries."""
 
-    root: Path = Field(default=DEFAULT_ROOT, validate_default=True)
-    state_dir: Path | None = None
-    convex_url: str | None = None
-    lookback_hours: float = Field(default=24.0, ge=0)
-    subscription_limit: int = Field(default=200, ge=1, le=200)
-    cursor_overlap_ms: int = Field(default=2000, ge=0)
-    max_attempts: int = Field(default=8, ge=1)
-    retry_base_seconds: float = Field(default=2.0, gt=0)
-    retry_max_seconds: float = Field(default=600.0, gt=0)
-    download_concurrency: int = Field(default=4, ge=1, le=64)
-    max_outputs_per_job: int = Field(default=64, ge=1)
-    memory_budget_bytes: int = Field(default=256 * 1024 * 1024, ge=16 * 1024 * 1024)
-    max_sidebar_clients: int = Field(default=32, ge=1)
-    lease_seconds: float = Field(default=120.0, gt=0)
-    gallery_size: int = Field(default=1000, ge=1)
-    thumbnails: bool = True
-    inactivity_timeout_seconds: float = Field(default=60.0, gt=0)
-    parent_pid: int | None = Field(default=None, ge=1)
+    root: Path = Field(default=DEFAULTS["daemon.root"], validate_default=True)
+    state_dir: Path | None = DEFAULTS["daemon.state_dir"]
+    convex_url: str | None = DEFAULTS["daemon.convex_url"]
+    lookback_hours: float = Field(default=DEFAULTS["daemon.lookback_hours"], ge=0)
+    subscription_limit: int = Field(default=DEFAULTS["daemon.subscription_limit"], ge=1, le=200)
+    cursor_overlap_ms: int = Field(default=DEFAULTS["daemon.cursor_overlap_ms"], ge=0)
+    max_attempts: int = Field(default=DEFAULTS["daemon.max_attempts"], ge=1)
+    retry_base_seconds: float = Field(default=DEFAULTS["daemon.retry_base_seconds"], gt=0)
+    retry_max_seconds: float = Field(default=DEFAULTS["daemon.retry_max_seconds"], gt=0)
+    download_concurrency: int = Field(default=DEFAULTS["daemon.download_concurrency"], ge=1, le=64)
+    max_outputs_per_job: int = Field(default=DEFAULTS["daemon.max_outputs_per_job"], ge=1)
+    memory_budget_bytes: int = Field(default=DEFAULTS["daemon.memory_budget_bytes"], ge=16 * 1024 * 1024)
+    max_sidebar_clients: int = Field(default=DEFAULTS["daemon.max_sidebar_clients"], ge=1)
+    lease_seconds: float = Field(default=DEFAULTS["daemon.lease_seconds"], gt=0)
+    gallery_size: int = Field(default=DEFAULTS["daemon.gallery_size"], ge=1)
+    thumbnails: bool = DEFAULTS["daemon.thumbnails"]
+    inactivity_timeout_seconds: float = Field(default=DEFAULTS["daemon.inactivity_timeout_seconds"], gt=0)
+    parent_pid: int | None = Field(default=DEFAULTS["daemon.parent_pid"], ge=1)
 
     _expand_root = field_validator("root", "state_dir")(_expand)
 
@@ -161,15 +151,6 @@ class DaemonSettings(_Section):
         """Where the daemon keeps its files (``state_dir``, else ``STELLA_DATA_DIR``, else ``<root>/state``)."""
         return Layout(resolve_state_dir(self.root, self.state_dir))
 
-    def require_convex_url(self) -> str:
-        """The deployment URL, for the commands that talk to the backend."""
-        if self.convex_url is None:
-            raise ConfigError(
-                [ConfigProblem("daemon.convex_url", "not set: pass --convex-url, set "
-                               "MATERIALIZER_DAEMON__CONVEX_URL or put convex_url under [daemon] in the config file")]
-            )
-        return self.convex_url
-
 
 #: The keys that choose a token source; at most one may be set (the environment variable is the fallback).
 TOKEN_SOURCE_KEYS = ("token_fd", "token_command", "token_file")
@@ -178,10 +159,10 @@ TOKEN_SOURCE_KEYS = ("token_fd", "token_command", "token_file")
 class AuthSettings(_Section):
     """Where the session token comes from: a file descriptor, a command, a file, else an environment variable."""
 
-    token_env: str = "STELLA_TOKEN"
-    token_file: Path | None = None
-    token_command: str | None = None
-    token_fd: int | None = Field(default=None, ge=0)
+    token_env: str = DEFAULTS["auth.token_env"]
+    token_file: Path | None = DEFAULTS["auth.token_file"]
+    token_command: str | None = DEFAULTS["auth.token_command"]
+    token_fd: int | None = Field(default=DEFAULTS["auth.token_fd"], ge=0)
 
     _expand_token_file = field_validator("token_file")(_expand)
 
@@ -213,35 +194,30 @@ class AuthSettings(_Section):
                              else f"{chosen[0]} and {chosen[1]} are both set; choose one")
         return self
 
-    @property
-    def token_argv(self) -> list[str] | None:
-        """``token_command`` split into words like a shell would (it is run without one)."""
-        return None if self.token_command is None else shlex.split(self.token_command)
-
 
 class FetchSettings(_Section):
     """Limits on each download."""
 
-    max_bytes: int = Field(default=MAX_DOWNLOAD_BYTES, ge=1)
-    connect_timeout: float = Field(default=10.0, gt=0)
-    read_timeout: float = Field(default=30.0, gt=0)
-    total_timeout: float = Field(default=300.0, gt=0)
+    max_bytes: int = Field(default=DEFAULTS["fetch.max_bytes"], ge=1)
+    connect_timeout: float = Field(default=DEFAULTS["fetch.connect_timeout"], gt=0)
+    read_timeout: float = Field(default=DEFAULTS["fetch.read_timeout"], gt=0)
+    total_timeout: float = Field(default=DEFAULTS["fetch.total_timeout"], gt=0)
 
 
 class ImagesSettings(_Section):
     """Limits on each image (the desktop app's)."""
 
-    max_edge: int = Field(default=MAX_EDGE, ge=1)
-    max_pixels: int = Field(default=MAX_PIXELS, ge=1)
-    max_frames: int = Field(default=MAX_FRAMES, ge=1)
-    max_decoded_bytes: int = Field(default=MAX_DECODED_BYTES, ge=1)
+    max_edge: int = Field(default=DEFAULTS["images.max_edge"], ge=1)
+    max_pixels: int = Field(default=DEFAULTS["images.max_pixels"], ge=1)
+    max_frames: int = Field(default=DEFAULTS["images.max_frames"], ge=1)
+    max_decoded_bytes: int = Field(default=DEFAULTS["images.max_decoded_bytes"], ge=1)
 
 
 class LogSettings(_Section):
     """How much is logged, and in which shape."""
 
-    level: Literal["debug", "info", "warning", "error", "critical"] = "info"
-    format: Literal["text", "json"] = "text"
+    level: Literal["debug", "info", "warning", "error", "critical"] = DEFAULTS["log.level"]
+    format: Literal["text", "json"] = DEFAULTS["log.format"]
 
     @field_validator("level", "format", mode="before")
     @classmethod
@@ -260,52 +236,6 @@ class Settings(BaseModel):
     fetch: FetchSettings = Field(default_factory=FetchSettings)
     images: ImagesSettings = Field(default_factory=ImagesSettings)
     log: LogSettings = Field(default_factory=LogSettings)
-
-
-def _all_keys() -> frozenset[str]:
-    return frozenset(
-        f"{section}.{key}"
-        for section, field in Settings.model_fields.items()
-        for key in field.annotation.model_fields  # type: ignore[union-attr]
-    )
-
-
-#: Keys the daemon applies while running.
-LIVE_KEYS: frozenset[str] = frozenset(
-    {
-        "daemon.cursor_overlap_ms",
-        "daemon.max_attempts",
-        "daemon.retry_base_seconds",
-        "daemon.retry_max_seconds",
-        "daemon.gallery_size",
-        "daemon.max_outputs_per_job",
-        *(f"fetch.{key}" for key in FetchSettings.model_fields),
-        *(f"images.{key}" for key in ImagesSettings.model_fields),
-        *(f"log.{key}" for key in LogSettings.model_fields),
-    }
-)
-#: Keys that only take effect at the next start: where it writes, what it connects to and how
-#: (the backend, the token source, the subscription), and the sizes of what it built at start.
-RESTART_KEYS: frozenset[str] = _all_keys() - LIVE_KEYS
-
-
-@dataclass(frozen=True, slots=True)
-class ConfigProblem:
-    """One thing wrong with the configuration: the key (empty for the file as a whole) and why."""
-
-    key: str
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.key}: {self.reason}" if self.key else self.reason
-
-
-class ConfigError(Exception):
-    """The configuration cannot be used; ``str()`` says every problem, one per ``; ``."""
-
-    def __init__(self, problems: list[ConfigProblem]) -> None:
-        self.problems = tuple(problems)
-        super().__init__("; ".join(str(problem) for problem in self.problems))
 
 
 class _Environment(BaseSettings):
@@ -343,10 +273,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 def _nest(overrides: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Dotted flag keys as sections; a flag choosing the token file or command unsets the other."""
-    known = _all_keys()
     nested: dict[str, dict[str, Any]] = {}
     for key, value in overrides.items():
-        if key not in known:
+        if key not in DEFAULTS:
             raise ConfigError([ConfigProblem(key, "unknown key")])
         if value is None:
             continue
@@ -424,99 +353,25 @@ def load_settings(config_file: Path | None, overrides: Mapping[str, Any]) -> Set
         raise ConfigError([_problem(error, layers) for error in exc.errors()]) from None
 
 
-def flatten_settings(settings: Settings) -> dict[str, Any]:
-    """Every key as ``"section.key": value``."""
+def settings_values(settings: Settings) -> Values:
+    """Every key as ``"section.key": value``, the value as JSON has it (a path as a string)."""
     return {
         f"{section}.{key}": value
-        for section, table in settings.model_dump().items()
+        for section, table in settings.model_dump(mode="json").items()
         for key, value in table.items()
     }
 
 
-def diff_settings(old: Settings, new: Settings) -> tuple[list[str], list[str]]:
-    """The keys that differ, split into (applied live, needing a restart), each sorted."""
-    before, after = flatten_settings(old), flatten_settings(new)
-    changed = sorted(key for key in after if before[key] != after[key])
-    return [key for key in changed if key in LIVE_KEYS], [key for key in changed if key not in LIVE_KEYS]
+def _answer(request: Mapping[str, Any]) -> dict[str, Any]:
+    """What the helper process answers (see :func:`materializer.config_reload.resolve`)."""
+    config_file = request.get("config_file")
+    try:
+        settings = load_settings(None if config_file is None else Path(config_file), request.get("overrides", {}))
+    except ConfigError as exc:
+        return {"problems": [{"key": problem.key, "reason": problem.reason} for problem in exc.problems]}
+    return {"values": settings_values(settings)}
 
 
-def _with_live_values(running: Settings, new: Settings) -> Settings:
-    """``running`` with the live keys taken from ``new`` (restart keys keep their running values)."""
-    sections: dict[str, Any] = {}
-    for section in Settings.model_fields:
-        live = {key: getattr(getattr(new, section), key)
-                for key in type(getattr(running, section)).model_fields if f"{section}.{key}" in LIVE_KEYS}
-        sections[section] = getattr(running, section).model_copy(update=live)
-    return running.model_copy(update=sections)
-
-
-class ConfigReloader:
-    """Reloads the configuration on SIGHUP (:meth:`reload`) and on file changes (:meth:`watch`).
-
-    ``settings`` is what the daemon runs with: live keys follow the file,
-    restart keys keep the values it started with (``restart_needed`` lists
-    those that now differ). ``on_change`` is called with the new settings
-    when a reload changes anything (or recovers from an error), and with the
-    :class:`ConfigError` when a reload fails (once per distinct error); a
-    failed reload changes nothing.
-    """
-
-    def __init__(
-        self,
-        settings: Settings,
-        config_file: Path | None,
-        overrides: Mapping[str, Any],
-        on_change: Callable[[Settings | ConfigError], None],
-    ) -> None:
-        self.settings = settings
-        self.config_file = config_file
-        self.path = config_file if config_file is not None else default_config_path()
-        self.overrides = dict(overrides)
-        self.restart_needed: list[str] = []
-        self.error: ConfigError | None = None
-        self._on_change = on_change
-
-    def reload(self) -> None:
-        """Load the configuration again and apply what can change live."""
-        try:
-            loaded = load_settings(self.config_file, self.overrides)
-        except ConfigError as exc:
-            if self.error is None or str(exc) != str(self.error):
-                self.error = exc
-                log.error("configuration not reloaded, keeping the running settings: %s", exc)
-                self._on_change(exc)
-            return
-        recovered, self.error = self.error is not None, None
-        live, restart = diff_settings(self.settings, loaded)
-        if not (live or restart != self.restart_needed or recovered):
-            log.debug("configuration reloaded; nothing changed")
-            return
-        if live:
-            log.info("configuration reloaded; applied: %s", ", ".join(live))
-        if restart and restart != self.restart_needed:
-            log.warning("configuration changed; needs a restart to apply: %s", ", ".join(restart))
-        self.restart_needed = restart
-        self.settings = _with_live_values(self.settings, loaded)
-        self._on_change(self.settings)
-
-    async def watch(self) -> None:
-        """Reload whenever the config file changes, until cancelled.
-
-        The folder is watched, so a file replaced by rename (as editors save)
-        is seen. One reload right after the watch is in place catches an edit
-        made between start-up and then. Without the folder there is nothing
-        to watch (SIGHUP still reloads).
-        """
-        folder = self.path.parent
-        if not folder.is_dir():
-            log.info("not watching %s: folder %s does not exist (SIGHUP reloads)", self.path.name, folder)
-            return
-        name = self.path.name
-        # awatch sets up its inotify watch in its first step, before it first waits: a
-        # callback queued now runs after that, so no change can fall in between.
-        catch_up = asyncio.get_running_loop().call_soon(self.reload)
-        try:
-            async for _changes in watch_folder(folder, watch_filter=lambda _, path: os.path.basename(path) == name):
-                self.reload()
-        finally:
-            catch_up.cancel()
+if __name__ == "__main__":
+    # The daemon's configuration helper: one JSON request on stdin, one JSON answer on stdout.
+    json.dump(_answer(json.load(sys.stdin)), sys.stdout)

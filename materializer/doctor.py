@@ -47,7 +47,8 @@ from typing import Any, Literal, TextIO
 import httpx
 
 from materializer import exits
-from materializer.config import ConfigError, Settings
+from materializer.config import Settings, settings_values
+from materializer.config_values import ConfigError, convex_url
 from materializer.convex.http import ConvexAuthError, ConvexFunctionError, ConvexHttpClient, ConvexHttpError
 from materializer.convex.identity import (
     CLIENT_ID,
@@ -63,7 +64,7 @@ from materializer.layout import Finding, inspect_layout
 from materializer.queries import FAILED_QUERY, JOB_QUERY, MISSING_FUNCTION, PAGE_QUERY, SUCCEEDED_QUERY
 from materializer.redaction import redact
 from materializer.store import OutputStore, StorageError
-from materializer.tokens import TokenProvider, TokenSourceError, provider_for
+from materializer.tokens import TokenProvider, TokenSourceError, provider_from_values
 
 __all__ = [
     "Answer",
@@ -601,9 +602,9 @@ def _without_token(check: Check) -> Check:
 def run_doctor(settings: Settings, *, as_json: bool, out: TextIO = sys.stdout, timeout: float = DEFAULT_TIMEOUT) -> int:
     """The ``doctor`` command: run the checks, print them, return the exit code (2 for a bad setup)."""
     try:
-        url = settings.daemon.require_convex_url()
-        auth = settings.auth
-        provider = provider_for(auth.token_file, auth.token_argv, auth.token_env, auth.token_fd)
+        values = settings_values(settings)
+        url = convex_url(values["daemon.convex_url"])
+        provider = provider_from_values(values)
     except (ConfigError, TokenSourceError) as exc:
         print(f"materializer doctor: {exc}", file=sys.stderr)
         return exits.USAGE

@@ -1,22 +1,21 @@
-"""What the daemon and ``replay`` run with, built once from the configuration (:mod:`materializer.config`)."""
+"""What the daemon and ``replay`` run with, built from the configuration (:mod:`materializer.config_values`)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from materializer.config import LIVE_KEYS, Settings
+from materializer.config_values import DEFAULTS, LIVE_KEYS, Values, convex_url, optional_path
 from materializer.images import ImageLimits
 from materializer.layout import Layout, resolve_state_dir
 
 __all__ = ["LIVE_OPTIONS", "OPTION_KEYS", "DaemonOptions", "image_limits"]
 
 def _default(key: str) -> Any:
-    """The default of configuration key ``section.name``, as :mod:`materializer.config` declares it."""
-    section, name = key.split(".")
-    model = Settings.model_fields[section].annotation
-    return model.model_fields[name].default  # type: ignore[union-attr]
+    """The default of configuration key ``section.name``."""
+    return DEFAULTS[key]
 
 
 #: Each option the daemon reads from the configuration, and the key it comes from (and its default).
@@ -74,20 +73,22 @@ class DaemonOptions:
     connect_timeout: float = _default(OPTION_KEYS["connect_timeout"])
     read_timeout: float = _default(OPTION_KEYS["read_timeout"])
     total_timeout: float = _default(OPTION_KEYS["total_timeout"])
-    image_limits: ImageLimits = field(default_factory=lambda: image_limits(Settings()))
+    image_limits: ImageLimits = field(default_factory=lambda: image_limits(DEFAULTS))
     layout: Layout = field(init=False)
 
     def __post_init__(self) -> None:
         self.layout = Layout(resolve_state_dir(self.root, self.state_dir))
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> DaemonOptions:
-        values = {name: getattr(getattr(settings, key.split(".")[0]), key.split(".")[1])
-                  for name, key in OPTION_KEYS.items()}
-        return cls(root=settings.daemon.root, convex_url=settings.daemon.require_convex_url(),
-                   state_dir=settings.daemon.state_dir, image_limits=image_limits(settings), **values)
+    def from_values(cls, values: Values) -> DaemonOptions:
+        """The options of a validated configuration; :class:`ConfigError` without ``daemon.convex_url``."""
+        return cls(root=Path(values["daemon.root"]), convex_url=convex_url(values["daemon.convex_url"]),
+                   state_dir=optional_path(values["daemon.state_dir"]), image_limits=image_limits(values),
+                   **{name: values[key] for name, key in OPTION_KEYS.items()})
 
 
-def image_limits(settings: Settings) -> ImageLimits:
+def image_limits(values: Mapping[str, Any]) -> ImageLimits:
     """The image limits of a configuration (a file is never larger than a download may be)."""
-    return ImageLimits(**settings.images.model_dump(), max_file_bytes=settings.fetch.max_bytes)
+    return ImageLimits(max_edge=values["images.max_edge"], max_pixels=values["images.max_pixels"],
+                       max_frames=values["images.max_frames"], max_decoded_bytes=values["images.max_decoded_bytes"],
+                       max_file_bytes=values["fetch.max_bytes"])

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from materializer import exits
-from materializer.config import ConfigError, ConfigReloader, Settings
+from materializer.config_reload import ConfigReloader
+from materializer.config_values import ConfigError, Values
 from materializer.daemon import Materializer
 from materializer.display import DisplayServer, DisplaySocketError
 from materializer.early_stop import EarlyStop
@@ -28,7 +29,7 @@ from materializer.ledger import LedgerDamagedError, LedgerOpenError
 from materializer.logs import setup_logging
 from materializer.options import DaemonOptions
 from materializer.sdnotify import Notifier, run_watchdog
-from materializer.tokens import TokenProvider, TokenSourceError, provider_for
+from materializer.tokens import TokenProvider, TokenSourceError, provider_from_values
 
 __all__ = ["ledger_trouble", "run_service"]
 
@@ -88,24 +89,27 @@ def _bound_malloc_retention() -> None:
         mallopt(_M_ARENA_MAX, _ARENAS)
 
 
-def run_service(settings: Settings, config_file: Path | None, overrides: dict[str, Any],
+def run_service(values: Values, config_file: Path | None, overrides: dict[str, Any],
                 early_stop: EarlyStop | None = None) -> int:
     """Run the daemon until stopped; return the exit code (0 clean stop, 1 already running, 2 bad config or an
     untrusted state folder: a symlink, another user's folder or file, see :mod:`materializer.layout`; 4 a damaged
-    ledger)."""
+    ledger).
+
+    ``values`` is the validated configuration (:func:`materializer.config_reload.resolve`), ``config_file``
+    and ``overrides`` where it came from, to reload it.
+    """
     _bound_malloc_retention()
-    setup_logging(settings.log.level, settings.log.format)
+    setup_logging(values["log.level"], values["log.format"])
     try:
-        options = DaemonOptions.from_settings(settings)
-        provider = provider_for(settings.auth.token_file, settings.auth.token_argv, settings.auth.token_env,
-                                settings.auth.token_fd)
+        options = DaemonOptions.from_values(values)
+        provider = provider_from_values(values)
     except (ConfigError, TokenSourceError) as exc:
         print(f"materializer run: {exc}", file=sys.stderr)
         return exits.USAGE
-    return asyncio.run(_serve(settings, options, provider, config_file, overrides, early_stop))
+    return asyncio.run(_serve(values, options, provider, config_file, overrides, early_stop))
 
 
-async def _serve(settings: Settings, options: DaemonOptions, provider: TokenProvider, config_file: Path | None,
+async def _serve(values: Values, options: DaemonOptions, provider: TokenProvider, config_file: Path | None,
                  overrides: dict[str, Any], early_stop: EarlyStop | None) -> int:
     try:
         daemon = Materializer(options, provider, display_factory=DisplayServer)
@@ -124,14 +128,14 @@ async def _serve(settings: Settings, options: DaemonOptions, provider: TokenProv
 
     daemon.on_state = on_state
 
-    def reloaded(new: Settings | ConfigError) -> None:
+    def reloaded(new: Values | ConfigError) -> None:
         if isinstance(new, ConfigError):
             log.error("configuration not reloaded: %s", new)
             return
-        setup_logging(new.log.level, new.log.format)
-        daemon.apply_live(DaemonOptions.from_settings(new))
+        setup_logging(new["log.level"], new["log.format"])
+        daemon.apply_live(DaemonOptions.from_values(new))
 
-    reloader = ConfigReloader(settings, config_file, overrides, reloaded)
+    reloader = ConfigReloader(values, config_file, overrides, reloaded)
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, daemon.stop)
     loop.add_signal_handler(signal.SIGINT, daemon.stop)
@@ -145,8 +149,8 @@ async def _serve(settings: Settings, options: DaemonOptions, provider: TokenProv
         notifier.ready(f"following {options.convex_url}")
         helpers.append(asyncio.create_task(run_watchdog(notifier)))
         helpers.append(asyncio.create_task(reloader.watch()))
-        if settings.daemon.parent_pid is not None:
-            helpers.append(asyncio.create_task(_stop_with_parent(settings.daemon.parent_pid, daemon)))
+        if values["daemon.parent_pid"] is not None:
+            helpers.append(asyncio.create_task(_stop_with_parent(values["daemon.parent_pid"], daemon)))
         log.info("materializer running for %s (root %s)", options.convex_url, options.root)
 
     try:
@@ -162,6 +166,7 @@ async def _serve(settings: Settings, options: DaemonOptions, provider: TokenProv
         for task in helpers:
             task.cancel()
         await asyncio.gather(*helpers, return_exceptions=True)
+        await reloader.aclose()
         await daemon.aclose()
         await provider.aclose()
         notifier.close()

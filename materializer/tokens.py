@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from materializer.config_values import DEFAULTS, Values, optional_path, token_argv
 from materializer.folder_watch import watch_folder
 from materializer.redaction import register_secret
 
@@ -35,11 +36,13 @@ __all__ = [
     "StaticTokenProvider",
     "TokenProvider",
     "TokenSourceError",
+    "provider_for",
+    "provider_from_values",
 ]
 
 log = logging.getLogger("materializer.tokens")
 
-DEFAULT_TOKEN_ENV = "STELLA_TOKEN"
+DEFAULT_TOKEN_ENV: str = DEFAULTS["auth.token_env"]
 _JWT_LIKE = re.compile(r"[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}")
 
 
@@ -410,3 +413,9 @@ def provider_for(token_file: os.PathLike[str] | str | None, token_command: list[
     if token_file is not None:
         return FileTokenProvider(token_file)
     return EnvTokenProvider(token_env)
+
+
+def provider_from_values(values: Values) -> TokenProvider:
+    """The token source a validated configuration chooses (the ``auth`` section)."""
+    return provider_for(optional_path(values["auth.token_file"]), token_argv(values["auth.token_command"]),
+                        values["auth.token_env"], values["auth.token_fd"])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import subprocess
+import sys
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,19 +16,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from materializer.config import (
+from materializer.config import Settings, _Environment, default_config_path, load_settings, settings_values
+from materializer.config_reload import ConfigReloader, resolve, resolve_async
+from materializer.config_sources import state_location
+from materializer.config_values import (
+    DEFAULTS,
     LIVE_KEYS,
     RESTART_KEYS,
     ConfigError,
-    ConfigReloader,
-    Settings,
-    _Environment,
-    default_config_path,
-    diff_settings,
-    flatten_settings,
-    load_settings,
+    Values,
+    convex_url,
+    diff_values,
+    token_argv,
 )
-from materializer.config_sources import state_location
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
 DEADLINE = 20.0  # seconds; a deadline against hangs, never a performance threshold
@@ -151,7 +153,7 @@ def test_an_empty_environment_value_unsets_an_optional_key(tmp_path: Path, monke
 
 def test_a_token_source_flag_replaces_the_other_source(tmp_path: Path) -> None:
     path = config_file(tmp_path, '[auth]\ntoken_command = "print-token --fresh"\n')
-    assert load_settings(path, {}).auth.token_argv == ["print-token", "--fresh"]
+    assert token_argv(load_settings(path, {}).auth.token_command) == ["print-token", "--fresh"]
     settings = load_settings(path, {"auth.token_file": "/run/token"})
     assert settings.auth.token_file == Path("/run/token")
     assert settings.auth.token_command is None
@@ -160,8 +162,8 @@ def test_a_token_source_flag_replaces_the_other_source(tmp_path: Path) -> None:
 def test_convex_url_is_required_only_where_used() -> None:
     settings = load_settings(None, {})
     with pytest.raises(ConfigError, match=r"daemon\.convex_url: not set"):
-        settings.daemon.require_convex_url()
-    url = load_settings(None, {"daemon.convex_url": "http://127.0.0.1:3210"}).daemon.require_convex_url()
+        convex_url(settings.daemon.convex_url)
+    url = convex_url(load_settings(None, {"daemon.convex_url": "http://127.0.0.1:3210"}).daemon.convex_url)
     assert url == "http://127.0.0.1:3210"
 
 
@@ -395,7 +397,7 @@ def example_keys() -> tuple[dict[str, Any], set[str], set[str]]:
 
 def test_the_example_file_shows_every_key_with_its_default() -> None:
     active, commented, _ = example_keys()
-    defaults = flatten_settings(Settings())
+    defaults = settings_values(Settings())
     assert Settings.model_validate(tomllib.loads(EXAMPLE.read_text())) == Settings()
     assert set(active) | commented == set(defaults)
     assert not set(active) & commented
@@ -415,53 +417,121 @@ def test_the_example_file_loads_as_a_config_file() -> None:
 # --- diffs and live reload -------------------------------------------------------------------
 
 
+def test_the_plain_defaults_are_the_validated_ones() -> None:
+    """config_values.DEFAULTS (what the daemon's options default to) has every key, as validation gives it."""
+    validated = settings_values(Settings())
+    assert set(DEFAULTS) == set(validated)
+    plain = {key: str(value) if isinstance(value, Path) else value for key, value in DEFAULTS.items()}
+    assert {**plain, "daemon.root": validated["daemon.root"]} == validated
+    assert validated["daemon.root"] == str(Path.home() / ".stella")
+
+
 def test_live_and_restart_keys_split_all_keys() -> None:
     assert not LIVE_KEYS & RESTART_KEYS
-    assert LIVE_KEYS | RESTART_KEYS == set(flatten_settings(Settings()))
+    assert LIVE_KEYS | RESTART_KEYS == set(settings_values(Settings()))
     assert {"daemon.root", "daemon.convex_url", "auth.token_file", "auth.token_command"} <= RESTART_KEYS
     assert {"log.level", "daemon.max_attempts", "fetch.max_bytes", "images.max_edge"} <= LIVE_KEYS
 
 
-def test_diff_settings_splits_what_changed() -> None:
-    old = load_settings(None, {})
-    new = load_settings(None, {"log.level": "debug", "daemon.root": "/elsewhere", "fetch.read_timeout": 5})
-    assert diff_settings(old, new) == (["fetch.read_timeout", "log.level"], ["daemon.root"])
-    assert diff_settings(new, new) == ([], [])
+def test_diff_values_splits_what_changed() -> None:
+    old = settings_values(load_settings(None, {}))
+    new = settings_values(load_settings(None, {"log.level": "debug", "daemon.root": "/elsewhere",
+                                               "fetch.read_timeout": 5}))
+    assert diff_values(old, new) == (["fetch.read_timeout", "log.level"], ["daemon.root"])
+    assert diff_values(new, new) == ([], [])
+
+
+# --- the helper process that validates for the daemon ------------------------------------------
+
+
+def test_the_helper_answers_what_load_settings_gives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """All four layers reach the helper: the file and the flags in its request, the environment inherited."""
+    path = config_file(tmp_path, '[daemon]\nmax_attempts = 3\n[fetch]\nread_timeout = 7.5\n')
+    monkeypatch.setenv("MATERIALIZER_LOG__LEVEL", "debug")
+    flags = {"daemon.root": tmp_path / "root", "daemon.convex_url": "http://127.0.0.1:3210", "auth.token_fd": None}
+    values = resolve(path, flags)
+    assert values == settings_values(load_settings(path, flags))
+    assert (values["daemon.max_attempts"], values["fetch.read_timeout"], values["log.level"]) == (3, 7.5, "debug")
+    assert values["daemon.root"] == str(tmp_path / "root")
+
+
+def test_the_helper_reports_every_problem_as_load_settings_does(tmp_path: Path) -> None:
+    path = config_file(tmp_path, '[daemon]\nmax_attempts = 0\nroot = ""\n[nope]\n')
+    with pytest.raises(ConfigError) as direct:
+        load_settings(path, {})
+    with pytest.raises(ConfigError) as helped:
+        resolve(path, {})
+    assert helped.value.problems == direct.value.problems
+    assert len(helped.value.problems) == 3
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve(tmp_path / "missing.toml", {})
+
+
+async def test_the_helper_answers_inside_an_event_loop(tmp_path: Path) -> None:
+    path = config_file(tmp_path, "[daemon]\ngallery_size = 12\n")
+    assert (await resolve_async(path, {}))["daemon.gallery_size"] == 12
+    with pytest.raises(ConfigError, match=r"daemon\.gallery_size"):
+        await resolve_async(config_file(tmp_path, "[daemon]\ngallery_size = -1\n"), {})
+
+
+def test_a_helper_that_fails_is_a_config_error_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A helper that dies, or answers nonsense, gives its exit code and last line, not a traceback."""
+    monkeypatch.setattr("materializer.config_reload._HELPER",
+                        (sys.executable, "-c", "import sys; print('traceback...', file=sys.stderr); sys.exit('gone')"))
+    with pytest.raises(ConfigError, match=r"^the configuration could not be read \(its helper process, exit code 1: "
+                                          r"gone\)$"):
+        resolve(None, {})
+    monkeypatch.setattr("materializer.config_reload._HELPER", (sys.executable, "-c", "print('[1, 2]')"))
+    with pytest.raises(ConfigError, match=r"exit code 0: no answer"):
+        resolve(None, {})
+
+
+def test_the_daemon_process_never_imports_pydantic() -> None:
+    """What ``materializer run`` imports (the service, the daemon, the reloader) leaves pydantic out."""
+    code = ("import sys, materializer.cli, materializer.service, materializer.config_reload; "
+            "print(sorted(name for name in sys.modules if name == 'materializer.config' "
+            "or name.split('.')[0] in ('pydantic', 'pydantic_core', 'pydantic_settings')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
 
 
 class Recorder:
     """Collects what a reloader hands over, for tests to wait on."""
 
     def __init__(self) -> None:
-        self.outcomes: asyncio.Queue[Settings | ConfigError] = asyncio.Queue()
+        self.outcomes: asyncio.Queue[Values | ConfigError] = asyncio.Queue()
 
-    def __call__(self, outcome: Settings | ConfigError) -> None:
+    def __call__(self, outcome: Values | ConfigError) -> None:
         self.outcomes.put_nowait(outcome)
 
-    async def next(self) -> Settings | ConfigError:
+    async def next(self) -> Values | ConfigError:
         return await asyncio.wait_for(self.outcomes.get(), DEADLINE)
+
+
+def values_of(path: Path | None, flags: dict[str, Any]) -> Values:
+    return settings_values(load_settings(path, flags))
 
 
 async def test_reload_applies_live_keys_and_holds_restart_keys(tmp_path: Path) -> None:
     path = config_file(tmp_path, '[daemon]\nroot = "/first"\n')
     recorder = Recorder()
-    reloader = ConfigReloader(load_settings(path, {}), path, {}, recorder)
+    reloader = ConfigReloader(values_of(path, {}), path, {}, recorder)
 
     path.write_text('[daemon]\nroot = "/second"\nmax_attempts = 2\n[log]\nlevel = "debug"\n')
-    reloader.reload()
+    reloader.reload()  # as SIGHUP does: in a task of its own
 
     applied = await recorder.next()
-    assert isinstance(applied, Settings)
-    assert applied is reloader.settings
-    assert (applied.daemon.max_attempts, applied.log.level) == (2, "debug")
-    assert applied.daemon.root == Path("/first")  # needs a restart: the running value stays
+    assert isinstance(applied, dict)
+    assert applied is reloader.values
+    assert (applied["daemon.max_attempts"], applied["log.level"]) == (2, "debug")
+    assert applied["daemon.root"] == "/first"  # needs a restart: the running value stays
     assert reloader.restart_needed == ["daemon.root"]
 
-    reloader.reload()  # nothing new: nothing to hand over
+    await reloader.reload_now()  # nothing new: nothing to hand over
     assert recorder.outcomes.empty()
 
     path.write_text('[daemon]\nroot = "/first"\nmax_attempts = 2\n[log]\nlevel = "debug"\n')
-    reloader.reload()  # the restart-only change was undone
+    await reloader.reload_now()  # the restart-only change was undone
     assert await recorder.next() == applied
     assert reloader.restart_needed == []
 
@@ -469,22 +539,22 @@ async def test_reload_applies_live_keys_and_holds_restart_keys(tmp_path: Path) -
 async def test_a_bad_edit_keeps_the_running_settings(tmp_path: Path) -> None:
     path = config_file(tmp_path, "[daemon]\nmax_attempts = 4\n")
     recorder = Recorder()
-    running = load_settings(path, {})
+    running = values_of(path, {})
     reloader = ConfigReloader(running, path, {}, recorder)
 
     path.write_text("[daemon]\nmax_attempts = 0\n")
-    reloader.reload()
+    await reloader.reload_now()
     error = await recorder.next()
     assert isinstance(error, ConfigError)
     assert "daemon.max_attempts" in str(error)
-    assert reloader.settings is running
+    assert reloader.values is running
     assert reloader.error is error
 
-    reloader.reload()  # the same error is handed over once
+    await reloader.reload_now()  # the same error is handed over once
     assert recorder.outcomes.empty()
 
     path.write_text("[daemon]\nmax_attempts = 4\n")
-    reloader.reload()  # fixed: the running settings are confirmed, the error is gone
+    await reloader.reload_now()  # fixed: the running settings are confirmed, the error is gone
     assert await recorder.next() == running
     assert reloader.error is None
 
@@ -493,12 +563,12 @@ async def test_reload_keeps_the_flags(tmp_path: Path) -> None:
     path = config_file(tmp_path, "[daemon]\ngallery_size = 5\n")
     recorder = Recorder()
     flags = {"daemon.gallery_size": 9}
-    reloader = ConfigReloader(load_settings(path, flags), path, flags, recorder)
+    reloader = ConfigReloader(values_of(path, flags), path, flags, recorder)
     path.write_text("[daemon]\ngallery_size = 6\nmax_attempts = 2\n")
-    reloader.reload()
+    await reloader.reload_now()
     applied = await recorder.next()
-    assert isinstance(applied, Settings)
-    assert (applied.daemon.gallery_size, applied.daemon.max_attempts) == (9, 2)
+    assert isinstance(applied, dict)
+    assert (applied["daemon.gallery_size"], applied["daemon.max_attempts"]) == (9, 2)
 
 
 async def test_watch_reloads_on_every_save_and_survives_a_bad_one(tmp_path: Path) -> None:
@@ -507,33 +577,34 @@ async def test_watch_reloads_on_every_save_and_survives_a_bad_one(tmp_path: Path
     path = folder / "config.toml"
     path.write_text('[log]\nlevel = "info"\n')
     recorder = Recorder()
-    reloader = ConfigReloader(load_settings(None, {}), None, {}, recorder)
+    reloader = ConfigReloader(values_of(None, {}), None, {}, recorder)
     watcher = asyncio.create_task(reloader.watch())
     try:
         # Saved right away: seen whether it lands before or after the watch is in place.
         write_atomically(path, '[log]\nlevel = "debug"\n')
         applied = await recorder.next()
-        assert isinstance(applied, Settings) and applied.log.level == "debug"
+        assert isinstance(applied, dict) and applied["log.level"] == "debug"
 
         write_atomically(path, '[log]\nlevel = "debug"\n[daemon]\nmax_attempts = "x"\n')
         error = await recorder.next()
         assert isinstance(error, ConfigError) and "daemon.max_attempts" in str(error)
-        assert reloader.settings is applied
+        assert reloader.values is applied
 
         (folder / "unrelated.toml").write_text("not even toml [")  # other files in the folder are ignored
         write_atomically(path, '[log]\nlevel = "warning"\n')
         applied = await recorder.next()
-        assert isinstance(applied, Settings) and applied.log.level == "warning"
+        assert isinstance(applied, dict) and applied["log.level"] == "warning"
         assert reloader.error is None
         assert not watcher.done()
     finally:
         watcher.cancel()
         with pytest.raises(asyncio.CancelledError):
             await watcher
+        await reloader.aclose()
 
 
 async def test_watch_without_the_folder_ends_quietly(tmp_path: Path) -> None:
     recorder = Recorder()
-    reloader = ConfigReloader(Settings(), tmp_path / "missing" / "config.toml", {}, recorder)
+    reloader = ConfigReloader(values_of(None, {}), tmp_path / "missing" / "config.toml", {}, recorder)
     await asyncio.wait_for(reloader.watch(), DEADLINE)
     assert recorder.outcomes.empty()
