@@ -57,6 +57,9 @@ def _run(args: argparse.Namespace) -> int:
     try:
         values = resolve(args.config, overrides)  # validated in a helper process: see config_reload
     except ConfigError as exc:
+        if early_stop.requested:  # systemd stops the whole unit: the helper may have had the SIGTERM too
+            print("materializer run: asked to stop while starting: stopping", file=sys.stderr)
+            return exits.OK
         print(f"materializer run: {exc}", file=sys.stderr)
         return exits.USAGE
     return run_service(values, args.config, overrides, early_stop)

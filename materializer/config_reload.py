@@ -7,7 +7,8 @@ daemon asks ``python -m materializer.config`` instead: one JSON request on its s
 the working directory, the other two layers), one JSON answer on its stdout, the
 plain :data:`~materializer.config_values.Values` or the problems. The helper takes
 about a bare interpreter's start plus pydantic's import, once at start and once per
-reload.
+reload. It runs in a session of its own: Ctrl-C in the daemon's terminal is the
+daemon's to handle, not a traceback of the helper's.
 
 Live reload (file change or SIGHUP) goes through :class:`ConfigReloader`: keys in
 :data:`~materializer.config_values.LIVE_KEYS` take effect at once, every other key
@@ -69,7 +70,7 @@ def resolve(config_file: Path | None, overrides: Mapping[str, Any]) -> Values:
     """The validated configuration (flags ``overrides`` on top), from the helper process; :class:`ConfigError`."""
     try:
         done = subprocess.run(_HELPER, input=_request(config_file, overrides), capture_output=True,
-                              timeout=HELPER_TIMEOUT_SECONDS, check=False)
+                              timeout=HELPER_TIMEOUT_SECONDS, check=False, start_new_session=True)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise ConfigError([ConfigProblem("", f"the configuration could not be read ({exc})")]) from None
     return _values(done.returncode, done.stdout, done.stderr)
@@ -79,7 +80,7 @@ async def resolve_async(config_file: Path | None, overrides: Mapping[str, Any]) 
     """:func:`resolve` without blocking the event loop."""
     try:
         helper = await asyncio.create_subprocess_exec(
-            *_HELPER, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            *_HELPER, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     except OSError as exc:
         raise ConfigError([ConfigProblem("", f"the configuration could not be read ({exc})")]) from None
     try:
