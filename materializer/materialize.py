@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 from materializer.clock import SteadyClock
 from materializer.fetch import Fetcher, FetchError
 from materializer.finite import finite_number
-from materializer.gallery import MANIFEST_NAME, render_manifest
+from materializer.gallery import MANIFEST_NAME, GalleryManifest
 from materializer.images import IMAGE_EXTENSIONS, ImageInfo, ImageLimits, ImageRejected, memory_needed, validate_image
 from materializer.jobs import Job, JobRejected, OutputRef, choose_asset, extract_outputs
 from materializer.layout import secure_layout
@@ -428,6 +428,8 @@ class Workspace:
                                       max_decode_bytes=options.memory_budget_bytes)
                            if options.thumbnails else None)
         self._thumbnails_missing: list[OutputFile] = []
+        self._gallery = GalleryManifest()
+        self._gallery_lock = asyncio.Lock()
         self._sized: dict[Any, dict[str, Any]] = {}  # the documents of the last answer, by job id, within the size
         self._thumbnails_tried: set[str] = set()
         #: The ledger's own thread: every ledger call, in order, those that queue up committed together
@@ -522,11 +524,13 @@ class Workspace:
     async def write_gallery(self) -> bool:
         """Rewrite gallery.json; True when it found images without a thumbnail that
         :meth:`repair_thumbnails` has not tried yet."""
-        entries = await self.db(self.ledger.gallery_entries, self.options.gallery_size)
-        try:
-            await asyncio.to_thread(self._write_manifest, entries, time.time() * 1000)
-        except StorageError as exc:
-            log.error("could not write %s: %s (will try again with the next job)", MANIFEST_NAME, exc)
+        async with self._gallery_lock:
+            heads, read = await self.db(self.ledger.gallery_changes, self.options.gallery_size, self._gallery.known())
+            entries = self._gallery.update(heads, read)
+            try:
+                await asyncio.to_thread(self._write_manifest, entries, time.time() * 1000)
+            except StorageError as exc:
+                log.error("could not write %s: %s (will try again with the next job)", MANIFEST_NAME, exc)
         return bool(self._thumbnails_missing)
 
     def _write_manifest(self, entries: list[GalleryEntry], generated_at_ms: float) -> None:
@@ -541,7 +545,7 @@ class Workspace:
                 elif file.path not in self._thumbnails_tried:
                     missing.append(file)
         self._thumbnails_missing = missing
-        self.store.atomic_write_bytes(MANIFEST_NAME, render_manifest(entries, generated_at_ms, thumbnails))
+        self.store.atomic_write_bytes(MANIFEST_NAME, self._gallery.render(entries, generated_at_ms, thumbnails))
 
     async def repair_thumbnails(self, files: list[OutputFile] | None = None, *,
                                 before_each: Callable[[], Awaitable[object]] | None = None) -> int:

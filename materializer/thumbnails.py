@@ -151,6 +151,7 @@ class Thumbnails:
     def __init__(self, folder: Path, limits: ImageLimits, workers: int = 4, *,
                  max_decode_bytes: int | None = None) -> None:
         self.folder = Path(folder)
+        self._folder_name = str(self.folder)
         self.outputs = self.folder.parent
         self.limits = limits
         self.max_decode_bytes = max_decode_bytes
@@ -246,7 +247,7 @@ class Thumbnails:
         """The thumbnail of ``file_name`` relative to the outputs folder (``.thumbs/<name>.webp``), if it exists."""
         name = thumbnail_name(file_name)
         try:
-            info = os.stat(self.folder / name, follow_symlinks=False)
+            info = os.stat(os.path.join(self._folder_name, name), follow_symlinks=False)  # a str: 2/3 of a Path's time
         except OSError:
             return None
         return f"{THUMBNAILS_DIR}/{name}" if stat.S_ISREG(info.st_mode) and info.st_size > 0 else None

@@ -847,6 +847,33 @@ def test_gallery_lists_materialized_jobs_newest_first_with_their_files(ledger: L
     assert ledger.gallery_entries(limit=0) == []
 
 
+def test_gallery_changes_reads_only_what_a_reader_does_not_hold(ledger: Ledger, clock: Clock) -> None:
+    """Heads of the newest jobs every time; entries only for heads the reader does not know, in one snapshot."""
+    ledger.observe_jobs([job_doc("job_a", 1_000), job_doc("job_b", 2_000), job_doc("job_c", 3_000)])
+    materialize(ledger, "job_a")
+    materialize(ledger, "job_b", files=2)
+    heads, read = ledger.gallery_changes(10, ())
+    assert [head.job_id for head in heads] == ["job_b", "job_a"]
+    assert set(read) == set(heads) and [f.path for f in read[heads[0]].files] == ["job_b_0.png", "job_b_1.png"]
+    assert [read[head] for head in heads] == ledger.gallery_entries(10)
+
+    clock.now = T0 + 5
+    materialize(ledger, "job_c")
+    newer, read = ledger.gallery_changes(10, frozenset(heads))
+    assert [head.job_id for head in newer] == ["job_c", "job_b", "job_a"]
+    assert [head.job_id for head in read] == ["job_c"]  # the two known ones are not read again
+    assert ledger.gallery_changes(2, frozenset(newer))[0] == newer[:2]
+
+    # Files that vanished and came back: materialized again, a new head, read again.
+    ledger.mark_vanished({"job_b": "files vanished"})
+    assert [head.job_id for head in ledger.gallery_changes(10, frozenset(newer))[0]] == ["job_c", "job_a"]
+    clock.now = T0 + 9
+    assert ledger.mark_materialized("job_b", [output("job_b")], {"jobId": "job_b"}) is None  # announced before
+    again, read = ledger.gallery_changes(10, frozenset(newer))
+    assert [head.job_id for head in read] == ["job_b"] and again[1] == (heads[0].job_id, T0 + 9)
+    assert [f.path for f in read[again[1]].files] == ["job_b_0.png"]
+
+
 def test_status_reports_counts_cursor_last_event_and_state(ledger: Ledger) -> None:
     ledger.observe_jobs([job_doc("job_a", 1_000), job_doc("job_b", 2_000), job_doc("job_c", 3_000)])
     ledger.ensure_cursor(500)
