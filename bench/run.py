@@ -61,7 +61,7 @@ BENCHMARKS = [
     Benchmark(throughput.NAME, throughput.run, {"jobs": throughput.FULL_JOBS}, {"jobs": 1000}),
     Benchmark(memory.NAME, memory.run, {"jobs": memory.FULL_JOBS}, {"jobs": 10}),
     Benchmark(idle_cpu.NAME, idle_cpu.run, {"seconds": idle_cpu.FULL_SECONDS}, {"seconds": 10.0}),
-    Benchmark(scale.NAME, scale.run, {"jobs": scale.FULL_JOBS, "bursts": scale.FULL_BURSTS}, {"jobs": 50, "bursts": 2}),
+    Benchmark(scale.NAME, scale.run, {"jobs": scale.FULL_JOBS, "bursts": scale.FULL_BURSTS}, {"jobs": 50, "bursts": 3}),
     Benchmark(realtime.NAME, realtime.run, {"seconds": realtime.FULL_SECONDS}, {"seconds": 10.0}),
     Benchmark(subscription.NAME, subscription.run, {"jobs": subscription.FULL_JOBS}, {"jobs": subscription.FULL_JOBS}),
     Benchmark(startup.NAME, startup.run, {"runs": startup.FULL_RUNS}, {"runs": 3}),

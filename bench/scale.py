@@ -3,15 +3,18 @@
 For each history size (0, 10,000 and 100,000 jobs) a fresh root gets a ledger
 pre-filled with that many materialized jobs (each with its output row and its
 announcement event, as the daemon leaves them; written in bulk, see
-:func:`prefill`), older than the subscription's window. The daemon then runs
-as ``python -m materializer run``; once it is connected, bursts of new
-single-image 256x256 PNG jobs are stored on the backend at once, each burst
-at least the cursor overlap (plus half a second) after the previous one, so
-that the subscription's window never holds more than two bursts. Per-job cost
-= (arrival of the burst's last ``media.materialized`` line at a sidebar client
-- the moment the backend answered the request that stored the burst) / jobs;
-the median over the bursts is taken. The daemon's CPU time per job
-(``/proc/<pid>/stat``) over the bursts is reported beside it.
+:func:`prefill`), older than the subscription's window. A daemon per root then
+runs as ``python -m materializer run``, all of them at once, each signed in as
+a user of its own, so that each sees only its own jobs. Once they are
+connected, bursts of new single-image 256x256 PNG jobs are stored on the
+backend for one user at a time, the histories taking turns (in a rotating
+order: whatever the machine does in the background falls on every history
+alike), each daemon's bursts at least the cursor overlap (plus half a second)
+apart, so that its subscription's window never holds more than two bursts.
+Per-job cost = (arrival of the burst's last ``media.materialized`` line at a
+sidebar client - the moment the backend answered the request that stored the
+burst) / jobs; the median over the bursts is taken. Each daemon's CPU time per
+job (``/proc/<pid>/stat``) over the bursts is reported beside it.
 
 Floor: the per-job cost with an empty ledger; the ratio is history / empty.
 """
@@ -19,6 +22,7 @@ Floor: the per-job cost with an empty ledger; the ratio is history / empty.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
@@ -42,18 +46,14 @@ NAME = "scale"
 GOAL_RATIO = 1.1
 HISTORIES = (0, 10_000, 100_000)
 FULL_JOBS = 90
-FULL_BURSTS = 3
+FULL_BURSTS = 9
 BURST_SPACING_SECONDS = DaemonOptions.cursor_overlap_ms / 1000 + 0.5
 _OBSERVE_CHUNK = 5_000
 
 
 async def run(jobs: int = FULL_JOBS, bursts: int = FULL_BURSTS, histories: tuple[int, ...] = HISTORIES) -> BenchResult:
-    per_job: dict[int, list[float]] = {}
-    cpu_per_job: dict[int, float] = {}
     with scratch_backend("scale") as (folder, backend):
-        for history in histories:
-            per_job[history], cpu_per_job[history] = await _measure(folder / f"h{history}", backend,
-                                                                    history, jobs, bursts)
+        per_job, cpu_per_job = await _measure(folder, backend, histories, jobs, bursts)
     medians = {history: statistics.median(costs) for history, costs in per_job.items()}
     empty, largest = histories[0], histories[-1]
     metrics = [Metric(f"per_job_ms_{history}", "ms/job", medians[history], medians[empty]) for history in histories]
@@ -75,30 +75,49 @@ async def run(jobs: int = FULL_JOBS, bursts: int = FULL_BURSTS, histories: tuple
     )
 
 
-async def _measure(folder: Path, backend: Any, history: int, jobs: int, bursts: int) -> tuple[list[float], float]:
-    """Per-job wall-clock cost of each burst (ms), and the daemon's CPU time per job over all bursts (ms)."""
-    root = folder / "root"
-    last_seq = await asyncio.to_thread(prefill, root, history)
-    costs = []
-    with daemon_process(root, backend) as daemon:
-        sidebar = await Sidebar.connect(root, since=last_seq, daemon=daemon)
-        await sidebar.wait_connected()
-        stored = 0.0
-        cpu_before = cpu_seconds(daemon.pid)
+async def _measure(folder: Path, backend: Any, histories: tuple[int, ...], jobs: int,
+                   bursts: int) -> tuple[dict[int, list[float]], dict[int, float]]:
+    """Per-job wall-clock cost of each burst (ms) and the daemon's CPU time per job over its bursts (ms),
+    by history size."""
+    roots = {history: folder / f"h{history}" / "root" for history in histories}
+    last_seqs = {history: await asyncio.to_thread(prefill, roots[history], history) for history in histories}
+    costs: dict[int, list[float]] = {history: [] for history in histories}
+    cpu_used: dict[int, float] = {}
+    with contextlib.ExitStack() as stack:
+        daemons, sidebars = {}, {}
+        for history in histories:
+            daemon = daemon_process(roots[history], backend)
+            daemon.token_file.write_text(backend.mint_token(_user(history)))  # its own user: its own jobs
+            daemons[history] = stack.enter_context(daemon)
+        for history in histories:
+            sidebars[history] = await Sidebar.connect(roots[history], since=last_seqs[history],
+                                                      daemon=daemons[history])
+            await sidebars[history].wait_connected()
+        cpu_before = {history: cpu_seconds(daemons[history].pid) for history in histories}
+        stored = dict.fromkeys(histories, 0.0)
         for burst in range(bursts):
-            # Pacing: a burst's jobs leave the subscription's window only once a later job is more than
-            # the cursor overlap newer, and a window of more than the subscription limit (3 x 90 jobs)
-            # would add a catch-up query to the measurement.
-            await asyncio.sleep(max(0.0, stored + BURST_SPACING_SECONDS - time.time()))
-            job_ids = await asyncio.to_thread(backend.create_jobs, count=jobs, width=256, height=256, format="png",
-                                              prompt=f"scale {history} burst {burst}")
-            stored = time.time()
-            await sidebar.wait_materialized(job_ids, timeout=300, what=f"a burst of {jobs} jobs")
-            done = max(sidebar.materialized[j] for j in job_ids)
-            costs.append((done - stored) * 1000 / jobs)
-        cpu_per_job = (cpu_seconds(daemon.pid) - cpu_before) * 1000 / (jobs * bursts)
-        await sidebar.close()
-    return costs, cpu_per_job
+            turn = burst % len(histories)
+            for history in histories[turn:] + histories[:turn]:
+                # Pacing: a burst's jobs leave the subscription's window only once a later job is more than
+                # the cursor overlap newer, and a window of more than the subscription limit (3 x 90 jobs)
+                # would add a catch-up query to the measurement.
+                await asyncio.sleep(max(0.0, stored[history] + BURST_SPACING_SECONDS - time.time()))
+                job_ids = await asyncio.to_thread(backend.create_jobs, count=jobs, width=256, height=256,
+                                                  format="png", owner=_user(history),
+                                                  prompt=f"scale {history} burst {burst}")
+                stored[history] = time.time()
+                sidebar = sidebars[history]
+                await sidebar.wait_materialized(job_ids, timeout=300, what=f"a burst of {jobs} jobs")
+                done = max(sidebar.materialized[j] for j in job_ids)
+                costs[history].append((done - stored[history]) * 1000 / jobs)
+        for history in histories:
+            cpu_used[history] = (cpu_seconds(daemons[history].pid) - cpu_before[history]) * 1000 / (jobs * bursts)
+            await sidebars[history].close()
+    return costs, cpu_used
+
+
+def _user(history: int) -> str:
+    return f"scale-{history}"
 
 
 def prefill(root: Path, count: int) -> int:
