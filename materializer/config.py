@@ -20,9 +20,9 @@ are mistakes too: a typo never silently falls back to a default. Relative
 paths are taken from the working directory; ``~`` is expanded.
 
 The daemon does not import this module (pydantic costs it about 10 MB of
-memory): ``python -m materializer.config`` validates for it in a short-lived
-process and answers with the plain values of :mod:`materializer.config_values`,
-at start and at each live reload (:mod:`materializer.config_reload`).
+memory): :func:`answer_request` validates for it in a short-lived process and
+answers with the plain values of :mod:`materializer.config_values`, at start
+and at each live reload (:mod:`materializer.config_reload`).
 """
 
 from __future__ import annotations
@@ -363,7 +363,6 @@ def settings_values(settings: Settings) -> Values:
 
 
 def _answer(request: Mapping[str, Any]) -> dict[str, Any]:
-    """What the helper process answers (see :func:`materializer.config_reload.resolve`)."""
     config_file = request.get("config_file")
     try:
         settings = load_settings(None if config_file is None else Path(config_file), request.get("overrides", {}))
@@ -372,6 +371,7 @@ def _answer(request: Mapping[str, Any]) -> dict[str, Any]:
     return {"values": settings_values(settings)}
 
 
-if __name__ == "__main__":
-    # The daemon's configuration helper: one JSON request on stdin, one JSON answer on stdout.
+def answer_request() -> None:
+    """The daemon's configuration helper (:mod:`materializer.config_reload`): one JSON request on stdin,
+    one JSON answer on stdout."""
     json.dump(_answer(json.load(sys.stdin)), sys.stdout)

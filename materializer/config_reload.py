@@ -2,13 +2,14 @@
 
 The validation (:mod:`materializer.config`) needs pydantic, which would stay in the
 daemon's memory for good once imported (about 10 MB of its idle resident set). So the
-daemon asks ``python -m materializer.config`` instead: one JSON request on its stdin
-(the config file, the command-line flags; the helper inherits the environment and
-the working directory, the other two layers), one JSON answer on its stdout, the
-plain :data:`~materializer.config_values.Values` or the problems. The helper takes
-about a bare interpreter's start plus pydantic's import, once at start and once per
-reload. It runs in a session of its own: Ctrl-C in the daemon's terminal is the
-daemon's to handle, not a traceback of the helper's.
+daemon asks a helper process instead (:func:`materializer.config.answer_request`, run
+by the same interpreter from the same package): one JSON request on its stdin (the
+config file, the command-line flags; the helper inherits the environment and the
+working directory, the other two layers), one JSON answer on its stdout, the plain
+:data:`~materializer.config_values.Values` or the problems. The helper takes about a
+bare interpreter's start plus pydantic's import, once at start and once per reload.
+It runs in a session of its own: Ctrl-C in the daemon's terminal is the daemon's to
+handle, not a traceback of the helper's.
 
 Live reload (file change or SIGHUP) goes through :class:`ConfigReloader`: keys in
 :data:`~materializer.config_values.LIVE_KEYS` take effect at once, every other key
@@ -28,6 +29,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import materializer
 from materializer.config_sources import default_config_path
 from materializer.config_values import ConfigError, ConfigProblem, Values, diff_values, with_live_values
 from materializer.folder_watch import watch_folder
@@ -36,8 +38,12 @@ __all__ = ["ConfigReloader", "resolve", "resolve_async"]
 
 log = logging.getLogger("materializer.config")
 
-#: The helper's command; ``-I`` is not used: the environment is one of the layers it reads.
-_HELPER = (sys.executable, "-m", "materializer.config")
+#: The helper's command: this interpreter, running the very package this process imported (from
+#: where it imported it), and nothing from the working directory (``-P``: no ``''`` on the path). Not
+#: ``-I``: the environment is one of the layers it reads, and a user install must stay importable.
+_HELPER = (sys.executable, "-P", "-c",
+           f"import sys; sys.path.insert(0, {os.path.dirname(os.path.dirname(materializer.__file__))!r}); "
+           "from materializer.config import answer_request; answer_request()")
 #: A helper that has not answered by then is stuck (it reads a file and the environment, nothing else).
 HELPER_TIMEOUT_SECONDS = 60.0
 

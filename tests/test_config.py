@@ -474,6 +474,18 @@ async def test_the_helper_answers_inside_an_event_loop(tmp_path: Path) -> None:
         await resolve_async(config_file(tmp_path, "[daemon]\ngallery_size = -1\n"), {})
 
 
+def test_the_helper_runs_this_package_not_one_in_the_working_directory(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``materializer`` folder where the daemon was started is not what validates its configuration."""
+    planted = tmp_path / "cwd" / "materializer"
+    planted.mkdir(parents=True)
+    (planted / "__init__.py").write_text("")
+    (planted / "config.py").write_text(
+        "import json, sys\ndef answer_request():\n    json.dump({'values': {'planted': True}}, sys.stdout)\n")
+    monkeypatch.chdir(planted.parent)
+    assert resolve(None, {}) == settings_values(load_settings(None, {}))
+
+
 def test_a_helper_that_fails_is_a_config_error_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
     """A helper that dies, or answers nonsense, gives its exit code and last line, not a traceback."""
     monkeypatch.setattr("materializer.config_reload._HELPER",
