@@ -16,12 +16,12 @@ every entry and file, and the rewrite's CPU is a join instead of a render.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from materializer.ledger import GalleryEntry, GalleryHead
+from materializer.ledger import GalleryEntry, GalleryHead, OutputFile
 
-__all__ = ["MANIFEST_NAME", "MANIFEST_VERSION", "GalleryManifest", "render_manifest"]
+__all__ = ["MANIFEST_NAME", "MANIFEST_VERSION", "THUMBNAIL_RECHECK_SECONDS", "GalleryManifest", "render_manifest"]
 
 MANIFEST_NAME = "gallery.json"
 MANIFEST_VERSION = 1
@@ -63,6 +63,10 @@ def render_manifest(entries: Sequence[GalleryEntry], generated_at_ms: float,
 
 #: An entry's rendered JSON is kept under its head and its files' thumbnails (which come and go).
 _RenderKey = tuple[GalleryHead, tuple[str | None, ...]]
+#: How long a thumbnail found in place is taken to be there still before it is looked up again. Those
+#: not found are looked up at every rewrite (a rebuilt one is listed at the next); one removed behind
+#: the daemon's back is listed until then at most (and rebuilt once noticed), as when no job comes.
+THUMBNAIL_RECHECK_SECONDS = 30.0
 
 
 class GalleryManifest:
@@ -74,6 +78,8 @@ class GalleryManifest:
     def __init__(self) -> None:
         self._entries: dict[GalleryHead, GalleryEntry] = {}
         self._rendered: dict[_RenderKey, str] = {}
+        self._thumbnails: dict[str, str] = {}
+        self._thumbnails_checked_at = float("-inf")
 
     def known(self) -> frozenset[GalleryHead]:
         """The heads whose entries this manifest holds (what the ledger need not read again)."""
@@ -84,6 +90,27 @@ class GalleryManifest:
         the gallery's entries, newest first. Entries no longer among ``heads`` are forgotten."""
         self._entries = {head: self._entries[head] if head in self._entries else read[head] for head in heads}
         return list(self._entries.values())
+
+    def thumbnails(self, images: Iterable[OutputFile], look_up: Callable[[str], str | None],
+                   now: float) -> dict[str, str]:
+        """The thumbnails of ``images`` (file path -> thumbnail path, for those that have one).
+
+        ``look_up`` finds one on disk (:meth:`materializer.thumbnails.Thumbnails.path_of`: a
+        ``stat``, a thousand per rewrite of a full gallery otherwise); it is asked only for the
+        images without a thumbnail at the last rewrite, and for every image once
+        :data:`THUMBNAIL_RECHECK_SECONDS` have passed since it last was (``now``: a monotonic clock).
+        """
+        recheck = now - self._thumbnails_checked_at >= THUMBNAIL_RECHECK_SECONDS
+        if recheck:
+            self._thumbnails_checked_at = now
+        known = {} if recheck else self._thumbnails
+        found: dict[str, str] = {}
+        for image in images:
+            thumbnail = known.get(image.path) or look_up(image.path)
+            if thumbnail is not None:
+                found[image.path] = thumbnail
+        self._thumbnails = found
+        return found
 
     def render(self, entries: Sequence[GalleryEntry], generated_at_ms: float, thumbnails: Mapping[str, str]) -> bytes:
         """The manifest's bytes, exactly ``json.dumps`` of the whole (no ``indent``: json's pure-Python

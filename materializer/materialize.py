@@ -538,12 +538,9 @@ class Workspace:
         thumbnails: dict[str, str] = {}
         missing: list[OutputFile] = []
         if self.thumbnails is not None:
-            for file in (f for entry in entries for f in entry.files if is_image(f)):
-                found = self.thumbnails.path_of(file.path)
-                if found is not None:
-                    thumbnails[file.path] = found
-                elif file.path not in self._thumbnails_tried:
-                    missing.append(file)
+            images = [f for entry in entries for f in entry.files if is_image(f)]
+            thumbnails = self._gallery.thumbnails(images, self.thumbnails.path_of, time.monotonic())
+            missing = [f for f in images if f.path not in thumbnails and f.path not in self._thumbnails_tried]
         self._thumbnails_missing = missing
         self.store.atomic_write_bytes(MANIFEST_NAME, self._gallery.render(entries, generated_at_ms, thumbnails))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from materializer.gallery import MANIFEST_VERSION, GalleryManifest, render_manifest
+from materializer.gallery import MANIFEST_VERSION, THUMBNAIL_RECHECK_SECONDS, GalleryManifest, render_manifest
 from materializer.ledger import GalleryEntry, GalleryHead, OutputFile
 
 
@@ -62,3 +62,36 @@ def test_a_rewrite_reads_and_renders_only_what_changed() -> None:
     assert entries == [b2, c]
     assert manifest.known() == {head(b2), head(c)}
     assert manifest.render(entries, 13.0, {}) == whole([b2, c], 13.0, {})
+
+
+def test_thumbnails_found_are_looked_up_again_only_after_the_recheck_interval() -> None:
+    manifest = GalleryManifest()
+    a, b = entry("job_a", 1.0, files=2), entry("job_b", 2.0)
+    images = [*a.files, *b.files]
+    on_disk = {"job_a_0.png": ".thumbs/job_a_0.webp", "job_b_0.png": ".thumbs/job_b_0.webp"}
+    asked: list[str] = []
+
+    def look_up(path: str) -> str | None:
+        asked.append(path)
+        return on_disk.get(path)
+
+    assert manifest.thumbnails(images, look_up, now=100.0) == on_disk
+    assert sorted(asked) == sorted(f.path for f in images)  # the first rewrite looks every one up
+
+    asked.clear()
+    on_disk["job_a_1.png"] = ".thumbs/job_a_1.webp"  # rebuilt since
+    del on_disk["job_b_0.png"]  # removed behind the daemon's back
+    found = manifest.thumbnails(images, look_up, now=100.0 + THUMBNAIL_RECHECK_SECONDS - 1)
+    assert asked == ["job_a_1.png"]  # only the one that had none
+    assert found == {"job_a_0.png": ".thumbs/job_a_0.webp", "job_a_1.png": ".thumbs/job_a_1.webp",
+                     "job_b_0.png": ".thumbs/job_b_0.webp"}  # the removed one: listed until the recheck
+
+    asked.clear()
+    found = manifest.thumbnails(images, look_up, now=100.0 + THUMBNAIL_RECHECK_SECONDS)
+    assert sorted(asked) == sorted(f.path for f in images)
+    assert found == on_disk
+
+    asked.clear()
+    c = entry("job_c", 3.0)  # a new job's image: looked up at once
+    assert manifest.thumbnails([*images, *c.files], look_up, now=100.0 + THUMBNAIL_RECHECK_SECONDS + 1) == on_disk
+    assert asked == ["job_b_0.png", "job_c_0.png"]
