@@ -188,9 +188,6 @@ class Materializer:
                                                  poll_interval=None, executor=self.work.ledger_executor,
                                                  max_clients=self.options.max_sidebar_clients)
             await self.display.start()
-        self.client = SyncClient(self.options.convex_url, self.tokens,
-                                 inactivity_timeout=self.options.inactivity_timeout)
-        self.client.start()
         limit = self.options.subscription_limit
         kept = await self.db(self.ledger.get_state, "gaps", [])
         anomalies = await self.db(self.ledger.get_state, "anomalies", [])
@@ -200,6 +197,11 @@ class Materializer:
             anomalies=[a for a in (anomalies if isinstance(anomalies, list) else []) if isinstance(a, str)],
             start=start)
         self._failed_feed = FailedFeed(limit, self.options.cursor_overlap_ms, start=failed_start)
+        # Started right before both subscriptions, with no await in between: the first ModifyQuerySet
+        # holds both queries, whenever the socket opens.
+        self.client = SyncClient(self.options.convex_url, self.tokens,
+                                 inactivity_timeout=self.options.inactivity_timeout)
+        self.client.start()
         succeeded = self.client.subscribe(SUCCEEDED_QUERY, {"since": since, "limit": limit})
         failed = self.client.subscribe(FAILED_QUERY, {"since": failed_since, "limit": limit})
         self._subscriptions = {"succeeded": succeeded, "failed": failed}

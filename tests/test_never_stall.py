@@ -98,6 +98,24 @@ def test_with_only_the_real_queries_the_jobs_that_fit_flow_and_the_rest_is_a_rep
         assert gap["jobsAtLeast"] == len(listed) and gap["reason"].startswith("the backend has no gap-free page query")
 
 
+def test_the_first_query_set_holds_both_subscriptions(tmp_path: Path) -> None:
+    """The daemon subscribes to both feeds before its socket can open: one ModifyQuerySet, whenever it connects
+    (a socket opened between the two, on a busy machine, used to send them one by one)."""
+    first_sets: list[list[str]] = []
+
+    def record(state: Any) -> list[Any]:
+        first_sets.append(sorted(path for path, _ in state.queries.values()))
+        return []
+
+    with HostileConvex(files={"good.png": _png()}, script=record) as server:
+        good = {"url": f"{server.url}/files/good.png", "content_type": "image/png"}
+        server.docs = [_doc("job_fine", time.time() * 1000 - 1_000, good)]
+        root = tmp_path / "root"
+        with DaemonProcess(root, Endpoint(server.url, "any")):
+            wait_until(lambda: ledger_jobs(root).get("job_fine") == "materialized", what="a job")
+    assert first_sets == [["media_jobs:listFailedSince", "media_jobs:listSucceededSince"]]
+
+
 def test_a_document_too_large_to_keep_is_quarantined_and_the_rest_flow(tmp_path: Path) -> None:
     """A server that sends one job document of 17 MB (no Convex deployment can: a query answer holds 16 MiB)."""
     good = {"url": "", "content_type": "image/png"}
