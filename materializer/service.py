@@ -71,7 +71,7 @@ def _bound_malloc_retention() -> None:
     By default glibc raises its mmap threshold to the size of every large block freed, so after
     the first large image the next ones come from the heap, which fragments and keeps them: during
     a burst of 8 MB images on a busy machine the daemon grew to about 150 MB and stayed at 80-110 MB
-    afterwards, where with these settings it peaks near 110 MB and returns to its idle 55 MB. The
+    afterwards, where with these settings it peaks near 110 MB and returns to its idle size. The
     trim threshold keeps up to 16 MiB of freed heap for reuse, so the common smaller images (a
     1024x1024 decode is 4 MiB) do not fault their pages in again every time. And two arenas, not
     glibc's eight per core: each worker thread that decodes would otherwise get an arena of its own,
