@@ -12,7 +12,7 @@ import subscription_latency
 from benchkit import BenchResult, Metric
 
 NAME = "subscription"
-GOAL_RATIO = 0.9
+GOAL_RATIO = subscription_latency.GOAL_RATIO
 FULL_JOBS = 200
 
 

@@ -14,7 +14,7 @@ for both clients and cancels out of the comparison.
 
     python bench/subscription_latency.py [--jobs 200] [--warmup 10] [--json]
 
-Prints medians, p99 and the ratio ours / official (goal: <= 1.0).
+Prints medians, p99 and the ratio ours / official (goal: <= :data:`GOAL_RATIO`, 0.9).
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from typing import Any
 import httpx
 
 QUERY = "media_jobs:listSucceededSince"
+#: The median of ours / official the issue asks for ("Fast as a durable write allows").
+GOAL_RATIO = 0.9
 CLIENTS = ("ours", "official")
 
 
@@ -166,7 +168,7 @@ def _table(figures: dict[str, Any]) -> str:
     for name in CLIENTS:
         row = figures[name]
         lines.append(f"{name:<10}{row['median_ms']:>12.2f}{row['p99_ms']:>10.2f}{row['mean_ms']:>10.2f}")
-    verdict = "goal met" if figures["ratio_median"] <= 1.0 else "GOAL MISSED (ratio > 1.0)"
+    verdict = "goal met" if figures["ratio_median"] <= GOAL_RATIO else f"GOAL MISSED (ratio > {GOAL_RATIO})"
     lines.append(f"ratio ours/official: median {figures['ratio_median']:.2f}, p99 {figures['ratio_p99']:.2f} "
                  f"-> {verdict}")
     return "\n".join(lines)
