@@ -36,7 +36,6 @@ __all__ = [
     "StaticTokenProvider",
     "TokenProvider",
     "TokenSourceError",
-    "provider_for",
     "provider_from_values",
 ]
 
@@ -403,19 +402,15 @@ class FdTokenProvider:
         self._stop_reading()
 
 
-def provider_for(token_file: os.PathLike[str] | str | None, token_command: list[str] | None,
-                 token_env: str = DEFAULT_TOKEN_ENV, token_fd: int | None = None) -> TokenProvider:
-    """The configured token source: a file descriptor, else a command, else a file, else an environment variable."""
-    if token_fd is not None:
-        return FdTokenProvider(token_fd)
-    if token_command:
-        return CommandTokenProvider(token_command)
+def provider_from_values(values: Values) -> TokenProvider:
+    """The token source a validated configuration chooses (the ``auth`` section): a file descriptor, else a
+    command, else a file, else an environment variable."""
+    if values["auth.token_fd"] is not None:
+        return FdTokenProvider(values["auth.token_fd"])
+    command = token_argv(values["auth.token_command"])
+    if command:
+        return CommandTokenProvider(command)
+    token_file = optional_path(values["auth.token_file"])
     if token_file is not None:
         return FileTokenProvider(token_file)
-    return EnvTokenProvider(token_env)
-
-
-def provider_from_values(values: Values) -> TokenProvider:
-    """The token source a validated configuration chooses (the ``auth`` section)."""
-    return provider_for(optional_path(values["auth.token_file"]), token_argv(values["auth.token_command"]),
-                        values["auth.token_env"], values["auth.token_fd"])
+    return EnvTokenProvider(values["auth.token_env"])

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from materializer.config_values import DEFAULTS
 from materializer.tokens import (
     CommandTokenProvider,
     EnvTokenProvider,
@@ -19,6 +20,7 @@ from materializer.tokens import (
     StaticTokenProvider,
     TokenProvider,
     TokenSourceError,
+    provider_from_values,
 )
 
 SECRET = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJkZW1vIn0.c2lnbmF0dXJlLWJ5dGVz"
@@ -312,3 +314,21 @@ def test_a_closed_fd_is_a_configuration_error() -> None:
     os.close(write_end)
     with pytest.raises(TokenSourceError, match=f"token file descriptor {read_end} is not open"):
         FdTokenProvider(read_end)
+
+
+def test_the_configuration_chooses_one_source_fd_then_command_then_file_then_environment(tmp_path: Path) -> None:
+    values = {**DEFAULTS, "auth.token_env": "MY_TOKEN"}
+    chosen = provider_from_values(values)
+    assert isinstance(chosen, EnvTokenProvider) and chosen.name == "MY_TOKEN"
+    values["auth.token_file"] = str(tmp_path / "token")
+    assert isinstance(provider_from_values(values), FileTokenProvider)
+    values["auth.token_command"] = "print-token --fresh"
+    command = provider_from_values(values)
+    assert isinstance(command, CommandTokenProvider) and command.argv == ["print-token", "--fresh"]
+    read_end, write_end = os.pipe()
+    try:
+        values["auth.token_fd"] = read_end
+        assert isinstance(provider_from_values(values), FdTokenProvider)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
