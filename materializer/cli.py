@@ -49,11 +49,12 @@ def _run(args: argparse.Namespace) -> int:
     from materializer.early_stop import EarlyStop
 
     early_stop = EarlyStop.install()  # before the heavy imports below
-    from materializer.config_reload import resolve
+    from materializer.config_reload import config_file_state, resolve
     from materializer.config_values import ConfigError
     from materializer.service import run_service
 
     overrides = _overrides(args)
+    loaded_state = config_file_state(args.config)  # before the helper reads it: see ConfigReloader.watch
     try:
         values = resolve(args.config, overrides)  # validated in a helper process: see config_reload
     except ConfigError as exc:
@@ -62,7 +63,7 @@ def _run(args: argparse.Namespace) -> int:
             return exits.OK
         print(f"materializer run: {exc}", file=sys.stderr)
         return exits.USAGE
-    return run_service(values, args.config, overrides, early_stop)
+    return run_service(values, args.config, overrides, early_stop, loaded_state)
 
 
 def _one_shot(args: argparse.Namespace) -> tuple[Any, Any, tuple[float, float | None]] | int:

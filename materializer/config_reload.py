@@ -34,7 +34,7 @@ from materializer.config_sources import default_config_path
 from materializer.config_values import ConfigError, ConfigProblem, Values, diff_values, with_live_values
 from materializer.folder_watch import watch_folder
 
-__all__ = ["ConfigReloader", "resolve", "resolve_async"]
+__all__ = ["ConfigReloader", "FileState", "config_file_state", "resolve", "resolve_async"]
 
 log = logging.getLogger("materializer.config")
 
@@ -46,6 +46,20 @@ _HELPER = (sys.executable, "-P", "-c",
            "from materializer.config import answer_request; answer_request()")
 #: A helper that has not answered by then is stuck (it reads a file and the environment, nothing else).
 HELPER_TIMEOUT_SECONDS = 60.0
+
+
+#: What tells one version of the config file from another: (device, inode, size, mtime_ns);
+#: all zero where there is no file.
+FileState = tuple[int, int, int, int]
+
+
+def config_file_state(config_file: Path | None) -> FileState:
+    """The state of the config file (``--config``, else the default one) as a load would find it now."""
+    try:
+        info = os.stat(config_file if config_file is not None else default_config_path())
+    except OSError:
+        return (0, 0, 0, 0)
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
 
 
 def _request(config_file: Path | None, overrides: Mapping[str, Any]) -> bytes:
@@ -120,8 +134,12 @@ class ConfigReloader:
         config_file: Path | None,
         overrides: Mapping[str, Any],
         on_change: Callable[[Values | ConfigError], None],
+        loaded_state: FileState | None = None,
     ) -> None:
         self.values = values
+        #: The file's state before ``values`` were loaded, if known: :meth:`watch` then reloads at
+        #: its start only when the file changed since (else it always does).
+        self.loaded_state = loaded_state
         self.config_file = config_file
         self.path = config_file if config_file is not None else default_config_path()
         self.overrides = dict(overrides)
@@ -171,9 +189,10 @@ class ConfigReloader:
         """Reload whenever the config file changes, until cancelled.
 
         The folder is watched, so a file replaced by rename (as editors save)
-        is seen. One reload right after the watch is in place catches an edit
-        made between start-up and then. Without the folder there is nothing
-        to watch (SIGHUP still reloads).
+        is seen. Right after the watch is in place, a reload catches an edit
+        made between start-up and then (when the file's state is not the one
+        ``values`` were loaded from). Without the folder there is nothing to
+        watch (SIGHUP still reloads).
         """
         folder = self.path.parent
         if not folder.is_dir():
@@ -182,9 +201,13 @@ class ConfigReloader:
         name = self.path.name
         # awatch sets up its inotify watch in its first step, before it first waits: a
         # callback queued now runs after that, so no change can fall in between.
-        catch_up = asyncio.get_running_loop().call_soon(self.reload)
+        catch_up = asyncio.get_running_loop().call_soon(self._catch_up)
         try:
             async for _changes in watch_folder(folder, watch_filter=lambda _, path: os.path.basename(path) == name):
                 await self.reload_now()
         finally:
             catch_up.cancel()
+
+    def _catch_up(self) -> None:
+        if self.loaded_state is None or config_file_state(self.config_file) != self.loaded_state:
+            self.reload()

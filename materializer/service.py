@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from materializer import exits
-from materializer.config_reload import ConfigReloader
+from materializer.config_reload import ConfigReloader, FileState
 from materializer.config_values import ConfigError, Values
 from materializer.daemon import Materializer
 from materializer.display import DisplayServer, DisplaySocketError
@@ -90,13 +90,14 @@ def _bound_malloc_retention() -> None:
 
 
 def run_service(values: Values, config_file: Path | None, overrides: dict[str, Any],
-                early_stop: EarlyStop | None = None) -> int:
+                early_stop: EarlyStop | None = None, loaded_state: FileState | None = None) -> int:
     """Run the daemon until stopped; return the exit code (0 clean stop, 1 already running, 2 bad config or an
     untrusted state folder: a symlink, another user's folder or file, see :mod:`materializer.layout`; 4 a damaged
     ledger).
 
     ``values`` is the validated configuration (:func:`materializer.config_reload.resolve`), ``config_file``
-    and ``overrides`` where it came from, to reload it.
+    and ``overrides`` where it came from, to reload it, ``loaded_state`` the file's state before it was
+    read (:func:`materializer.config_reload.config_file_state`).
     """
     _bound_malloc_retention()
     setup_logging(values["log.level"], values["log.format"])
@@ -106,11 +107,11 @@ def run_service(values: Values, config_file: Path | None, overrides: dict[str, A
     except (ConfigError, TokenSourceError) as exc:
         print(f"materializer run: {exc}", file=sys.stderr)
         return exits.USAGE
-    return asyncio.run(_serve(values, options, provider, config_file, overrides, early_stop))
+    return asyncio.run(_serve(values, options, provider, config_file, overrides, early_stop, loaded_state))
 
 
 async def _serve(values: Values, options: DaemonOptions, provider: TokenProvider, config_file: Path | None,
-                 overrides: dict[str, Any], early_stop: EarlyStop | None) -> int:
+                 overrides: dict[str, Any], early_stop: EarlyStop | None, loaded_state: FileState | None) -> int:
     try:
         daemon = Materializer(options, provider, display_factory=DisplayServer)
     except UntrustedPath as exc:
@@ -135,7 +136,7 @@ async def _serve(values: Values, options: DaemonOptions, provider: TokenProvider
         setup_logging(new["log.level"], new["log.format"])
         daemon.apply_live(DaemonOptions.from_values(new))
 
-    reloader = ConfigReloader(values, config_file, overrides, reloaded)
+    reloader = ConfigReloader(values, config_file, overrides, reloaded, loaded_state)
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, daemon.stop)
     loop.add_signal_handler(signal.SIGINT, daemon.stop)

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from materializer.config import Settings, _Environment, default_config_path, load_settings, settings_values
-from materializer.config_reload import ConfigReloader, resolve, resolve_async
+from materializer.config_reload import ConfigReloader, config_file_state, resolve, resolve_async
 from materializer.config_sources import state_location
 from materializer.config_values import (
     DEFAULTS,
@@ -608,6 +608,54 @@ async def test_watch_reloads_on_every_save_and_survives_a_bad_one(tmp_path: Path
         assert isinstance(applied, dict) and applied["log.level"] == "warning"
         assert reloader.error is None
         assert not watcher.done()
+    finally:
+        watcher.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await watcher
+        await reloader.aclose()
+
+
+async def test_watch_reloads_at_its_start_only_if_the_file_changed_since_it_was_loaded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The catch-up reload at the watch's start runs a helper only for an edit made since the load."""
+    folder = tmp_path / "xdg" / "stella-materializer"
+    folder.mkdir(parents=True)
+    path = folder / "config.toml"
+    path.write_text('[log]\nlevel = "info"\n')
+    helpers: list[Path | None] = []
+
+    async def counted(config_file: Path | None, overrides: Any) -> Values:
+        helpers.append(config_file)
+        return await resolve_async(config_file, overrides)
+
+    monkeypatch.setattr("materializer.config_reload.resolve_async", counted)
+
+    # Unchanged since the load: no reload at the start; the first one is the edit's.
+    recorder = Recorder()
+    reloader = ConfigReloader(values_of(None, {}), None, {}, recorder, config_file_state(None))
+    watcher = asyncio.create_task(reloader.watch())
+    try:
+        await asyncio.wait_for(reloader.reload_now(), DEADLINE)  # the same load as a catch-up would be
+        assert recorder.outcomes.empty() and len(helpers) == 1
+        write_atomically(path, '[log]\nlevel = "debug"\n')
+        applied = await recorder.next()
+        assert isinstance(applied, dict) and applied["log.level"] == "debug"
+        assert len(helpers) == 2
+    finally:
+        watcher.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await watcher
+        await reloader.aclose()
+
+    # Edited between the load and the watch: caught at the start, with no further edit.
+    loaded, values = config_file_state(None), values_of(None, {})
+    write_atomically(path, '[log]\nlevel = "warning"\n')
+    recorder = Recorder()
+    reloader = ConfigReloader(values, None, {}, recorder, loaded)
+    watcher = asyncio.create_task(reloader.watch())
+    try:
+        applied = await recorder.next()
+        assert isinstance(applied, dict) and applied["log.level"] == "warning"
     finally:
         watcher.cancel()
         with pytest.raises(asyncio.CancelledError):
