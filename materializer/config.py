@@ -44,6 +44,7 @@ from materializer.config_sources import (
     ENV_DELIMITER,
     ENV_PREFIX,
     ConfigFileError,
+    config_path,
     default_config_path,
     env_name,
     expand_path,
@@ -342,7 +343,7 @@ def load_settings(config_file: Path | None, overrides: Mapping[str, Any]) -> Set
     ``config_file`` None means the default file, which may be missing.
     Raises :class:`ConfigError` for anything invalid.
     """
-    path = config_file if config_file is not None else default_config_path()
+    path = config_path(config_file)
     toml = _read_toml(path) if config_file is not None or path.exists() else {}
     env = _read_environment()
     flags = _nest(overrides)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import materializer
-from materializer.config_sources import default_config_path
+from materializer.config_sources import config_path
 from materializer.config_values import ConfigError, ConfigProblem, Values, diff_values, with_live_values
 from materializer.folder_watch import watch_folder
 
@@ -56,7 +56,7 @@ FileState = tuple[int, int, int, int]
 def config_file_state(config_file: Path | None) -> FileState:
     """The state of the config file (``--config``, else the default one) as a load would find it now."""
     try:
-        info = os.stat(config_file if config_file is not None else default_config_path())
+        info = os.stat(config_path(config_file))
     except OSError:
         return (0, 0, 0, 0)
     return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
@@ -141,7 +141,7 @@ class ConfigReloader:
         #: its start only when the file changed since (else it always does).
         self.loaded_state = loaded_state
         self.config_file = config_file
-        self.path = config_file if config_file is not None else default_config_path()
+        self.path = config_path(config_file)
         self.overrides = dict(overrides)
         self.restart_needed: list[str] = []
         self.error: ConfigError | None = None

@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_ROOT", "ENV_DELIMITER", "ENV_PREFIX", "ConfigFileError", "default_config_path", "env_name",
-           "expand_path", "read_toml", "state_location"]
+__all__ = ["DEFAULT_ROOT", "ENV_DELIMITER", "ENV_PREFIX", "ConfigFileError", "config_path", "default_config_path",
+           "env_name", "expand_path", "read_toml", "state_location"]
 
 ENV_PREFIX = "MATERIALIZER_"
 ENV_DELIMITER = "__"
@@ -36,6 +36,11 @@ def default_config_path() -> Path:
     # The XDG spec says a relative value is invalid and must be ignored.
     config_home = Path(base) if base and os.path.isabs(base) else Path.home() / ".config"
     return config_home / "stella-materializer" / "config.toml"
+
+
+def config_path(config_file: Path | None) -> Path:
+    """The config file a load reads: ``--config``'s, else the default one (:func:`default_config_path`)."""
+    return config_file if config_file is not None else default_config_path()
 
 
 def env_name(key: str) -> str:
@@ -90,7 +95,7 @@ def _from_environment() -> dict[str, str] | None:
 
 
 def _from_file(config_file: Path | None) -> dict[str, str] | None:
-    path = config_file if config_file is not None else default_config_path()
+    path = config_path(config_file)
     if config_file is None and not path.exists():
         return {}
     try:
